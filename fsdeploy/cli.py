@@ -1,0 +1,63 @@
+"""The `fsdeploy` command line: a thin Typer hub over the library.
+
+Each area adds its commands from `fsdeploy/commands/<area>.py` through `register(app)`; this module only
+connects them and turns library errors into one line on stderr with a non-zero exit, in one place.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from fsdeploy.errors import FsdeployError
+
+app = typer.Typer(
+    name="fsdeploy",
+    help=(
+        "Take few-shot image classifiers from research code to edge GPUs.\n\n"
+        "Typical flow: `fsdeploy export efficientnet_b0 --out bundle` (ONNX graphs validated against "
+        "PyTorch), `fsdeploy adapt bundle support/ --out task.npz` (fit a per-task head on engine features), "
+        "`fsdeploy predict bundle task.npz img.png`. `fsdeploy demo` runs the whole path on shipped data."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules under fsdeploy/commands that contribute commands; order is the order in --help.
+_COMMAND_MODULES = ("core", "data", "train", "tensorrt", "bench")
+
+for _name in _COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(f"fsdeploy.commands.{_name}")
+    except ModuleNotFoundError as _exc:  # an area not written yet must not break the others
+        if _exc.name != f"fsdeploy.commands.{_name}":
+            raise
+        continue
+    _mod.register(app)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, report FsdeployError as one line, exit 1."""
+    try:
+        app(standalone_mode=False)
+    except FsdeployError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Core commands: export, info, adapt, predict."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+HEAD_HELP = "Per-task head: linear (UpperCaSE zero-init, 500 Adam steps), ncc (prototypes), and the others in `fsdeploy heads`."
+
+
+def _validation_table(report: dict) -> Table:
+    table = Table(title="validation: ONNX Runtime vs PyTorch")
+    for col in ("graph", "inputs", "output", "max |diff|", "cosine", "ok"):
+        table.add_column(col)
+    for c in report["checks"]:
+        ok = c["shape_ok"] and c["max_abs"] <= report["atol"]
+        table.add_row(
+            c["graph"], c["inputs"], c["name"], f"{c['max_abs']:.2e}", f"{c['cosine']:.6f}",
+            "[green]✓[/green]" if ok else "[red]✗[/red]",
+        )
+    table.caption = f"tolerance max |diff| ≤ {report['atol']:g}"
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Add export, info, adapt, predict to `app`."""
+
+    @app.command()
+    def export(
+        model: Annotated[str, typer.Argument(help="timm model name, e.g. efficientnet_b0, resnet18, vit_small_patch16_224.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (replaced atomically).")],
+        adapter: Annotated[str, typer.Option(help="Adaptation module: none, case (UpperCaSE), toast (ViT).")] = "none",
+        checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights (.pth or .safetensors).")] = None,
+        pretrained: Annotated[bool, typer.Option(help="Download timm's pretrained weights (needs network).")] = False,
+        img_size: Annotated[Optional[int], typer.Option(help="Input resolution (default: checkpoint's, then model's).")] = None,
+        opset: Annotated[int, typer.Option(help="ONNX opset; >= 17 keeps LayerNorm a single node.")] = 17,
+        validate: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch; refuse a bundle outside tolerance.")] = True,
+        calib: Annotated[Optional[Path], typer.Option(help="Folder of your own images to validate on (default: shipped photos).")] = None,
+    ) -> None:
+        """Export a timm backbone (+ adapter) to a validated ONNX bundle.
+
+        Example: fsdeploy export efficientnet_b0 --checkpoint weights.safetensors --adapter case --out bundle/
+        """
+        from fsdeploy.exporters.export import export_bundle
+
+        with console.status("exporting") as status:
+            bundle, report = export_bundle(
+                model, out, adapter=adapter, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
+                opset=opset, validate=validate, calib=calib, progress=lambda m: status.update(m),
+            )
+        if report is not None:
+            console.print(_validation_table(report.to_dict()))
+        else:
+            console.print("[yellow]validation skipped (--no-validate); recorded in the manifest[/yellow]")
+        m = bundle.manifest
+        console.print(
+            f"wrote {out}: {', '.join(g.file for g in m.graphs.values())} | {m.model} adapter={m.adapter} "
+            f"input={m.preprocess.input_size} features={m.feature_dim} opset={m.opset} id={m.bundle_id[:12]}"
+        )
+
+    @app.command()
+    def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
+        """Show a bundle's model, graphs with their inputs/outputs, engines and validation."""
+        from fsdeploy.exporters.bundle import load_bundle
+
+        b = load_bundle(bundle)
+        m = b.manifest
+        console.print(f"[bold]{bundle}[/bold]: {m.model} ({m.family}) adapter={m.adapter} id={m.bundle_id[:12]}")
+        console.print(f"preprocess: {m.preprocess}")
+        table = Table(title="graphs")
+        for col in ("graph", "file", "inputs", "outputs"):
+            table.add_column(col)
+        for name, g in m.graphs.items():
+            fmt = lambda specs: ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in specs.items())  # noqa: E731
+            table.add_row(name, g.file, fmt(g.inputs), fmt(g.outputs))
+        console.print(table)
+        if m.validation.get("checks"):
+            console.print(_validation_table(m.validation))
+        if m.engines:
+            console.print_json(json.dumps(m.engines))
+
+    @app.command()
+    def adapt(
+        bundle: Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")],
+        support: Annotated[Path, typer.Argument(help="Support images: one sub-folder per class.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz).")],
+        head: Annotated[str, typer.Option(help=HEAD_HELP)] = "linear",
+        transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n, ci.")] = "none",
+        backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
+        batch: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
+        threads: Annotated[Optional[int], typer.Option(help="CPU threads for the engine.")] = None,
+        seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
+    ) -> None:
+        """Fit a per-task head on the engine features of a support set and write a task artefact.
+
+        Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz
+        """
+        from fsdeploy.engines import EngineOptions
+        from fsdeploy.exporters.bundle import load_bundle
+        from fsdeploy.task import adapt_task
+
+        b = load_bundle(bundle)
+        with console.status("adapting"):
+            task, t = adapt_task(
+                b, support, out, head=head, transform=transform, backend=backend,
+                options=EngineOptions(threads=threads), batch=batch, seed=seed,
+            )
+        console.print(
+            f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={head} | "
+            f"load {t.load_ms:.0f} ms, features {t.features_ms:.0f} ms, fit {t.fit_ms:.0f} ms, write {t.write_ms:.0f} ms"
+        )
+
+    @app.command()
+    def predict(
+        bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+        task: Annotated[Path, typer.Argument(help="Task artefact from `fsdeploy adapt`.")],
+        images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+        topk: Annotated[int, typer.Option(help="How many labels per image.")] = 1,
+        backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines.")] = False,
+    ) -> None:
+        """Classify images with a stored task: top-k labels with probabilities."""
+        from fsdeploy.exporters.bundle import load_bundle
+        from fsdeploy.task import TaskArtefact, predict_images
+
+        b = load_bundle(bundle)
+        t = TaskArtefact.load(task)
+        t.check_bundle(b, task)
+        preds = predict_images(b, t, images, topk=topk, backend=backend)
+        if as_json:
+            for p in preds:
+                typer.echo(json.dumps({"image": p.image, "labels": list(p.labels), "probs": list(p.probs)}))
+            return
+        table = Table(title=f"predictions ({task.name})")
+        table.add_column("image")
+        table.add_column("top labels (probability)")
+        for p in preds:
+            table.add_row(p.image, ", ".join(f"{lab} ({pr:.3f})" for lab, pr in zip(p.labels, p.probs)))
+        console.print(table)

@@ -1,0 +1,1 @@
+"""Images, folders of labelled images, and few-shot episodes."""

@@ -1,0 +1,108 @@
+"""Decode images and apply timm's eval transform with PIL + numpy, so the device path needs no torch.
+
+The transform matches `timm.data.create_transform(is_training=False)`: resize the shorter side to
+size / crop_pct, centre-crop to size, scale to [0, 1], normalise by mean/std, CHW layout.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, UnidentifiedImageError
+
+from fsdeploy.backbones import Preprocess
+from fsdeploy.errors import InvalidInput
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK) to 8-bit RGB; alpha is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode a file fully into RGB.
+
+    Raises:
+        InvalidInput: the file is missing, not an image, or truncated.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()  # forces a full decode so truncated files fail here, not later
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise InvalidInput(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"cannot decode image {path} ({type(exc).__name__}); replace or remove the file") from None
+
+
+def preprocess_image(img: Image.Image, cfg: Preprocess) -> NDArray[np.float32]:
+    """One RGB image -> normalised float32 `(3, H, W)` as timm's eval transform would produce."""
+    _, h, w = cfg.input_size
+    scale_h = math.floor(h / cfg.crop_pct)
+    scale_w = math.floor(w / cfg.crop_pct)
+    iw, ih = img.size
+    if h == w:  # timm resizes the shorter side to the scaled size, keeping aspect
+        if iw <= ih:
+            nw, nh = scale_w, int(scale_w * ih / iw)
+        else:
+            nh, nw = scale_h, int(scale_h * iw / ih)
+    else:
+        nh, nw = scale_h, scale_w
+    img = img.resize((nw, nh), _RESAMPLE.get(cfg.interpolation, Image.Resampling.BICUBIC))
+    top = int(round((nh - h) / 2.0))
+    left = int(round((nw - w) / 2.0))
+    img = img.crop((left, top, left + w, top + h))
+    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+    arr = (arr - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_checked(paths: Sequence[str | Path], cfg: Preprocess) -> NDArray[np.float32]:
+    """Decode and preprocess every file once; raise one error naming all unreadable files."""
+    out, bad = [], []
+    for p in paths:
+        try:
+            out.append(preprocess_image(load_image(p), cfg))
+        except InvalidInput:
+            bad.append(str(p))
+    if bad:
+        raise InvalidInput(
+            f"{len(bad)} unreadable image file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "replace or remove them"
+        )
+    return np.stack(out) if out else np.zeros((0, *cfg.input_size), dtype=np.float32)
+
+
+def load_batch(paths: Sequence[str | Path], cfg: Preprocess) -> NDArray[np.float32]:
+    """Decode and preprocess files into `(N, 3, H, W)` float32."""
+    if not paths:
+        return np.zeros((0, *cfg.input_size), dtype=np.float32)
+    return np.stack([preprocess_image(load_image(p), cfg) for p in paths])
+
+
+def iter_batches(paths: Sequence[str | Path], cfg: Preprocess, batch: int) -> Iterator[NDArray[np.float32]]:
+    """Yield preprocessed batches of at most `batch` images, in order."""
+    for start in range(0, len(paths), batch):
+        yield load_batch(paths[start : start + batch], cfg)

@@ -1,0 +1,77 @@
+"""Engines: one interface (`Engine.run(feeds) -> outputs`) over ONNX Runtime, PyTorch and TensorRT.
+
+`open_engine(bundle, graph, backend)` is the one place that maps a backend name to its class.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fsdeploy.engines.base import Engine, TensorSpec
+from fsdeploy.errors import RegistryError, UnknownName
+
+__all__ = ["ENGINES", "Engine", "EngineOptions", "TensorSpec", "open_engine", "register_engine"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Backend-neutral settings; each backend reads the fields it understands."""
+
+    threads: int | None = None
+    providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers
+    precision: str = "fp32"  # which TensorRT engine to pick
+    device: str | None = None  # torch device
+
+
+Opener = Callable[[Any, str, EngineOptions], Engine]
+ENGINES: dict[str, Opener] = {}
+
+
+def register_engine(name: str) -> Callable[[Opener], Opener]:
+    """Decorator adding a backend opener `(bundle, graph_name, options) -> Engine`."""
+
+    def add(fn: Opener) -> Opener:
+        if name in ENGINES:
+            raise RegistryError(f"engine backend {name!r} registered twice")
+        ENGINES[name] = fn
+        return fn
+
+    return add
+
+
+@register_engine("ort")
+def _open_ort(bundle: Any, graph: str, options: EngineOptions) -> Engine:
+    from fsdeploy.engines.ort import OrtEngine, OrtOptions
+
+    return OrtEngine(bundle.graph_path(graph), OrtOptions(providers=options.providers, threads=options.threads))
+
+
+@register_engine("torch")
+def _open_torch(bundle: Any, graph: str, options: EngineOptions) -> Engine:
+    from fsdeploy.engines.torch_engine import TorchEngine
+    from fsdeploy.exporters.rebuild import torch_graphs
+
+    g = torch_graphs(bundle)[graph]
+    info = bundle.manifest.graphs[graph]
+    return TorchEngine(g.module, info.inputs, tuple(info.outputs), device=options.device, threads=options.threads)
+
+
+def _load_optional_backends() -> None:
+    import importlib
+
+    try:
+        importlib.import_module("fsdeploy.engines.trt")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fsdeploy.engines.trt":
+            raise
+
+
+def open_engine(bundle: Any, graph: str, backend: str = "ort", options: EngineOptions | None = None) -> Engine:
+    """Open one graph of a loaded bundle on `backend` ('ort', 'torch', 'trt')."""
+    if backend not in ENGINES:
+        _load_optional_backends()
+    if backend not in ENGINES:
+        raise UnknownName(f"unknown engine backend {backend!r}; known: {', '.join(sorted(ENGINES))}")
+    bundle.graph_path(graph)  # raises a clear error for an unknown graph name
+    return ENGINES[backend](bundle, graph, options or EngineOptions())

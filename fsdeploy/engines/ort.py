@@ -1,0 +1,74 @@
+"""ONNX Runtime backend: the embedded default (CPU provider; CUDA when onnxruntime-gpu is installed)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fsdeploy.deps import require
+from fsdeploy.engines.base import Engine, TensorSpec
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def default_providers() -> tuple[str, ...]:
+    """CUDA first when this onnxruntime build has it, then CPU."""
+    ort = require("onnxruntime")
+    avail = ort.get_available_providers()
+    return tuple(p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail)
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """Session settings. `threads=None` uses all physical cores (ORT's default)."""
+
+    providers: tuple[str, ...] | None = None
+    threads: int | None = None
+    graph_opt: str = "all"  # disable | basic | extended | all
+
+
+def _spec(arg: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else str(d) for d in arg.shape)
+    return TensorSpec(shape, _ORT_TYPES.get(arg.type, "float32"))
+
+
+class OrtEngine(Engine):
+    """An ONNX Runtime InferenceSession behind the Engine interface."""
+
+    def __init__(self, onnx_path: str | Path, options: OrtOptions | None = None) -> None:
+        ort = require("onnxruntime")
+        options = options or OrtOptions()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[options.graph_opt]
+        threads = options.threads or int(os.environ.get("FSDEPLOY_THREADS", "0")) or 0
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        self.providers = options.providers or default_providers()
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=list(self.providers))
+        self.name = f"onnxruntime[{self.session.get_providers()[0]}]:{Path(onnx_path).name}"
+        self._inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
+        self._outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
+
+    def input_specs(self) -> dict[str, TensorSpec]:
+        return dict(self._inputs)
+
+    def output_specs(self) -> dict[str, TensorSpec]:
+        return dict(self._outputs)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = list(self._outputs)
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]

@@ -1,0 +1,47 @@
+"""PyTorch eager backend: the numerical reference every exported graph is validated against."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fsdeploy.deps import require
+from fsdeploy.engines.base import Engine, TensorSpec
+
+
+class TorchEngine(Engine):
+    """Run an nn.Module whose positional inputs/outputs are named by `input_specs`/`output_names`."""
+
+    def __init__(
+        self,
+        module: Any,
+        inputs: dict[str, TensorSpec],
+        output_names: Sequence[str],
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        torch = require("torch")
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.module = module.to(self.device).eval()
+        self._inputs = dict(inputs)
+        self._output_names = tuple(output_names)
+        self.name = f"torch[{self.device}]:{type(module).__name__}"
+
+    def input_specs(self) -> dict[str, TensorSpec]:
+        return dict(self._inputs)
+
+    def output_specs(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(("?",)) for n in self._output_names}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = require("torch")
+        args = [torch.from_numpy(feeds[n]).to(self.device) for n in self._inputs]
+        with torch.inference_mode():
+            out = self.module(*args)
+        if not isinstance(out, (tuple, list)):
+            out = (out,)
+        return {n: o.detach().float().cpu().numpy() for n, o in zip(self._output_names, out)}

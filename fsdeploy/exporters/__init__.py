@@ -1,0 +1,1 @@
+"""Turn a frozen timm backbone (plus adaptation module) into a validated ONNX bundle."""

@@ -1,0 +1,137 @@
+"""The per-task head interface, its registry, and maths shared by several heads.
+
+Heads are small numpy estimators fitted on engine features of one task's support set.
+Nothing under `fsdeploy.heads` imports torch; randomness comes only from a passed-in Generator.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fsdeploy.errors import InvalidInput, RegistryError, UnknownName
+
+F32 = NDArray[np.float32]
+I64 = NDArray[np.int64]
+
+
+class Head(ABC):
+    """Fit on support features, score query features.
+
+    Labels are class indices 0..K-1 (the task artefact keeps the class names).
+    Fitted attributes end in `_`. `state()` returns plain arrays so a head round-trips through .npz.
+    """
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def fit(self, feats: F32, labels: I64, rng: np.random.Generator | None = None) -> Head:
+        """Fit on support features `feats (N, D)` with labels `(N,)`; returns self."""
+
+    @abstractmethod
+    def predict_proba(self, feats: F32) -> F32:
+        """Class probabilities `(M, K)` for query features `(M, D)`; rows sum to 1."""
+
+    def predict(self, feats: F32) -> I64:
+        """Most probable class index per query row."""
+        return np.argmax(self.predict_proba(feats), axis=1).astype(np.int64)
+
+    @abstractmethod
+    def state(self) -> dict[str, np.ndarray]:
+        """Hyper-parameters and fitted arrays, as numpy arrays (scalars as 0-d arrays)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Head:
+        """Rebuild a fitted head from `state()`."""
+
+    @abstractmethod
+    def fit_macs(self, n_support: int, dim: int, n_classes: int) -> int:
+        """Exact multiply-accumulates to fit on `n_support` features of size `dim` with `n_classes`."""
+
+    @abstractmethod
+    def predict_macs(self, n_query: int, dim: int, n_classes: int) -> int:
+        """Exact multiply-accumulates to score `n_query` features."""
+
+    def n_params(self, dim: int, n_classes: int) -> int:
+        """Numbers fitted per task (for the adaptation-cost table)."""
+        return n_classes * dim
+
+
+H = TypeVar("H", bound=type[Head])
+HEADS: dict[str, type[Head]] = {}
+
+
+def register_head(name: str) -> Callable[[H], H]:
+    """Class decorator adding a head to HEADS under `name`."""
+
+    def add(cls: H) -> H:
+        if name in HEADS:
+            raise RegistryError(f"head {name!r} registered twice")
+        cls.name = name
+        HEADS[name] = cls
+        return cls
+
+    return add
+
+
+def make_head(name: str, **opts: Any) -> Head:
+    """Instantiate a registered head by name."""
+    if name not in HEADS:
+        raise UnknownName(f"unknown head {name!r}; known: {', '.join(sorted(HEADS))}")
+    return HEADS[name](**opts)
+
+
+def head_from_state(state: dict[str, np.ndarray]) -> Head:
+    """Rebuild any registered head from a state dict that carries its name under 'head'."""
+    name = str(state["head"])
+    if name not in HEADS:
+        raise UnknownName(f"task artefact holds unknown head {name!r}; known: {', '.join(sorted(HEADS))}")
+    return HEADS[name].from_state(state)
+
+
+def check_fit_inputs(feats: np.ndarray, labels: np.ndarray) -> tuple[F32, I64, int]:
+    """Validate support features/labels; returns float32 feats, int64 labels and the class count."""
+    feats = np.asarray(feats, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if feats.ndim != 2 or labels.shape != (feats.shape[0],):
+        raise InvalidInput(f"expected features (N, D) and labels (N,), got {feats.shape} and {labels.shape}")
+    k = int(labels.max()) + 1 if labels.size else 0
+    if k < 2 or set(np.unique(labels).tolist()) != set(range(k)):
+        raise InvalidInput(f"labels must cover 0..K-1 with K >= 2 classes, got {np.unique(labels).tolist()}")
+    return feats, labels, k
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def one_hot(labels: I64, k: int) -> F32:
+    """(N, K) one-hot float32 matrix."""
+    out = np.zeros((labels.shape[0], k), dtype=np.float32)
+    out[np.arange(labels.shape[0]), labels] = 1.0
+    return out
+
+
+def prototypes(feats: F32, labels: I64, k: int) -> F32:
+    """Class means (K, D) computed with one matrix product."""
+    counts = np.bincount(labels, minlength=k).astype(np.float32)
+    return (one_hot(labels, k).T @ feats) / counts[:, None]
+
+
+def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
