@@ -88,11 +88,39 @@ class CasePath:
         self.engines.close()
 
 
+class TaskGraphPath:
+    """A task that carries its own graph (TSA / BN-affine folded weights): support and query both use it."""
+
+    def __init__(self, graph: bytes, options: EngineOptions) -> None:
+        from fsdeploy.engines.ort import OrtEngine, OrtOptions
+
+        self.engine = OrtEngine(graph, OrtOptions(providers=options.providers, threads=options.threads))
+
+    def support(self, batches: Iterable[np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return np.concatenate([self.query(b, {}) for b in batches]), {}
+
+    def query(self, images: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
+        return self.engine.run({"images": images})["features"]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
 PATHS: dict[str, Callable[..., FeaturePath]] = {"none": PlainPath, "toast": PlainPath, "case": CasePath}
 
 
-def feature_path(bundle: Bundle, backend: str = "ort", options: EngineOptions | None = None, **kw: Any) -> FeaturePath:
-    """The feature path for the bundle's adapter kind."""
+def feature_path(
+    bundle: Bundle,
+    backend: str = "ort",
+    options: EngineOptions | None = None,
+    task_state: dict[str, np.ndarray] | None = None,
+    **kw: Any,
+) -> FeaturePath:
+    """The feature path for the bundle's adapter kind, or the task's own folded graph when it has one."""
+    if task_state and "graph" in task_state:
+        if backend != "ort":
+            raise UnknownName(f"tasks with folded weights run their own ONNX graph on ort; got backend {backend!r}")
+        return TaskGraphPath(task_state["graph"].tobytes(), options or EngineOptions())
     adapter = bundle.manifest.adapter
     if adapter not in PATHS:
         raise UnknownName(f"bundle {bundle.path} uses adapter {adapter!r}, which this fsdeploy cannot run; known: {', '.join(sorted(PATHS))}")

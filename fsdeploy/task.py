@@ -179,7 +179,7 @@ def predict_images(
     task.check_bundle(bundle)
     paths = list_images(list(images))
     model = TaskModel.from_state(task.model_state)
-    path = feature_path(bundle, backend, options)
+    path = feature_path(bundle, backend, options, task_state=task.task_state)
     out: list[Prediction] = []
     k = max(1, min(topk, len(task.classes)))
     try:

@@ -97,10 +97,16 @@ def register(app: typer.Typer) -> None:
         batch: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads for the engine.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
+        adapter: Annotated[
+            Optional[str],
+            typer.Option(help="Fine-tune per task through the backbone, then fold: tsa (ResNet residual adapters + β) or bn-affine."),
+        ] = None,
+        steps: Annotated[int, typer.Option(help="Optimiser steps for --adapter tsa / bn-affine (TSA recipe: 40).")] = 40,
     ) -> None:
         """Fit a per-task head on the engine features of a support set and write a task artefact.
 
-        Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz
+        Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the
+        adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph is stored in the task.
         """
         from fsdeploy.engines import EngineOptions
         from fsdeploy.exporters.bundle import load_bundle
@@ -108,12 +114,21 @@ def register(app: typer.Typer) -> None:
 
         b = load_bundle(bundle)
         with console.status("adapting"):
-            task, t = adapt_task(
-                b, support, out, head=head, transform=transform, backend=backend,
-                options=EngineOptions(threads=threads), batch=batch, seed=seed,
-            )
+            if adapter:
+                from fsdeploy.finetune_task import adapt_finetuned
+
+                task, t = adapt_finetuned(b, support, out, method=adapter, steps=steps)
+                console.print(
+                    f"{adapter}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
+                    f"folded graph max |diff| {task.info['fold_max_abs']:.1e}"
+                )
+            else:
+                task, t = adapt_task(
+                    b, support, out, head=head, transform=transform, backend=backend,
+                    options=EngineOptions(threads=threads), batch=batch, seed=seed,
+                )
         console.print(
-            f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={head} | "
+            f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={task.info['head']} | "
             f"load {t.load_ms:.0f} ms, features {t.features_ms:.0f} ms, fit {t.fit_ms:.0f} ms, write {t.write_ms:.0f} ms"
         )
 

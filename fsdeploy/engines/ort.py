@@ -38,7 +38,7 @@ def _spec(arg: Any) -> TensorSpec:
 class OrtEngine(Engine):
     """An ONNX Runtime InferenceSession behind the Engine interface."""
 
-    def __init__(self, onnx_path: str | Path, options: OrtOptions | None = None) -> None:
+    def __init__(self, onnx_path: str | Path | bytes, options: OrtOptions | None = None) -> None:
         ort = require("onnxruntime")
         options = options or OrtOptions()
         so = ort.SessionOptions()
@@ -55,8 +55,10 @@ class OrtEngine(Engine):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         self.providers = options.providers or default_providers()
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=list(self.providers))
-        self.name = f"onnxruntime[{self.session.get_providers()[0]}]:{Path(onnx_path).name}"
+        model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+        self.session = ort.InferenceSession(model, sess_options=so, providers=list(self.providers))
+        label = "in-memory graph" if isinstance(onnx_path, bytes) else Path(onnx_path).name
+        self.name = f"onnxruntime[{self.session.get_providers()[0]}]:{label}"
         self._inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self._outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
 

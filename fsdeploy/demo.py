@@ -1,0 +1,86 @@
+"""The main job on the embedded default, end to end: corpus -> export -> ONNX Runtime -> numpy heads.
+
+Uses only what ships or is installed: the glyph corpus rendered from Debian fonts, the efficientnet_b0
+checkpoint pretrained on its base classes (fsdeploy/weights), and ONNX Runtime on the CPU. Accuracy is
+measured on novel classes the backbone never saw.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsdeploy.bench.accuracy import AccuracyRow, Method, evaluate
+from fsdeploy.data.folders import scan_image_folder
+from fsdeploy.data.glyphs import generate_glyphs, load_splits
+from fsdeploy.engines import EngineOptions
+from fsdeploy.errors import InvalidInput
+from fsdeploy.exporters.export import export_bundle
+from fsdeploy.weights import DEFAULT_IMG_SIZE, DEFAULT_MODEL, default_checkpoint
+
+HEAD_METHODS = (
+    Method("NCC (ProtoNet)", "ncc"),
+    Method("SimpleShot (CL2N + NCC)", "ncc", "cl2n"),
+    Method("linear, zero-init (UpperCaSE head)", "linear"),
+    Method("linear-newton (fast solver)", "linear-newton"),
+    Method("LT+NCC (URL)", "lt-ncc"),
+)
+CASE_METHODS = (Method("CaSE + linear (UpperCaSE)", "linear"),)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    rows: list[AccuracyRow]
+    pretrained: bool
+    case_source: str
+    corpus: Path
+    novel_classes: int
+
+
+def ensure_corpus(folder: Path, say: Callable[[str], None]) -> Path:
+    """Generate the glyph corpus (default settings, the ones the shipped backbone was trained with) once."""
+    if (folder / "splits.json").is_file():
+        return folder
+    say(f"rendering the glyph corpus into {folder} (once)")
+    generate_glyphs(folder)
+    return folder
+
+
+def run_demo(
+    workdir: str | Path,
+    *,
+    episodes: int = 100,
+    ways: int = 5,
+    shots: tuple[int, ...] = (1, 5),
+    queries: int = 15,
+    seed: int = 0,
+    threads: int | None = None,
+    say: Callable[[str], None] = print,
+    tick: Callable[[int], None] | None = None,
+) -> DemoResult:
+    """Export plain and CaSE bundles of the default backbone and evaluate every head on novel classes."""
+    workdir = Path(workdir)
+    corpus = ensure_corpus(workdir / "glyphs", say)
+    splits = load_splits(corpus)
+    data = scan_image_folder(corpus, classes=list(splits.novel))
+    try:
+        ckpt: Path | None = default_checkpoint()
+    except InvalidInput:
+        ckpt = None
+        say("no shipped checkpoint found: using a RANDOMLY INITIALISED backbone (accuracy will be near chance)")
+    case_ckpt = Path(__file__).parent / "weights" / "efficientnet_b0_glyphs_case.safetensors"
+    case_source = "meta-trained CaSE" if case_ckpt.is_file() else "identity CaSE (no meta-trained CaSE weights shipped)"
+    say(f"exporting {DEFAULT_MODEL} ({'pretrained on glyph base classes' if ckpt else 'random init'})")
+    plain, _ = export_bundle(DEFAULT_MODEL, workdir / "bundle", checkpoint=ckpt, img_size=DEFAULT_IMG_SIZE)
+    say(f"exporting {DEFAULT_MODEL} with CaSE blocks ({case_source})")
+    case, _ = export_bundle(
+        DEFAULT_MODEL, workdir / "bundle-case", adapter="case",
+        checkpoint=case_ckpt if case_ckpt.is_file() else ckpt, img_size=DEFAULT_IMG_SIZE,
+    )
+    options = EngineOptions(threads=threads)
+    rows: list[AccuracyRow] = []
+    for k in shots:
+        common = dict(ways=ways, shots=k, queries=queries, episodes=episodes, seed=seed + k, options=options, progress=tick)
+        rows += evaluate(plain, data, HEAD_METHODS, label="efficientnet_b0", **common)
+        rows += evaluate(case, data, CASE_METHODS, label="efficientnet_b0+CaSE", **common)
+    return DemoResult(rows, ckpt is not None, case_source, corpus, len(splits.novel))
