@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fsdeploy.bench.accuracy import AccuracyRow, Method, evaluate
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.data.glyphs import generate_glyphs, load_splits
@@ -52,7 +54,7 @@ def run_demo(
     episodes: int = 100,
     ways: int = 5,
     shots: tuple[int, ...] = (1, 5),
-    queries: int = 15,
+    queries: int | None = None,
     seed: int = 0,
     threads: int | None = None,
     say: Callable[[str], None] = print,
@@ -79,8 +81,11 @@ def run_demo(
     )
     options = EngineOptions(threads=threads)
     rows: list[AccuracyRow] = []
+    fewest = int(min(np.bincount(data.labels)))
     for k in shots:
-        common = dict(ways=ways, shots=k, queries=queries, episodes=episodes, seed=seed + k, options=options, progress=tick)
+        # the corpus promises >= 10 typefaces per class: queries take what the shots leave, up to 15
+        q = queries if queries is not None else max(1, min(15, fewest - k))
+        common = dict(ways=ways, shots=k, queries=q, episodes=episodes, seed=seed + k, options=options, progress=tick)
         rows += evaluate(plain, data, HEAD_METHODS, label="efficientnet_b0", **common)
         rows += evaluate(case, data, CASE_METHODS, label="efficientnet_b0+CaSE", **common)
     return DemoResult(rows, ckpt is not None, case_source, corpus, len(splits.novel))

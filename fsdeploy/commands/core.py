@@ -43,6 +43,9 @@ def register(app: typer.Typer) -> None:
         opset: Annotated[int, typer.Option(help="ONNX opset; >= 17 keeps LayerNorm a single node.")] = 17,
         validate: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch; refuse a bundle outside tolerance.")] = True,
         calib: Annotated[Optional[Path], typer.Option(help="Folder of your own images to validate on (default: shipped photos).")] = None,
+        backbone_checkpoint: Annotated[
+            Optional[Path], typer.Option(help="--adapter toast: the frozen backbone weights the TOAST checkpoint was tuned on.")
+        ] = None,
     ) -> None:
         """Export a timm backbone (+ adapter) to a validated ONNX bundle.
 
@@ -54,6 +57,7 @@ def register(app: typer.Typer) -> None:
             bundle, report = export_bundle(
                 model, out, adapter=adapter, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
                 opset=opset, validate=validate, calib=calib, progress=lambda m: status.update(m),
+                options={"backbone_checkpoint": str(backbone_checkpoint)} if backbone_checkpoint else None,
             )
         if report is not None:
             console.print(_validation_table(report.to_dict()))

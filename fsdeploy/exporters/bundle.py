@@ -132,10 +132,11 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     if verify:
         for rel, digest in manifest.files.items():
             f = path / rel
+            fix = "rebuild it with `fsdeploy build`" if rel.startswith("engines/") else "re-export the bundle"
             if not f.is_file():
-                raise BundleError(f"bundle {path} is missing {rel}; re-export or re-build it")
+                raise BundleError(f"bundle {path} is missing {rel}; {fix}")
             if sha256_file(f) != digest:
-                raise BundleError(f"{f} does not match the sha256 in {mf}; the file changed since export — re-export")
+                raise BundleError(f"{f} does not match the sha256 in {mf}; the file changed since it was written — {fix}")
     return Bundle(path, manifest)
 
 

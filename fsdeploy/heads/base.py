@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fsdeploy.errors import InvalidInput, RegistryError, UnknownName
+from fsdeploy.heads import ops
 
 F32 = NDArray[np.float32]
 I64 = NDArray[np.int64]
@@ -127,11 +128,11 @@ def one_hot(labels: I64, k: int) -> F32:
 
 
 def prototypes(feats: F32, labels: I64, k: int) -> F32:
-    """Class means (K, D) computed with one matrix product."""
-    counts = np.bincount(labels, minlength=k).astype(np.float32)
-    return (one_hot(labels, k).T @ feats) / counts[:, None]
+    """Class means (K, D) computed with one matrix product (K*N*D MACs, see `ops`)."""
+    counts = np.bincount(labels, minlength=k).astype(feats.dtype)
+    return ops.mm(one_hot(labels, k).astype(feats.dtype).T, feats) / counts[:, None]
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+    """Rows scaled to unit L2 norm (N*D MACs for the squared norms, see `ops`)."""
+    return x / np.maximum(np.sqrt(ops.rowdot(x, x))[:, None], eps)

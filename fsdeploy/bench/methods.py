@@ -1,0 +1,92 @@
+"""One name per method across the benchmarks: cost rows (`costs.DEFAULT_METHODS` keys) and accuracy runs.
+
+`bench accuracy --heads ncc,simpleshot,linear` evaluates the head methods of the cost table under the
+same labels, so `bench macs --accuracy` can put accuracy next to MACs without a hand-made mapping. On a
+CaSE bundle the features are CaSE features: the `linear` head there is UpperCaSE (`case-linear`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from fsdeploy.bench.accuracy import Method as AccuracyMethod
+from fsdeploy.bench.costs import DEFAULT_METHODS, Method, TaskShape
+from fsdeploy.errors import UnknownName
+
+BY_KEY: dict[str, Method] = {m.key: m for m in DEFAULT_METHODS}
+HEAD_KEYS: tuple[str, ...] = tuple(m.key for m in DEFAULT_METHODS if m.kind == "head")
+# the method a head becomes on features of an adapted bundle (adapter kind -> {head method key: method key})
+ON_ADAPTER: dict[str, dict[str, str]] = {"case": {"linear": "case-linear"}, "toast": {"linear": "toast"}}
+DEFAULT_HEADS: dict[str, tuple[str, ...]] = {"none": ("ncc", "simpleshot", "linear", "linear-newton"),
+                                             "case": ("linear",), "toast": ("linear",)}
+
+
+def parse_keys(text: str | None, adapter: str) -> tuple[str, ...]:
+    """Comma-separated head-method keys, or the adapter's defaults when `text` is empty.
+
+    Raises:
+        UnknownName: a key that is not a head method of the cost table.
+    """
+    if not text:
+        return DEFAULT_HEADS.get(adapter, DEFAULT_HEADS["none"])
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in keys if k not in HEAD_KEYS]
+    if unknown:
+        raise UnknownName(f"unknown head method(s) {', '.join(unknown)}; choose from {', '.join(HEAD_KEYS)}")
+    return keys
+
+
+def method_key(key: str, adapter: str) -> str:
+    """The cost-table key of head method `key` run on a bundle with this adapter kind."""
+    return ON_ADAPTER.get(adapter, {}).get(key, key if adapter == "none" else f"{adapter}-{key}")
+
+
+def method_label(key: str, adapter: str) -> str:
+    """The cost-table label of head method `key` on this adapter kind (e.g. 'CaSE + linear (UpperCaSE)')."""
+    full = method_key(key, adapter)
+    if full in BY_KEY:
+        return BY_KEY[full].label
+    return f"{adapter} + {BY_KEY[key].label}"
+
+
+def accuracy_methods(keys: Sequence[str], adapter: str) -> list[AccuracyMethod]:
+    """accuracy.Method per head-method key, labelled as in the cost table for this adapter kind."""
+    return [AccuracyMethod(method_label(k, adapter), BY_KEY[k].head, BY_KEY[k].transform, dict(BY_KEY[k].head_opts))
+            for k in keys]
+
+
+def adaptation_specs(keys: Sequence[str]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(key, head, transform, head options) per method for `measure.adaptation_times`."""
+    out = []
+    for k in keys:
+        if k in ("tsa", "bn-affine"):
+            out.append((k, "", "none", {}))
+        elif k in BY_KEY and BY_KEY[k].kind == "head":
+            m = BY_KEY[k]
+            out.append((k, m.head, m.transform, dict(m.head_opts)))
+        else:
+            raise UnknownName(f"cannot time adaptation of {k!r}; choose from {', '.join((*HEAD_KEYS, 'tsa', 'bn-affine'))}")
+    return out
+
+
+def join_accuracy(cost_rows: Iterable[Any], accuracy_rows: Iterable[Mapping[str, Any]], task: TaskShape) -> list[dict[str, Any]]:
+    """Cost rows with `accuracy` and `ci95` of the accuracy row of the same method and task shape.
+
+    An accuracy row matches a cost row when its `method` equals the cost row's label or key, and its
+    `ways`/`shots` (when they are numbers) equal the task's. Unmatched rows on either side are left out.
+    """
+    shots = task.n_support / task.ways
+    acc = {}
+    for r in accuracy_rows:
+        ways, k = r.get("ways"), r.get("shots")
+        if isinstance(ways, int) and ways != task.ways or isinstance(k, int) and k != shots:
+            continue
+        acc[str(r["method"])] = r
+    out = []
+    for row in cost_rows:
+        d = row.as_dict() if hasattr(row, "as_dict") else dict(row)
+        match = acc.get(d["label"]) or acc.get(d["method"])
+        if match is not None:
+            out.append({**d, "accuracy": float(match["accuracy"]), "ci95": float(match["ci95"]),
+                        "bundle": match.get("bundle", "")})
+    return out

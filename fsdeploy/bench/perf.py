@@ -1,0 +1,275 @@
+"""Issue #8's speed and memory targets, each measured side by side in one process and reported as a ratio.
+
+Targets (2-core CPU, the embedded default):
+1. query inference: ONNX Runtime >= 2.5x PyTorch eager throughput at batch 1 and 16 for resnet18,
+   efficientnet_b0 and CaSE efficientnet_b0 at 224 px, decoding + preprocessing real image files inside
+   the timed call on both sides (fsdeploy's PIL/numpy path vs timm's torchvision transform);
+2. UpperCaSE head fit: numpy `linear` >= 10x a plain PyTorch loop of the same recipe fed the same batch
+   draws, weights within 1e-5;
+3. one task end to end (CaSE efficientnet_b0, 224 px, 100 support images, 10 ways: load, context pass +
+   γ, head fit, artefact write): `fsdeploy.task.adapt_task` >= 4x the same recipe in PyTorch eager, with
+   >= 99% prediction agreement on held-out queries;
+4. memory: peak RSS of the `fsdeploy adapt` command on 500 support images at 224 px <= 2 GiB, and
+   adaptation time linear in the support size (50 / 100 / 200 / 500);
+5. `linear-newton` reaches the 500-step Adam head's accuracy (within its 95% CI) with >= 10x fewer head MACs.
+
+Shared machines are noisy: both sides of a ratio are timed interleaved (round-robin) in one process, and the
+ratios, with raw timings and spreads beside them, are the claims.
+
+Threads: each side gets the faster of 1 and `threads` threads, probed per model (see
+`fsdeploy.bench.perf_measures`); head fits run on one thread on both sides.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fsdeploy.bench import perf_measures as pm
+from fsdeploy.bench.workspace import Weights, glyph_corpus, photo_folder, pick_weights, prepare_bundle, split_classes
+from fsdeploy.errors import InvalidInput
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    number: int
+    name: str
+    claim: str
+    threshold: float
+
+
+TARGETS: dict[int, Target] = {t.number: t for t in (
+    Target(1, "query inference", "ORT >= 2.5x PyTorch eager img/s, batch 1 and 16, preprocessing included", 2.5),
+    Target(2, "head fit", "numpy linear head >= 10x a PyTorch loop, same draws, weights within 1e-5", 10.0),
+    Target(3, "adapt one task", "adapt_task >= 4x PyTorch eager UpperCaSE, >= 99% same predictions", 4.0),
+    Target(4, "memory", "fsdeploy adapt peak RSS <= 2 GiB at 500 images; time linear in N", 2048.0),
+    Target(5, "fast head solver", "linear-newton within linear's 95% CI with >= 10x fewer head MACs", 10.0),
+)}
+AGREEMENT = 0.99
+WEIGHT_ATOL = 1e-5
+LINEAR_R2 = 0.98
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    """What `run_perf` measures; `quick_config()` is the few-minutes variant of the same targets."""
+
+    workdir: Path
+    targets: tuple[int, ...] = (1, 2, 3, 4, 5)
+    threads: int = 2  # most threads a side may use; each side gets the faster of 1 and this
+    img_size: int = 224
+    models: tuple[str, ...] = ("resnet18", "efficientnet_b0")
+    case_model: str = "efficientnet_b0"
+    batches: tuple[int, ...] = (1, 16)
+    iters: int = 24  # timed calls per side and batch (target 1), split over `rounds`
+    rounds: int = 4
+    head_tasks: tuple[tuple[int, int, int], ...] = ((25, 1280, 5), (100, 1280, 10))  # (N, D, K)
+    head_repeats: int = 6
+    support: int = 100
+    ways: int = 10
+    queries: int = 50
+    adapt_repeats: int = 3
+    memory_sizes: tuple[int, ...] = (50, 100, 200, 500)
+    data: Path | None = None  # glyph corpus for target 5 (default: render a slice into workdir)
+    split: str = "novel"
+    accuracy_shots: tuple[int, ...] = (1, 5)
+    accuracy_ways: int = 5
+    accuracy_queries: int = 5  # per class: every glyph class has >= 10 instances
+    episodes: int = 600
+    checkpoint: Path | None = None  # efficientnet_b0 weights (default: the shipped checkpoint)
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, workdir: Path, **overrides: Any) -> PerfConfig:
+        """Same targets, fewer repeats and episodes, support sizes up to 200: a few minutes on 2 cores."""
+        base = dict(iters=8, rounds=2, head_repeats=3, adapt_repeats=1, memory_sizes=(50, 100, 200),
+                    episodes=100, accuracy_shots=(5,), quick=True)
+        return cls(workdir=workdir, **{**base, **overrides})
+
+
+@dataclass
+class TargetResult:
+    """One row of the status table."""
+
+    number: int
+    name: str
+    claim: str
+    measured: str
+    ratio: float | None
+    status: str  # met | NOT met | partial: ... | not run: ...
+
+
+@dataclass
+class PerfReport:
+    config: dict[str, Any]
+    results: list[TargetResult] = field(default_factory=list)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "results": [asdict(r) for r in self.results], "tables": self.tables,
+                "notes": self.notes}
+
+
+# ---- the whole run
+
+
+class _Run:
+    """Shared state of one run: the report, bundles made on demand, each model's probed thread counts."""
+
+    def __init__(self, cfg: PerfConfig, say: Say) -> None:
+        self.cfg, self.say = cfg, say
+        self.report = PerfReport(config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()})
+        self.weights: dict[str, Weights] = {}
+        self.threads_by_bundle: dict[str, dict[str, int]] = {}
+
+    def bundle(self, model: str, adapter: str = "none", size: int | None = None) -> Any:
+        cfg = self.cfg
+        size = size or cfg.img_size
+        key = f"{model}@{size}"
+        if key not in self.weights:
+            self.weights[key] = pick_weights(model, cfg.workdir, size, cfg.checkpoint if model == cfg.case_model else None)
+            self.report.notes.append(f"{model} at {size} px: {self.weights[key].description}")
+        return prepare_bundle(cfg.workdir, model, adapter=adapter, img_size=size, weights=self.weights[key], say=self.say)
+
+    def photos(self) -> list[Path]:
+        return sorted(photo_folder(self.cfg.workdir, "photos", classes=3, per_class=8, seed=self.cfg.seed).rglob("*.jpg"))
+
+    def threads(self, bundle: Any) -> dict[str, int]:
+        """Per side, the faster of 1 and cfg.threads threads on this bundle (probed once, at batch 4)."""
+        key = str(bundle.path)
+        if key not in self.threads_by_bundle:
+            from fsdeploy.data.images import load_checked
+
+            images = load_checked(self.photos()[:4], bundle.manifest.preprocess)
+            self.threads_by_bundle[key] = pm.pick_threads(bundle, images, self.cfg.threads)
+            self.report.notes.append(f"threads for {bundle.path.name}: {self.threads_by_bundle[key]} (faster of 1 and {self.cfg.threads})")
+        return self.threads_by_bundle[key]
+
+    def support_folder(self, n: int) -> Path:
+        per = max(1, n // self.cfg.ways)
+        return photo_folder(self.cfg.workdir, f"support-{self.cfg.ways}x{per}", classes=self.cfg.ways, per_class=per,
+                            seed=self.cfg.seed + 7)
+
+
+def run_perf(cfg: PerfConfig, say: Say = print) -> PerfReport:
+    """Measure every target in `cfg.targets`, each with its tables and a status row."""
+    unknown = sorted(set(cfg.targets) - set(TARGETS))
+    if unknown:
+        raise InvalidInput(f"unknown perf targets {unknown}; choose from {sorted(TARGETS)}")
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    run = _Run(cfg, say)
+    run.report.notes.append(f"load average at start: {_load()}")
+    with pm.threads_for(cfg.threads, 1):  # heads fit on one BLAS thread, on both sides (see perf_measures)
+        for number in cfg.targets:
+            say(f"target {number}: {TARGETS[number].name}")
+            run.report.results.append(_RUNNERS[number](run))
+    run.report.notes.append(f"load average at end: {_load()}")
+    return run.report
+
+
+def _load() -> str:
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {os.cpu_count()} CPUs"
+
+
+def _status(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _result(number: int, measured: str, ratio: float | None, status: str) -> TargetResult:
+    t = TARGETS[number]
+    return TargetResult(number, t.name, t.claim, measured, ratio, status)
+
+
+def _run_1(run: _Run) -> TargetResult:
+    cfg, images = run.cfg, run.photos()
+    bundles = {m: run.bundle(m) for m in cfg.models}
+    bundles[f"CaSE {cfg.case_model}"] = run.bundle(cfg.case_model, "case")
+    rows = []
+    for label, b in bundles.items():
+        rows += pm.query_throughput(b, label, images, batches=cfg.batches, threads=run.threads(b), iters=cfg.iters,
+                                    rounds=cfg.rounds)
+    run.report.tables["1: query throughput, ORT vs PyTorch eager (decode + preprocess + features)"] = rows
+    worst = min(rows, key=lambda r: r["ratio"])
+    return _result(1, f"min {worst['ratio']:.2f}x ({worst['model']}, batch {worst['batch']})", worst["ratio"],
+                   _status(worst["ratio"] >= TARGETS[1].threshold))
+
+
+def _run_2(run: _Run) -> TargetResult:
+    cfg = run.cfg
+    with pm.threads_for(1, 1):
+        rows = [pm.head_fit_ratio(n, d, k, repeats=cfg.head_repeats, seed=cfg.seed) for n, d, k in cfg.head_tasks]
+    run.report.tables["2: linear head fit (500 Adam steps, batch 128), numpy vs PyTorch loop, 1 thread each"] = rows
+    worst = min(rows, key=lambda r: r["ratio"])
+    equal = all(r["max_abs_dweight"] <= WEIGHT_ATOL and r["max_abs_dbias"] <= WEIGHT_ATOL for r in rows)
+    return _result(2, f"min {worst['ratio']:.1f}x ({worst['task']}); weights within {WEIGHT_ATOL:g}: {equal}",
+                   worst["ratio"], _status(worst["ratio"] >= TARGETS[2].threshold and equal))
+
+
+def _run_3(run: _Run) -> TargetResult:
+    cfg = run.cfg
+    b = run.bundle(cfg.case_model, "case")
+    per_query = max(1, cfg.queries // cfg.ways)
+    queries = photo_folder(cfg.workdir, f"queries-{cfg.ways}x{per_query}", classes=cfg.ways, per_class=per_query,
+                           seed=cfg.seed + 11)
+    rows, agreement = pm.adapt_ratio(b, run.support_folder(cfg.support), queries, cfg.workdir, threads=run.threads(b),
+                                     repeats=cfg.adapt_repeats, seed=cfg.seed)
+    run.report.tables["3: adapt one task (CaSE + linear head), fsdeploy vs PyTorch eager"] = rows
+    ratio, one = rows[0]["ratio"], rows[1]["ratio"]
+    ok = ratio >= TARGETS[3].threshold and agreement >= AGREEMENT
+    return _result(3, f"{ratio:.2f}x (one context run: {one:.2f}x); {100 * agreement:.1f}% same predictions",
+                   ratio, _status(ok))
+
+
+def _run_4(run: _Run) -> TargetResult:
+    cfg = run.cfg
+    b = run.bundle(cfg.case_model, "case")
+    folders = [run.support_folder(n) for n in cfg.memory_sizes]
+    rows, r2 = pm.memory_and_linearity(b, folders, cfg.workdir, threads=run.threads(b)["ort"], repeats=cfg.adapt_repeats)
+    run.report.tables["4: `fsdeploy adapt` (CaSE, batch 32): peak RSS of the command, in-process time vs support size"] = rows
+    peak = max(rows, key=lambda r: r["support"])
+    ok = peak["max_rss_mib"] <= TARGETS[4].threshold and r2 >= LINEAR_R2
+    status = _status(ok) if peak["support"] >= 500 else f"partial: largest N={peak['support']} ({_status(ok)} there)"
+    return _result(4, f"{peak['max_rss_mib']:.0f} MiB at N={peak['support']}; adapt time vs N: R^2 {r2:.3f}",
+                   peak["max_rss_mib"], status)
+
+
+def _run_5(run: _Run) -> TargetResult:
+    from fsdeploy.data.folders import scan_image_folder
+    from fsdeploy.weights import DEFAULT_IMG_SIZE
+
+    cfg = run.cfg
+    corpus = glyph_corpus(cfg.workdir, cfg.data, say=run.say)
+    data = scan_image_folder(corpus, classes=split_classes(corpus, cfg.split))
+    b = run.bundle(cfg.case_model, size=DEFAULT_IMG_SIZE)
+    rows = pm.newton_vs_adam(b, data, ways=cfg.accuracy_ways, shots=cfg.accuracy_shots, queries=cfg.accuracy_queries,
+                             episodes=cfg.episodes, threads=cfg.threads, seed=cfg.seed)
+    run.report.tables[f"5: linear-newton vs linear (Adam), {cfg.accuracy_ways}-way, {len(data.classes)} "
+                      f"{cfg.split} classes of {corpus.name}"] = rows
+    ok, ratios, parts = True, [], []
+    for shots in cfg.accuracy_shots:
+        adam, newton = (next(r for r in rows if r["shots"] == shots and r["head"] == h) for h in ("linear", "linear-newton"))
+        ratio = adam["fit_macs"] / newton["fit_macs"]
+        ratios.append(ratio)
+        ok &= newton["accuracy"] >= adam["accuracy"] - adam["ci95"] and ratio >= TARGETS[5].threshold
+        parts.append(f"{shots}-shot {newton['accuracy']:.1f} vs {adam['accuracy']:.1f} ± {adam['ci95']:.1f}, "
+                     f"{ratio:.0f}x fewer MACs")
+    status = _status(ok) if cfg.episodes >= 600 else f"partial: {cfg.episodes} episodes ({_status(ok)} there)"
+    return _result(5, "; ".join(parts), min(ratios), status)
+
+
+_RUNNERS: dict[int, Callable[[_Run], TargetResult]] = {1: _run_1, 2: _run_2, 3: _run_3, 4: _run_4, 5: _run_5}
+
+
+def with_overrides(cfg: PerfConfig, **changes: Any) -> PerfConfig:
+    """`cfg` with the given fields replaced, ignoring None values (CLI options left unset)."""
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

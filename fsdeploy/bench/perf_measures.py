@@ -1,0 +1,265 @@
+"""The measurements behind `fsdeploy.bench.perf`: each issue #8 comparison as a function returning rows.
+
+Every function times the deployed side and its plain-PyTorch counterpart (`fsdeploy.bench.reference`)
+interleaved in this process, and returns raw timings with their spread next to the ratio.
+
+Threads: a side's thread count is a setting of that side. On a shared or busy machine a second OpenMP
+thread can make PyTorch 10-40x slower (threads spin at barriers while other processes hold the cores), which
+would inflate every ratio; so `pick_threads` gives each side the faster of 1 and N threads, probed on the
+same model, and the tables record the choice. Head fits multiply small matrices (at most 128 x 1281 by
+1281 x K): numpy's BLAS and both PyTorch head loops run on one thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fsdeploy.bench.latency import LatencyStats
+from fsdeploy.bench.measure import interleaved, run_child
+from fsdeploy.engines import EngineOptions
+from fsdeploy.errors import InvalidInput
+
+
+@contextlib.contextmanager
+def threads_for(torch_threads: int, blas_threads: int | None = None) -> Iterator[None]:
+    """torch on `torch_threads` and numpy's BLAS on `blas_threads` (if given) for the duration."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    limits: Any = contextlib.nullcontext()
+    if blas_threads is not None:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # optional: without it numpy keeps its BLAS default
+            pass
+        else:
+            limits = threadpool_limits(limits=blas_threads)
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _median_ms(fn: Callable[[], Any], calls: int) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def pick_threads(bundle: Any, images: np.ndarray, most: int, *, calls: int = 3) -> dict[str, int]:
+    """{'ort': n, 'torch': n}: per side, the faster of 1 and `most` threads on `images` (one batch), median of `calls`."""
+    import torch
+
+    from fsdeploy.bench.reference import torch_features
+    from fsdeploy.exporters.rebuild import torch_graphs
+    from fsdeploy.runtime import feature_path
+
+    candidates = sorted({1, most})
+    if len(candidates) == 1:
+        return {"ort": most, "torch": most}
+    graphs = torch_graphs(bundle)
+    x = torch.from_numpy(images)
+    ort_ms, torch_ms = {}, {}
+    for n in candidates:
+        path = feature_path(bundle, "ort", EngineOptions(threads=n))
+        try:
+            state = path.support([images])[1]
+            ort_ms[n] = _median_ms(lambda: path.query(images, state), calls)
+        finally:
+            path.close()
+        gamma = torch.from_numpy(state["gamma"]) if "gamma" in state else None
+        with threads_for(n):
+            torch_ms[n] = _median_ms(lambda: torch_features(graphs, x, gamma), calls)
+    return {"ort": min(ort_ms, key=ort_ms.get), "torch": min(torch_ms, key=torch_ms.get)}  # type: ignore[arg-type]
+
+
+def _spread(prefix: str, s: LatencyStats) -> dict[str, float]:
+    return {f"{prefix}_mean_ms": s.mean, f"{prefix}_std_ms": s.std, f"{prefix}_p90_ms": s.p90, f"{prefix}_ips": s.throughput}
+
+
+# ---- 1: query throughput
+
+
+def query_throughput(
+    bundle: Any, label: str, images: Sequence[Path], *, batches: Sequence[int], threads: dict[str, int],
+    iters: int, rounds: int,
+) -> list[dict[str, Any]]:
+    """ORT (fsdeploy's query path: PIL/numpy preprocessing + engine) vs PyTorch eager (timm transform + module).
+
+    Both timed calls decode and preprocess the same real image files, then compute features.
+    """
+    import torch
+
+    from fsdeploy.bench.reference import load_images_torch, timm_transform, torch_features
+    from fsdeploy.data.images import load_checked
+    from fsdeploy.exporters.rebuild import torch_graphs
+    from fsdeploy.runtime import feature_path
+
+    pre = bundle.manifest.preprocess
+    graphs, transform = torch_graphs(bundle), timm_transform(pre)
+    path = feature_path(bundle, "ort", EngineOptions(threads=threads["ort"]))
+    rows = []
+    try:
+        state = path.support([load_checked(list(images[:8]), pre)])[1]
+        gamma = torch.from_numpy(state["gamma"]) if "gamma" in state else None
+        for b in batches:
+            files = [images[i % len(images)] for i in range(b)]
+            fns = {
+                "ort": lambda files=files: path.query(load_checked(files, pre), state),
+                "torch": lambda files=files: torch_features(graphs, load_images_torch(files, transform), gamma),
+            }
+            with threads_for(threads["torch"]):
+                st = interleaved(fns, warmup=2, iters=iters, rounds=rounds, batch=b)
+            rows.append({"model": label, "batch": b, "ort_threads": threads["ort"], "torch_threads": threads["torch"],
+                         **_spread("ort", st["ort"]), **_spread("torch", st["torch"]),
+                         "ratio": st["ort"].throughput / st["torch"].throughput})
+    finally:
+        path.close()
+    return rows
+
+
+# ---- 2: head fit
+
+
+def head_fit_ratio(n: int, dim: int, k: int, *, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """numpy `linear` head vs the PyTorch loop of the same recipe and draws, on synthetic non-negative
+    features (the fit's cost does not depend on their values). Run inside `threads_for(1, 1)`."""
+    from fsdeploy.bench.reference import linear_recipe, torch_linear_head
+    from fsdeploy.heads import make_head
+
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % k).astype(np.int64)
+    feats = np.maximum(rng.standard_normal((k, dim))[labels] + rng.standard_normal((n, dim)), 0).astype(np.float32)
+    head = make_head("linear")
+    batches, lrs, decay = linear_recipe(n, seed + 1)
+    fns = {
+        "numpy": lambda: head.fit(feats, labels, rng=np.random.default_rng(seed + 1)),
+        "torch": lambda: torch_linear_head(feats, labels, k, batches, lrs, weight_decay=decay),
+    }
+    st = interleaved(fns, warmup=1, iters=repeats, rounds=repeats)
+    head.fit(feats, labels, rng=np.random.default_rng(seed + 1))
+    lin = torch_linear_head(feats, labels, k, batches, lrs, weight_decay=decay)
+    dw = float(np.abs(head.weight_ - lin.weight.detach().numpy()).max())  # type: ignore[attr-defined]
+    db = float(np.abs(head.bias_ - lin.bias.detach().numpy()).max())  # type: ignore[attr-defined]
+    return {"task": f"N={n} D={dim} K={k}", "numpy_median_ms": st["numpy"].median, "numpy_std_ms": st["numpy"].std,
+            "torch_median_ms": st["torch"].median, "torch_std_ms": st["torch"].std,
+            "ratio": st["torch"].median / st["numpy"].median, "max_abs_dweight": dw, "max_abs_dbias": db}
+
+
+# ---- 3: one task end to end
+
+DEPLOYED = "fsdeploy adapt (batch 32: chunked context)"
+ONE_BATCH = "fsdeploy adapt --batch N (one context run)"
+EAGER = "PyTorch eager"
+
+
+def adapt_ratio(
+    bundle: Any, support: Path, queries: Path, workdir: Path, *, threads: dict[str, int], repeats: int, seed: int = 0,
+) -> tuple[list[dict[str, Any]], float]:
+    """adapt_task (the CLI's default batch 32, and one batch of every support image) vs the PyTorch eager
+    recipe, interleaved `repeats` times; plus the share of `queries` both tasks label the same."""
+    from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
+    from fsdeploy.data.folders import list_images, scan_image_folder
+    from fsdeploy.exporters.rebuild import torch_graphs
+    from fsdeploy.task import adapt_task, predict_images
+
+    files = scan_image_folder(support)
+    graphs, transform = torch_graphs(bundle), timm_transform(bundle.manifest.preprocess)
+    options = EngineOptions(threads=threads["ort"])
+    parts: dict[str, list[tuple[float, float, float, float]]] = {DEPLOYED: [], ONE_BATCH: [], EAGER: []}
+    for _ in range(repeats):
+        for side, batch in ((DEPLOYED, 32), (ONE_BATCH, len(files))):
+            task, t = adapt_task(bundle, support, workdir / "task.npz", head="linear", options=options, batch=batch, seed=seed)
+            parts[side].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
+        with threads_for(threads["torch"]):
+            ref = torch_adapt(graphs, list(files.paths), files.labels, transform, workdir / "task.pt", seed=seed, head_threads=1)
+        parts[EAGER].append((ref.load_ms, ref.features_ms, ref.fit_ms, ref.write_ms))
+    query_paths = list_images([queries])
+    index = {c: i for i, c in enumerate(task.classes)}
+    deployed = np.asarray([index[p.labels[0]] for p in predict_images(bundle, task, query_paths, options=options)])
+    with threads_for(threads["torch"]):
+        agreement = float(np.mean(deployed == torch_predict(graphs, ref, query_paths, transform)))
+    rows = []
+    for side, values in parts.items():
+        arr = np.asarray(values)
+        med, total = np.median(arr, axis=0), arr.sum(axis=1)
+        rows.append({"side": side, "threads": threads["torch" if side == EAGER else "ort"], "load_ms": med[0],
+                     "context_ms": med[1], "fit_ms": med[2], "write_ms": med[3],
+                     "total_median_ms": float(np.median(total)), "total_std_ms": float(np.std(total))})
+    for r in rows:
+        r["ratio"] = rows[-1]["total_median_ms"] / r["total_median_ms"]
+    return rows, agreement
+
+
+# ---- 4: memory and linearity
+
+
+def memory_and_linearity(
+    bundle: Any, folders: Sequence[Path], workdir: Path, *, threads: int, repeats: int = 1
+) -> tuple[list[dict[str, Any]], float]:
+    """Per support folder: peak RSS (VmHWM) and wall time of the `fsdeploy adapt` command, and the in-process
+    time of `adapt_task` (median of `repeats`, interleaved over folders; process start-up excluded).
+
+    Returns the rows and the R^2 of a straight line through (support size, in-process adaptation time).
+    """
+    from fsdeploy.data.folders import scan_image_folder
+    from fsdeploy.task import adapt_task
+
+    rows = []
+    for folder in folders:
+        n = len(scan_image_folder(folder))
+        argv = [sys.executable, "-m", "fsdeploy.cli", "adapt", str(bundle.path), str(folder),
+                "--out", str(workdir / f"task-{n}.npz"), "--threads", str(threads)]
+        run = run_child(argv)
+        if run.returncode != 0:
+            raise InvalidInput(f"`fsdeploy adapt` failed on {n} images (exit {run.returncode}): {run.output[-400:]}")
+        rows.append({"support": n, "max_rss_mib": run.max_rss_mib, "cli_wall_s": run.wall_s})
+    times: dict[Path, list[float]] = {f: [] for f in folders}
+    for _ in range(repeats):
+        for folder in folders:
+            _, t = adapt_task(bundle, folder, workdir / "task-inproc.npz", options=EngineOptions(threads=threads))
+            times[folder].append(t.total_ms)
+    for r, folder in zip(rows, folders):
+        r["adapt_ms"] = float(np.median(times[folder]))
+        r["ms_per_image"] = r["adapt_ms"] / r["support"]
+    sizes = np.asarray([r["support"] for r in rows], dtype=np.float64)
+    ms = np.asarray([r["adapt_ms"] for r in rows])
+    slope, intercept = np.polyfit(sizes, ms, 1)
+    r2 = 1.0 - float(np.sum((ms - (slope * sizes + intercept)) ** 2) / max(np.sum((ms - ms.mean()) ** 2), 1e-12))
+    for r in rows:
+        r["line_ms"] = float(slope * r["support"] + intercept)
+    return rows, r2
+
+
+# ---- 5: fast head solver
+
+
+def newton_vs_adam(
+    bundle: Any, data: Any, *, ways: int, shots: Sequence[int], queries: int, episodes: int, threads: int, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Accuracy over the same seeded episodes of `linear` (Adam) and `linear-newton`, with their exact fit MACs."""
+    from fsdeploy.bench.accuracy import Method, evaluate
+    from fsdeploy.heads import make_head
+
+    methods = (Method("linear", "linear"), Method("linear-newton", "linear-newton"))
+    dim = bundle.manifest.feature_dim
+    rows = []
+    for k in shots:
+        acc = evaluate(bundle, data, methods, ways=ways, shots=k, queries=queries, episodes=episodes, seed=seed + k,
+                       options=EngineOptions(threads=threads))
+        for r in acc:
+            rows.append({"shots": k, "head": r.method, "accuracy": r.accuracy, "ci95": r.ci95, "episodes": r.episodes,
+                         "fit_macs": make_head(r.method).fit_macs(ways * k, dim, ways), "fit_ms": r.fit_ms})
+    return rows

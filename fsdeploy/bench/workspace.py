@@ -1,0 +1,127 @@
+"""Inputs the benchmarks build once and reuse: bundles, stand-in weights, real-image folders, a glyph corpus.
+
+Everything lands in one work folder and is reused on the next run when it still matches (same model,
+adapter, input size and checkpoint hash), so repeated benchmark runs spend their time measuring.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsdeploy.atomic import sha256_file
+from fsdeploy.errors import BundleError, InvalidInput
+from fsdeploy.exporters.bundle import Bundle, load_bundle
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A checkpoint file (None: timm's random init) and how to describe it in a report."""
+
+    path: Path | None
+    description: str
+
+
+def unit_scale_checkpoint(model: str, img_size: int, path: str | Path, *, seed: int = 0) -> Path:
+    """Save a random-init `model` whose norm layers carry O(1) statistics (γ ~ U(0.5, 1.5), β, running stats).
+
+    timm zero-initialises the last BatchNorm of each residual block and EfficientNet's features come out
+    near 1e-6 at random init; a head fitted on such features decides by rounding noise, so agreement
+    between two backends would say nothing. Re-drawing the norm statistics gives features of unit scale.
+    The file is written once and reused (timm's init draws from torch's global generator).
+    """
+    import torch
+
+    from fsdeploy.backbones import create_backbone, save_checkpoint
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    net, pre = create_backbone(model, img_size=img_size)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return save_checkpoint(net, path, name=model, preprocess=pre, extra={"note": "random init, unit-scale norm statistics"})
+
+
+def pick_weights(model: str, workdir: Path, img_size: int, checkpoint: Path | None = None) -> Weights:
+    """`checkpoint` if given, else the shipped checkpoint when it is for `model`, else a unit-scale stand-in."""
+    if checkpoint is not None:
+        return Weights(Path(checkpoint), f"{Path(checkpoint).name}")
+    from fsdeploy.weights import DEFAULT_MODEL, default_checkpoint
+
+    if model == DEFAULT_MODEL:
+        try:
+            return Weights(default_checkpoint(), "shipped glyph-pretrained checkpoint")
+        except InvalidInput:
+            pass
+    path = unit_scale_checkpoint(model, img_size, workdir / f"{model}-random-init.safetensors")
+    return Weights(path, "random init (unit-scale norm statistics; no pretrained weights available)")
+
+
+def prepare_bundle(
+    workdir: Path, model: str, *, adapter: str = "none", img_size: int, weights: Weights, say: Say = print
+) -> Bundle:
+    """The bundle `workdir/<model>-<adapter>-<img_size>px`, exported (and validated) only when missing or stale."""
+    from fsdeploy.exporters.export import export_bundle
+
+    folder = Path(workdir) / f"{model}-{adapter}-{img_size}px"
+    digest = sha256_file(weights.path) if weights.path else None
+    try:
+        b = load_bundle(folder)
+        m = b.manifest
+        if (m.model, m.adapter, m.preprocess.input_size[-1], m.source.get("checkpoint_sha256")) == (
+            model, adapter, img_size, digest,
+        ):
+            return b
+    except BundleError:
+        pass
+    say(f"exporting {model} (adapter {adapter}, {img_size} px, {weights.description}) to {folder}")
+    bundle, _ = export_bundle(model, folder, adapter=adapter, checkpoint=weights.path, img_size=img_size)
+    return bundle
+
+
+def photo_folder(workdir: Path, name: str, *, classes: int, per_class: int, seed: int) -> Path:
+    """`workdir/<name>`: an ImageFolder of real-photo JPEG crops, written once (see measure.write_photo_folder)."""
+    from fsdeploy.bench.measure import write_photo_folder
+
+    folder = Path(workdir) / name
+    marker = folder / ".complete"
+    if not marker.is_file():
+        write_photo_folder(folder, classes=classes, per_class=per_class, seed=seed)
+        marker.write_text(f"{classes} x {per_class}, seed {seed}\n")
+    return folder
+
+
+def glyph_corpus(workdir: Path, data: Path | None, *, classes: int = 300, say: Say = print) -> Path:
+    """`data` when given, else a glyph corpus slice of `classes` classes rendered once into `workdir/glyphs`.
+
+    A slice keeps the full corpus's split by script, so its novel classes are novel for the shipped backbone.
+    """
+    if data is not None:
+        return Path(data)
+    from fsdeploy.data.glyphs import generate_glyphs
+
+    folder = Path(workdir) / "glyphs"
+    if not (folder / "splits.json").is_file():
+        say(f"rendering a {classes}-class glyph corpus into {folder} (once)")
+        generate_glyphs(folder, classes=classes)
+    return folder
+
+
+def split_classes(corpus: Path, split: str) -> list[str] | None:
+    """Class folders of `split` from `corpus/splits.json` (a glyph corpus); None (every class) for 'all' or
+    a folder without a split file."""
+    if split == "all" or not (Path(corpus) / "splits.json").is_file():
+        return None
+    from fsdeploy.data.glyphs import load_splits
+
+    return list(load_splits(corpus).split(split))

@@ -1,0 +1,277 @@
+"""`fsdeploy bench`: what adapting to a task costs (MACs), how accurate it is, and how fast it runs.
+
+Issue #7 (the adaptation-cost benchmark) and #8 (speed targets). Every command is a thin shell over
+`fsdeploy.bench`: measuring lives there, this module parses options and prints.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fsdeploy.errors import InvalidInput
+
+console = Console()
+
+bench = typer.Typer(
+    name="bench",
+    help=(
+        "Benchmarks on your own bundle and data: `macs` (cost of adapting one task, per method), `accuracy` "
+        "(episodes on held-out classes), `latency` (engine percentiles and adaptation time), `perf` (the "
+        "speed targets of issue #8, measured side by side)."
+    ),
+    no_args_is_help=True,
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `bench` command group to `app`."""
+    app.add_typer(bench, name="bench")
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidInput(f"{what} must be comma-separated integers like 1,5; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise InvalidInput(f"{what} needs positive integers like 1,5; got {text!r}")
+    return values
+
+
+BundleArg = Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the rows to this .csv or .json file.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for the engines (default: ONNX Runtime's choice).")]
+
+
+@bench.command("macs")
+def macs(
+    bundle: BundleArg,
+    ways: Annotated[int, typer.Option(help="Classes in the task (K).")] = 5,
+    shots: Annotated[int, typer.Option(help="Support images per class; the task has ways x shots.")] = 1,
+    setting: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Named task shape instead of --ways/--shots: 5w1s, 5w5s, md-max (50 ways, 500 images). Repeatable."),
+    ] = None,
+    out: OutOpt = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of accuracy vs MACs to adapt (needs --accuracy).")] = None,
+    accuracy: Annotated[
+        Optional[Path], typer.Option(help="Rows from `fsdeploy bench accuracy --out` (.json or .csv) to plot against MACs.")
+    ] = None,
+) -> None:
+    """MACs to adapt one task and per query image, and numbers adapted, for every method fsdeploy supports.
+
+    Every figure is counted: backbone and adapter MACs on the bundle's own torch modules (convolutions,
+    linears and attention products; backward = one forward per operand that needs a gradient), head MACs
+    from the numpy heads' exact counts. Fine-tuning rows state their recipe (steps x batch). Reproduces the
+    comparison of UpperCaSE (NeurIPS 2022, Fig. 1) on your bundle.
+
+    Example: fsdeploy bench macs bundle/ --ways 5 --shots 5 --out costs.csv;
+    fsdeploy bench macs bundle/ --setting md-max; add --accuracy acc.json --plot fig.png for the figure.
+    """
+    from fsdeploy.bench.cost_inputs import bundle_costs, count_bundle, task_shape
+    from fsdeploy.bench.render import cost_table, write_rows
+    from fsdeploy.exporters.bundle import load_bundle
+
+    if plot is not None and accuracy is None:
+        raise InvalidInput("--plot needs --accuracy ROWS (from `fsdeploy bench accuracy --out`)")
+    b = load_bundle(bundle)
+    tasks = [task_shape(None, None, s) for s in setting] if setting else [task_shape(ways, shots, None)]
+    with console.status("counting MACs on the bundle's torch modules"):
+        counts = count_bundle(b)
+    tables = [bundle_costs(b, t, counts=counts) for t in tasks]
+    rows = [r for t in tables for r in t.rows]
+    m = b.manifest
+    console.print(cost_table(rows, title=f"MACs to adapt one task, {m.model} ({m.adapter}, {m.preprocess.input_size[-1]} px)"))
+    for key, why in tables[0].skipped.items():
+        console.print(f"[dim]not costed: {key} ({why})[/dim]")
+    if out is not None:
+        write_rows(out, rows)
+        console.print(f"wrote {len(rows)} rows to {out}")
+    if plot is not None and accuracy is not None:
+        from fsdeploy.bench.methods import join_accuracy
+        from fsdeploy.bench.render import plot_accuracy_vs_macs, read_rows
+
+        acc_rows = read_rows(accuracy)
+        merged = [r for t, tab in zip(tasks, tables) for r in join_accuracy(tab.rows, acc_rows, t)]
+        plot_accuracy_vs_macs(merged, plot, title=f"{m.model}: accuracy vs MACs to adapt one task")
+        console.print(f"wrote {plot} ({len(merged)} methods with accuracy)")
+
+
+@bench.command("accuracy")
+def accuracy(
+    bundle: BundleArg,
+    data: Annotated[Path, typer.Option(help="ImageFolder of labelled images (e.g. a glyph corpus from `fsdeploy data glyphs`).")],
+    split: Annotated[str, typer.Option(help="With DATA/splits.json: the split whose classes episodes use (novel, val, base, all).")] = "novel",
+    ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
+    shots: Annotated[str, typer.Option(help="Comma-separated support images per class, one run each.")] = "1,5",
+    queries: Annotated[int, typer.Option(help="Query images per class per episode.")] = 15,
+    episodes: Annotated[int, typer.Option(help="Episodes per setting (600 for paper-style 95% CIs).")] = 600,
+    heads: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated methods: ncc, simpleshot, linear, linear-newton, baseline, baseline++, lt-ncc "
+                          "(default: ncc,simpleshot,linear,linear-newton; on a CaSE bundle: linear = UpperCaSE)."),
+    ] = None,
+    variable: Annotated[bool, typer.Option(help="Meta-Dataset-style variable ways and shots instead of --ways/--shots.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the episode draws (same seed: same episodes for every method).")] = 0,
+    backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
+    threads: ThreadsOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Few-shot accuracy (mean ± 95% CI over seeded episodes) through the deployed path: engine + numpy head.
+
+    Every method sees the same episodes and the same engine features. Episodes draw from held-out classes:
+    with a glyph corpus, --split novel uses scripts the backbone never saw in pretraining.
+
+    Example: fsdeploy bench accuracy bundle/ --data glyphs/ --shots 1,5 --episodes 600 --out acc.json
+    """
+    from fsdeploy.bench.accuracy import evaluate
+    from fsdeploy.bench.methods import accuracy_methods, parse_keys
+    from fsdeploy.bench.render import accuracy_table, write_rows
+    from fsdeploy.bench.workspace import split_classes
+    from fsdeploy.data.folders import scan_image_folder
+    from fsdeploy.engines import EngineOptions
+    from fsdeploy.exporters.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    methods = accuracy_methods(parse_keys(heads, b.manifest.adapter), b.manifest.adapter)
+    files = scan_image_folder(data, classes=split_classes(data, split))
+    settings = (0,) if variable else _ints(shots, "--shots")
+    rows = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        for k in settings:
+            task = bar.add_task("variable ways/shots" if variable else f"{ways}-way {k}-shot", total=episodes)
+            rows += evaluate(b, files, methods, ways=ways, shots=max(k, 1), queries=queries, episodes=episodes,
+                             seed=seed + k, variable=variable, backend=backend, options=EngineOptions(threads=threads),
+                             progress=lambda n, task=task: bar.advance(task, n))
+    console.print(accuracy_table([r.to_dict() for r in rows],
+                                 title=f"accuracy (%, mean ± 95% CI) on {len(files.classes)} classes of {data} ({split})"))
+    if out is not None:
+        write_rows(out, [r.to_dict() for r in rows])
+        console.print(f"wrote {len(rows)} rows to {out}")
+
+
+@bench.command("latency")
+def latency(
+    bundle: BundleArg,
+    backend: Annotated[str, typer.Option(help="Engine backend: ort (CPU default), trt (NVIDIA GPU), torch (eager reference).")] = "ort",
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    warmup: Annotated[int, typer.Option(help="Untimed calls first (allocation, graph optimisation, caches).")] = 5,
+    iters: Annotated[Optional[int], typer.Option(help="Timed calls per backend and batch (default 30).")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Or: seconds of timed calls per backend and batch.")] = None,
+    compare: Annotated[
+        Optional[str], typer.Option(help="Two backends timed side by side in one run, e.g. ort,torch; prints ratios.")
+    ] = None,
+    threads: ThreadsOpt = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of real images to time (default: photo crops).")] = None,
+    support: Annotated[
+        Optional[Path], typer.Option(help="Support ImageFolder for adaptation timing (default: 5 classes x 5 photo crops).")
+    ] = None,
+    methods: Annotated[
+        str, typer.Option(help="Adaptation methods to time: head methods (ncc, simpleshot, linear, ...), tsa, bn-affine; '' skips.")
+    ] = "ncc,linear,linear-newton",
+    adapt_repeats: Annotated[int, typer.Option(help="Adaptations per method (medians are shown).")] = 3,
+    rounds: Annotated[int, typer.Option(help="Round-robin rounds the timed calls are split into (noise hits every side alike).")] = 5,
+    out: OutOpt = None,
+) -> None:
+    """Query latency percentiles and throughput per batch size, and adaptation wall time split into its parts.
+
+    The timed call is the deployed query path (CaSE: the query graph under a real γ); decoding and
+    preprocessing the same real image files is timed separately and shown as its own column, with the
+    throughput it leaves. A run whose spread is too wide is flagged as unstable. Adaptation is timed per
+    method as load + engine pass over the support set (CaSE: context pass and γ) + head fit + write.
+
+    Example: fsdeploy bench latency bundle/ --batch 1,8,32 --compare ort,torch --iters 50
+    """
+    from fsdeploy.bench.latency import compare as compare_stats
+    from fsdeploy.bench.measure import adaptation_times, path_latency, write_photo_folder
+    from fsdeploy.bench.methods import adaptation_specs
+    from fsdeploy.bench.render import compare_table, latency_table, rows_table, write_rows
+    from fsdeploy.data.folders import list_images
+    from fsdeploy.engines import EngineOptions
+    from fsdeploy.exporters.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    backends = [s.strip() for s in compare.split(",")] if compare else [backend]
+    if compare and len(backends) != 2:
+        raise InvalidInput(f"--compare takes two backends like ort,torch; got {compare!r}")
+    options = EngineOptions(threads=threads)
+    specs = adaptation_specs([k.strip() for k in methods.split(",") if k.strip()])
+    with tempfile.TemporaryDirectory() as tmp:
+        files = list_images([images]) if images else list_images([write_photo_folder(Path(tmp) / "photos", classes=3, per_class=8)])
+        with console.status(f"timing {', '.join(backends)} at batch {batch}"):
+            runs = path_latency(b, files, backends=backends, batches=_ints(batch, "--batch"), options=options,
+                                warmup=warmup, iters=iters, budget_s=budget, rounds=rounds)
+        rows = [{"kind": "latency", **r.row()} for r in runs]
+        console.print(latency_table(rows, title=f"query latency (ms) of {b.manifest.model} ({b.manifest.adapter})"))
+        if compare:
+            ratio_rows = []
+            for bs in sorted({r.batch for r in runs}):
+                a, c = (next(r.engine for r in runs if r.batch == bs and r.backend == n) for n in backends)
+                ratio_rows += [{"kind": "compare", "batch": bs, **row} for row in compare_stats(a, c, names=(backends[0], backends[1]))]
+            console.print(compare_table([{k: v for k, v in r.items() if k != "kind"} for r in ratio_rows],
+                                        title=f"side by side: speedup = how many times faster {backends[1]} is than {backends[0]}"))
+            rows += ratio_rows
+        if specs:
+            folder = support or write_photo_folder(Path(tmp) / "support", classes=5, per_class=5, seed=1)
+            with console.status("timing adaptation"):
+                adapt = adaptation_times(b, folder, specs, backend=backends[0], options=options, repeats=adapt_repeats)
+            console.print(rows_table([r.as_dict() for r in adapt], title="adaptation wall time per task (median ms per part)"))
+            rows += [{"kind": "adaptation", **r.as_dict()} for r in adapt]
+    if out is not None:
+        write_rows(out, rows)
+        console.print(f"wrote {len(rows)} rows to {out}")
+
+
+@bench.command("perf")
+def perf(
+    quick: Annotated[bool, typer.Option(help="Fewer repeats/episodes and support sizes up to 200: a few minutes on 2 cores.")] = False,
+    workdir: Annotated[Path, typer.Option(help="Where bundles, images and corpora are made once and reused.")] = Path("fsdeploy-perf"),
+    targets: Annotated[str, typer.Option(help="Which of issue #8's targets to measure (1-5).")] = "1,2,3,4,5",
+    threads: Annotated[int, typer.Option(help="Threads for every side (torch, BLAS, ONNX Runtime).")] = 2,
+    data: Annotated[Optional[Path], typer.Option(help="Glyph corpus for target 5 (default: render a slice into WORKDIR).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="efficientnet_b0 weights (default: the shipped checkpoint).")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help="Episodes per shot for target 5 (default 600, quick 100).")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="Input size of targets 1, 3, 4 (default 224).")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Plain models of target 1 (default resnet18,efficientnet_b0).")] = None,
+    case_model: Annotated[Optional[str], typer.Option(help="CaSE model of targets 1, 3, 4, 5 (default efficientnet_b0).")] = None,
+    support: Annotated[Optional[int], typer.Option(help="Support images of target 3 (default 100).")] = None,
+    sizes: Annotated[Optional[str], typer.Option(help="Support sizes of target 4 (default 50,100,200,500).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the whole report (every table) as JSON.")] = None,
+) -> None:
+    """Issue #8's targets, one command: each ratio with its raw timings and spreads, and a status row per target.
+
+    1 query throughput ORT vs PyTorch eager (resnet18, efficientnet_b0, CaSE efficientnet_b0; 224 px; batch 1
+    and 16; decoding and preprocessing real image files inside the timed call); 2 numpy linear head vs a
+    PyTorch loop (same draws, weights within 1e-5); 3 adapting one task end to end vs PyTorch eager (+ prediction
+    agreement); 4 peak memory of `fsdeploy adapt` on 500 images and time vs support size; 5 linear-newton vs
+    the Adam linear head (accuracy and MACs). Both sides of each ratio run interleaved in this process.
+
+    Example: fsdeploy bench perf --quick; fsdeploy bench perf --data glyphs/ --out perf.json
+    """
+    from fsdeploy.atomic import write_text
+    from fsdeploy.bench.perf import PerfConfig, run_perf, with_overrides
+    from fsdeploy.bench.render import rows_table, status_table
+
+    base = PerfConfig.quick_config(workdir) if quick else PerfConfig(workdir=workdir)
+    cfg = with_overrides(
+        base, targets=_ints(targets, "--targets"), threads=threads, data=data, checkpoint=checkpoint, episodes=episodes,
+        img_size=img_size, models=tuple(models.split(",")) if models else None, case_model=case_model, support=support,
+        memory_sizes=_ints(sizes, "--sizes") if sizes else None,
+    )
+    with console.status("measuring") as status:
+        report = run_perf(cfg, say=lambda m: (console.print(f"[dim]{m}[/dim]"), status.update(m)))
+    for title, rows in report.tables.items():
+        console.print(rows_table(rows, title=title))
+    console.print(status_table([vars(r) for r in report.results], title=f"issue #8 targets ({'quick' if quick else 'full'} run, {threads} threads)"))
+    for note in report.notes:
+        console.print(f"[dim]{note}[/dim]")
+    if out is not None:
+        write_text(out, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        console.print(f"wrote {out}")

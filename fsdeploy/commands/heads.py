@@ -1,0 +1,43 @@
+"""`fsdeploy heads`: list the per-task heads and feature transforms with their exact costs."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    """Add `heads` to `app`."""
+
+    @app.command()
+    def heads(
+        ways: Annotated[int, typer.Option(help="Classes in the task (K).")] = 5,
+        shots: Annotated[int, typer.Option(help="Support images per class; the support set has ways x shots.")] = 5,
+        dim: Annotated[int, typer.Option(help="Feature size D of the backbone (1280 for efficientnet_b0).")] = 1280,
+    ) -> None:
+        """List the heads `fsdeploy adapt --head` accepts and the transforms `--transform` accepts.
+
+        Costs are exact multiply-accumulate counts of the numpy implementation for one task of this shape,
+        so you can pick a head by its on-device cost: e.g. linear-newton fits a linear classifier with a
+        small fraction of the linear head's MACs. Example: fsdeploy heads --ways 10 --shots 10 --dim 384
+        """
+        from fsdeploy.heads.catalog import head_costs, transform_infos
+
+        n = ways * shots
+        table = Table(title=f"heads: {ways}-way, {n} support images, D={dim}")
+        for col, justify in (("head", "left"), ("method", "left"), ("fit MACs", "right"),
+                             ("MACs / query", "right"), ("params / task", "right")):
+            table.add_column(col, justify=justify)
+        for row in head_costs(n, dim, ways):
+            table.add_row(row.name, row.summary, f"{row.fit_macs:,}", f"{row.predict_macs:,}", f"{row.params:,}")
+        console.print(table)
+        tr = Table(title="feature transforms (applied before the head)")
+        for col, justify in (("transform", "left"), ("what it does", "left"), ("MACs / image", "right")):
+            tr.add_column(col, justify=justify)
+        for info in transform_infos(dim):
+            tr.add_row(info.name, info.summary, f"{info.macs_per_row:,}")
+        console.print(tr)

@@ -1,0 +1,1 @@
+"""Torch adaptation blocks (CaSE, TSA adapters, TOAST top-down attention) and where they go in each family."""

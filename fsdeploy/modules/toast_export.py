@@ -1,0 +1,35 @@
+"""The `toast` adapter for `fsdeploy export`: the two-pass TOAST ViT as one `features` graph.
+
+TOAST: Shi, Darrell, Wang, "TOAST: Transfer Learning via Attention Steering". The checkpoint is the one
+`fsdeploy toast-tune` writes; the frozen backbone it was tuned on comes from `--backbone-checkpoint`.
+"""
+from __future__ import annotations
+
+from fsdeploy.backbones import Preprocess, create_backbone
+from fsdeploy.exporters.graphs import AdaptedModel, BuildRequest, GraphExport, images_only, register_adapter
+from fsdeploy.exporters.spec import ExportSpec
+from fsdeploy.modules.topdown import TopDownViT, load_toast, toast_macs, toast_metadata, vit_macs
+
+# Attention re-runs with an extra value term: float rounding grows a little over two passes.
+TOAST_SPEC = ExportSpec(atol=1e-4)
+
+
+@register_adapter("toast")
+def build_toast(request: BuildRequest) -> AdaptedModel:
+    """Two-pass TOAST network from a toast-tune checkpoint (LoRA merged); without one, zero-init feedback."""
+    if request.checkpoint is not None:
+        module = load_toast(
+            request.model, request.checkpoint, backbone_checkpoint=request.options.get("backbone_checkpoint"),
+            img_size=request.img_size, pretrained=request.pretrained,
+        )
+        meta = toast_metadata(request.checkpoint)
+        pre = Preprocess.from_dict({**module.backbone.pretrained_cfg, **meta})
+        size = int(request.img_size or meta["img_size"])
+        pre = Preprocess(input_size=(3, size, size), mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
+    else:
+        backbone, pre = create_backbone(request.model, pretrained=request.pretrained, img_size=request.img_size)
+        module = TopDownViT(backbone)
+        size = pre.input_size[-1]
+    module.eval()
+    extra = {"inference_macs": int(toast_macs(module, size)), "plain_vit_macs": int(vit_macs(module.backbone, size))}
+    return AdaptedModel(module, pre, (GraphExport("features", module, TOAST_SPEC, images_only),), extra)

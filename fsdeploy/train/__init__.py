@@ -1,0 +1,1 @@
+"""Training: supervised backbone pretraining on glyph base classes, and adaptation-module tuning."""

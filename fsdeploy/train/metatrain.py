@@ -1,0 +1,237 @@
+"""Meta-train the CaSE blocks of a frozen backbone on few-shot episodes, UpperCaSE style.
+
+Patacchiola, Bronskill, Shysheya, Hofmann, Nowozin, Turner, "Contextual Squeeze-and-Excitation for Efficient
+Few-Shot Image Classification", NeurIPS 2022 (arXiv 2206.09843).
+
+Per task: the context pass gives context features and γ; a zero-initialised linear head is fitted on the
+detached context features (the UpperCaSE head: Adam β 0.9/0.999, ε 1e-8, weight decay 1e-5, 500 steps of
+128 rows drawn with replacement, lr linear 1e-3 → 1e-5, mean cross-entropy); then, with that head frozen,
+cross-entropy on context + target images is backpropagated into the CaSE parameters only (target images
+go through the query mode with the task's γ). The backbone never changes: its weights are frozen and
+BatchNorm stays in eval mode. Adam on the CaSE parameters, one step every 16 tasks, lr linear 1e-3 → 1e-5
+over the tasks.
+
+The checkpoint is the backbone's own state dict plus the CaSE blocks under `cases.`, with metadata naming
+the model, its preprocessing and the CaSE sites; `fsdeploy export MODEL --adapter case --checkpoint` reads it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsdeploy.backbones import Preprocess, save_checkpoint
+from fsdeploy.data.episodes import sample_episode
+from fsdeploy.data.folders import LabelledFiles, scan_image_folder
+from fsdeploy.data.images import load_batch
+from fsdeploy.errors import InvalidInput
+from fsdeploy.exporters.graphs import BuildRequest
+from fsdeploy.modules.case_export import build_casenet, case_checkpoint_state
+from fsdeploy.modules.casenet import CaseNet
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """One meta-training task: its loss and the frozen head's accuracy on its target images."""
+
+    task: int
+    tasks: int
+    loss: float
+    target_acc: float
+    lr: float
+    stepped: bool  # an optimiser step happened after this task
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """The UpperCaSE linear head's optimisation (defaults are the paper's)."""
+
+    iters: int = 500
+    batch: int = 128
+    lr_start: float = 1e-3
+    lr_end: float = 1e-5
+    weight_decay: float = 1e-5
+
+
+def fit_head_torch(
+    feats: torch.Tensor, labels: torch.Tensor, ways: int, rng: np.random.Generator, recipe: HeadRecipe = HeadRecipe()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit the zero-init linear head on fixed features `(N, D)`; returns weight `(ways, D)` and bias `(ways,)`."""
+    feats = feats.detach()
+    weight = torch.zeros(ways, feats.shape[1], device=feats.device, requires_grad=True)
+    bias = torch.zeros(ways, device=feats.device, requires_grad=True)
+    opt = torch.optim.Adam([weight, bias], lr=recipe.lr_start, betas=(0.9, 0.999), eps=1e-8, weight_decay=recipe.weight_decay)
+    rows = torch.from_numpy(rng.integers(0, feats.shape[0], size=(recipe.iters, recipe.batch))).to(feats.device)
+    lrs = np.linspace(recipe.lr_start, recipe.lr_end, recipe.iters)
+    with torch.enable_grad():
+        for t in range(recipe.iters):
+            for group in opt.param_groups:
+                group["lr"] = float(lrs[t])
+            idx = rows[t]
+            loss = F.cross_entropy(feats[idx] @ weight.T + bias, labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return weight.detach(), bias.detach()
+
+
+def episode_classes(data_dir: Path, split: str | None) -> list[str] | None:
+    """Class folders of `split` from `data_dir/splits.json`, or None (all classes) when there is no split file.
+
+    Raises:
+        InvalidInput: a split was asked for that the split file does not have.
+    """
+    path = data_dir / "splits.json"
+    if split is None or not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InvalidInput(f"{path} is not valid JSON ({exc}); regenerate it or remove it to use every class") from None
+    if split not in raw or not isinstance(raw[split], list):
+        known = sorted(k for k, v in raw.items() if isinstance(v, list))
+        raise InvalidInput(f"{path} has no split {split!r}; it has {', '.join(known) or 'none'}")
+    return [str(c) for c in raw[split]]
+
+
+class _Images:
+    """Decoded, preprocessed images by row, kept while they fit in `max_bytes` (episodes revisit images)."""
+
+    def __init__(self, files: LabelledFiles, pre: Preprocess, max_bytes: int = 1 << 30) -> None:
+        self.files, self.pre, self.max_bytes = files, pre, max_bytes
+        self.cache: dict[int, np.ndarray] = {}
+        self.bytes = 0
+
+    def batch(self, rows: np.ndarray) -> np.ndarray:
+        missing = [int(r) for r in rows if int(r) not in self.cache]
+        if missing:
+            arrays = load_batch([self.files.paths[r] for r in missing], self.pre)
+            for r, a in zip(missing, arrays):
+                if self.bytes + a.nbytes <= self.max_bytes:
+                    self.cache[r] = a
+                    self.bytes += a.nbytes
+            fresh = dict(zip(missing, arrays))
+            return np.stack([self.cache.get(int(r), fresh.get(int(r))) for r in rows])  # type: ignore[arg-type]
+        return np.stack([self.cache[int(r)] for r in rows])
+
+
+def _on(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
+    return torch.from_numpy(arr).to(dev)
+
+
+def task_loss(
+    net: CaseNet, context: torch.Tensor, context_y: torch.Tensor, target: torch.Tensor, target_y: torch.Tensor,
+    ways: int, rng: np.random.Generator, recipe: HeadRecipe,
+) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of the frozen per-task head on context + target images; gradients reach only CaSE."""
+    ctx_feats, gamma = net.context_module()(context)
+    weight, bias = fit_head_torch(ctx_feats, context_y, ways, rng, recipe)
+    tgt_feats = net.query_module()(target, gamma)
+    logits = torch.cat([ctx_feats, tgt_feats]) @ weight.T + bias
+    loss = F.cross_entropy(logits, torch.cat([context_y, target_y]))
+    acc = float((logits[len(context_y):].argmax(1) == target_y).float().mean())
+    return loss, acc
+
+
+def metatrain(
+    model: str,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    split: str | None = "base",
+    img_size: int | None = None,
+    tasks: int = 1000,
+    ways: int = 5,
+    shots: int = 5,
+    queries: int = 10,
+    lr: float = 1e-3,
+    lr_end: float = 1e-5,
+    accumulate: int = 16,
+    head: HeadRecipe = HeadRecipe(),
+    device: str | None = None,
+    seed: int = 0,
+    progress: Callable[[TaskStats], None] | None = None,
+) -> Path:
+    """Meta-train the CaSE blocks of `model` on episodes from the ImageFolder `data_dir`; returns `out`.
+
+    Args:
+        model: timm name (a family with a CaSE placement rule: efficientnet, resnet).
+        data_dir: one sub-folder of images per class; with `splits.json`, only `split`'s classes are used.
+        out: checkpoint to write (`.safetensors`), atomically.
+        checkpoint: backbone weights (or a previous metatrain checkpoint, to continue from its CaSE blocks).
+        tasks: episodes; `ways`-way `shots`-shot with `queries` target images per class.
+        lr, lr_end: Adam learning rate at the first and last task (linear in between).
+        accumulate: tasks per optimiser step (gradients are averaged over them).
+        head: the per-task head recipe (fewer `iters` for quick runs).
+        device: torch device; default CUDA when available, else CPU.
+        seed: seeds episode draws, head batch draws and nothing else.
+
+    Raises:
+        InvalidInput: bad counts, too few classes for `ways`, or an output path not ending in .safetensors.
+    """
+    out, data_dir = Path(out), Path(data_dir)
+    if out.suffix != ".safetensors":
+        raise InvalidInput(f"metatrain output {out} must end in .safetensors")
+    if min(tasks, ways, shots, queries, accumulate) < 1:
+        raise InvalidInput("tasks, ways, shots, queries and accumulate must all be >= 1")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net, pre = build_casenet(BuildRequest(model, Path(checkpoint) if checkpoint else None, pretrained, img_size))
+    net = net.to(dev).eval()  # eval for good: BatchNorm statistics and dropout stay frozen
+    for p in net.backbone.parameters():
+        p.requires_grad_(False)
+    params = list(net.cases.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    files = scan_image_folder(data_dir, classes=episode_classes(data_dir, split))
+    images = _Images(files, pre)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    opt.zero_grad(set_to_none=True)
+    pending = 0
+    for t in range(tasks):
+        ep = sample_episode(files.labels, ways, shots, queries, rng)
+        loss, acc = task_loss(
+            net, _on(images.batch(ep.support), dev), _on(ep.support_labels, dev), _on(images.batch(ep.query), dev),
+            _on(ep.query_labels, dev), ways, rng, head,
+        )
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise InvalidInput(f"meta-training diverged at task {t + 1} (loss {loss_value}); lower --lr")
+        (loss / accumulate).backward()
+        pending += 1
+        task_lr = lr + (lr_end - lr) * (t / max(tasks - 1, 1))
+        stepped = pending == accumulate or t == tasks - 1
+        if stepped:
+            if pending < accumulate:  # a short last group: average over the tasks it really has
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(accumulate / pending)
+            for group in opt.param_groups:
+                group["lr"] = task_lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            pending = 0
+        if progress is not None:
+            progress(TaskStats(t + 1, tasks, loss_value, acc, task_lr, stepped))
+    net = net.cpu()
+    save_checkpoint(
+        case_checkpoint_state(net), out, name=model, preprocess=pre,
+        extra={
+            "adapter": "case",
+            "case_sites": [s.name for s in net.layout],
+            "metatrain": {
+                "data": str(data_dir), "split": split, "tasks": tasks, "ways": ways, "shots": shots, "queries": queries,
+                "lr": lr, "lr_end": lr_end, "accumulate": accumulate, "head_iters": head.iters, "seed": seed,
+                "backbone_checkpoint": str(checkpoint) if checkpoint else None,
+            },
+        },
+    )
+    return out

@@ -1,0 +1,136 @@
+"""Bench library checks on a tiny CaSE ResNet-18 (32 px): counted inputs of the cost model against
+independent counts, and the equality half of issue #8 (head weights, deployed vs eager UpperCaSE).
+
+Speed is never asserted here: timings are benchmark output (`fsdeploy bench perf`).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fsdeploy.bench.cost_inputs import bundle_costs, count_bundle, measure_case, torch_model, transform_macs
+from fsdeploy.bench.costs import TaskShape
+from fsdeploy.bench.macs import count_macs
+from fsdeploy.bench.measure import interleaved, run_child
+from fsdeploy.bench.perf_measures import head_fit_ratio
+from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
+from fsdeploy.data.folders import list_images, scan_image_folder
+from fsdeploy.data.images import load_checked
+from fsdeploy.exporters.export import export_bundle
+from fsdeploy.exporters.rebuild import torch_graphs
+from fsdeploy.heads import make_head
+from fsdeploy.backbones import save_checkpoint
+from fsdeploy.exporters.graphs import BuildRequest
+from fsdeploy.modules.case import case_hidden
+from fsdeploy.modules.case_export import build_casenet, case_checkpoint_state
+from fsdeploy.task import adapt_task, predict_images
+from fsdeploy.train.tsa import bn_affine_adapt_macs, tsa_adapt_macs
+from tests.helpers import glyph_folder, make_checkpoint
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def case_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_perf")
+    plain = make_checkpoint("resnet18", root / "r18.safetensors", img_size=SIZE)
+    # a meta-trained-like CaSE checkpoint: non-zero last layers, so γ differs from 1 and depends on the support set
+    net, pre = build_casenet(BuildRequest("resnet18", checkpoint=plain, img_size=SIZE))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in net.cases:
+            block.mlp[-1].weight.copy_(0.3 * torch.randn(block.mlp[-1].weight.shape, generator=g))
+    ckpt = save_checkpoint(case_checkpoint_state(net), root / "r18case.safetensors", name="resnet18", preprocess=pre,
+                           extra={"case_sites": [s.name for s in net.layout]})
+    bundle, _ = export_bundle("resnet18", root / "case", adapter="case", checkpoint=ckpt, img_size=SIZE, validate=False)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def counts(case_bundle):
+    return count_bundle(case_bundle)
+
+
+def test_case_counts_match_the_context_graph_and_the_mlp_formula(case_bundle, counts) -> None:
+    net = torch_model(case_bundle)
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    # the one-batch context graph does the query arithmetic per image plus every CaSE MLP once
+    assert count_macs(net.context_module(), x).total == counts.case.forward + counts.case.mlp
+    # each CaSE MLP is Linear(C,h) -> Linear(h,h) -> Linear(h,C) on one vector: 2Ch + h^2 MACs
+    assert counts.case.mlp == sum(2 * s.length * case_hidden(s.length) + case_hidden(s.length) ** 2 for s in net.layout)
+    assert counts.case.gamma == case_bundle.manifest.extra["gamma_size"]
+    assert counts.backbone == count_macs(net.backbone, x).total == counts.case.forward
+    assert measure_case(net, SIZE) == counts.case
+
+
+def test_tsa_and_bn_affine_counts_equal_the_training_helpers_hook_counts(case_bundle, counts) -> None:
+    backbone = torch_model(case_bundle).backbone
+    # fsdeploy.train.tsa counts with forward hooks on Conv2d/Linear; the cost model with aten dispatch
+    assert counts.tsa.forward + counts.tsa.backward == tsa_adapt_macs(backbone, SIZE, 1, steps=1)
+    assert counts.bn_affine.forward + counts.bn_affine.backward == bn_affine_adapt_macs(backbone, SIZE, 1, steps=1)
+    n = 7
+    rows = {r.method: r for r in bundle_costs(case_bundle, TaskShape(3, n), counts=counts).rows}
+    ncc = make_head("ncc")
+    loss = ncc.fit_macs(n, counts.dim, 3) + ncc.predict_macs(n, counts.dim, 3)
+    final = n * counts.tsa.forward + ncc.fit_macs(n, counts.dim, 3)
+    assert rows["tsa"].adapt_macs - 40 * 3 * loss - final == tsa_adapt_macs(backbone, SIZE, n, steps=40)
+
+
+def test_simpleshot_row_adds_cl2n_macs_and_the_support_mean(case_bundle, counts) -> None:
+    n, k, d = 10, 5, counts.dim
+    rows = {r.method: r for r in bundle_costs(case_bundle, TaskShape(k, n), counts=counts).rows}
+    assert rows["simpleshot"].adapt_macs - rows["ncc"].adapt_macs == n * d == transform_macs("cl2n", n, d)
+    assert rows["simpleshot"].params_adapted - rows["ncc"].params_adapted == d
+    assert rows["case-linear"].adapt_macs == n * counts.case.forward + counts.case.mlp + make_head("linear").fit_macs(n, d, k)
+    for key in ("linear", "linear-newton", "case-linear"):  # the head's share is the head's own exact count
+        assert rows[key].head_macs == make_head(rows[key].method.removeprefix("case-")).fit_macs(n, d, k)
+
+
+def test_numpy_linear_head_equals_the_pytorch_loop() -> None:
+    row = head_fit_ratio(12, 24, 3, repeats=1, seed=3)
+    assert row["max_abs_dweight"] <= 1e-5 and row["max_abs_dbias"] <= 1e-5
+    assert row["numpy_median_ms"] > 0 and row["torch_median_ms"] > 0
+
+
+def test_deployed_upper_case_agrees_with_pytorch_eager(case_bundle, tmp_path: Path) -> None:
+    support = glyph_folder(tmp_path / "support", classes="ABCD", per_class=4, size=40)
+    queries = glyph_folder(tmp_path / "queries", classes="ABCD", per_class=3, size=40, seed=5)
+    # batch 6 < 16 support images: the deployed side runs the chunked context scheme, the eager side one batch
+    task, _ = adapt_task(case_bundle, support, tmp_path / "task.npz", head="linear", batch=6, seed=2)
+    files = scan_image_folder(support)
+    graphs, transform = torch_graphs(case_bundle), timm_transform(case_bundle.manifest.preprocess)
+    ref = torch_adapt(graphs, list(files.paths), files.labels, transform, tmp_path / "task.pt", seed=2)
+    assert np.ptp(ref.gamma.numpy()) > 0.05  # CaSE does something here
+    np.testing.assert_allclose(task.task_state["gamma"], ref.gamma.numpy(), atol=1e-5)
+    head = task.model_state
+    np.testing.assert_allclose(head["head.weight_"], ref.head.weight.detach().numpy(), atol=1e-4)
+    paths = list_images([queries])
+    ours = [task.classes.index(p.labels[0]) for p in predict_images(case_bundle, task, paths)]
+    theirs = torch_predict(graphs, ref, paths, transform)
+    assert np.mean(np.asarray(ours) == theirs) == 1.0
+    # same preprocessing on both sides: fsdeploy's PIL/numpy path equals timm's torchvision transform
+    from fsdeploy.bench.reference import load_images_torch
+
+    np.testing.assert_allclose(load_checked(paths[:3], case_bundle.manifest.preprocess),
+                               load_images_torch(paths[:3], transform).numpy(), atol=1e-5)
+
+
+def test_interleaved_gives_every_callable_its_calls_in_rounds() -> None:
+    order: list[str] = []
+    stats = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                        warmup=1, iters=4, rounds=2, batch=3)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert stats["a"].n == stats["b"].n == 4 and stats["a"].batch == 3
+
+
+def test_run_child_reports_that_childs_peak_memory() -> None:
+    small = run_child([sys.executable, "-c", "pass"])
+    big = run_child([sys.executable, "-c", "import numpy as np; a = np.ones(40_000_000); print(a.sum())"])
+    assert small.returncode == big.returncode == 0 and "40000000" in big.output
+    # 40 M float64 = 305 MiB resident at once; the interpreter alone is far below that
+    assert big.max_rss_mib - small.max_rss_mib >= 290
+    assert small.max_rss_mib < 200

@@ -1,0 +1,101 @@
+"""`fsdeploy pretrain`: a few CPU steps on a tiny glyph slice, a checkpoint that loads as a backbone, exact resume."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fsdeploy.backbones import create_backbone, read_checkpoint
+from fsdeploy.data.glyphs import generate_glyphs, load_splits
+from fsdeploy.errors import InvalidInput
+from fsdeploy.train.pretrain import PretrainConfig, pretrain, resume_path
+from tests.test_glyphs import make_font_subset
+
+MODEL = "resnet18"  # the fastest timm CNN on CPU; efficientnet_b0 takes the same code path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    fonts = make_font_subset(tmp_path_factory.mktemp("fonts"))
+    out = tmp_path_factory.mktemp("glyphs") / "c"
+    generate_glyphs(out, size=32, seed=0, min_instances=6, max_instances=6, classes=12, font_dirs=[fonts])
+    return out  # 4 base classes x 6 typefaces
+
+
+def _config(corpus: Path, out: Path, **kw: object) -> PretrainConfig:
+    base = PretrainConfig(MODEL, corpus, out, img_size=32, epochs=2, batch_size=8, lr=1e-3, device="cpu", fp16=False)
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted two-epoch run through the CLI."""
+    from fsdeploy.cli import app
+
+    out = tmp_path_factory.mktemp("ckpt") / "backbone.safetensors"
+    args = ["pretrain", MODEL, "--data", str(corpus), "--out", str(out), "--img-size", "32", "--epochs", "2",
+            "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--no-fp16"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "held-out" in result.output and "wrote" in result.output
+    return out
+
+
+def test_checkpoint_loads_as_a_backbone_with_its_preprocessing(trained: Path, corpus: Path) -> None:
+    model, pre = create_backbone(MODEL, checkpoint=trained)
+    assert pre.input_size == (3, 32, 32) and pre.crop_pct == 1.0 and pre.interpolation == "bilinear"
+    state, meta = read_checkpoint(trained)
+    assert not any(k.startswith("fc.") for k in state)  # the temporary head is gone
+    assert meta["classes"] == len(load_splits(corpus).base) == 4
+    assert 0.0 <= meta["heldout_accuracy"] <= 1.0
+    assert meta["corpus_images_sha256"] == load_splits(corpus).meta["images_sha256"]
+    assert "pretrain resnet18" in meta["train_command"]
+    with torch.random.fork_rng():  # pretrain's own initialisation: seed 0, same constructor
+        torch.manual_seed(0)
+        init, _ = create_backbone(MODEL, img_size=32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained_feats, init_feats = model(x), init(x)
+    assert trained_feats.shape == (2, 512)
+    assert not torch.allclose(trained_feats, init_feats, atol=1e-3)  # training moved the features
+    moved = [k for k, v in init.state_dict().items() if v.is_floating_point() and not torch.equal(v, model.state_dict()[k])]
+    assert "conv1.weight" in moved and "layer4.1.conv2.weight" in moved
+
+
+def test_interrupted_run_resumes_to_the_same_weights(trained: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b.safetensors"
+
+    def crash_after_first_epoch(stats: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_config(corpus, out), on_epoch=crash_after_first_epoch)
+    assert resume_path(out).is_file() and not out.exists()
+    result = pretrain(_config(corpus, out, resume=True))
+    assert result.resumed_from_epoch == 1 and [s.epoch for s in result.history] == [1, 2]
+    assert not resume_path(out).exists()
+    resumed, _ = read_checkpoint(out)
+    straight, _ = read_checkpoint(trained)
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_resume_refuses_state_from_other_settings(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.safetensors"
+
+    def stop(stats: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_config(corpus, out, epochs=1), on_epoch=stop)
+    with pytest.raises(InvalidInput, match="other settings"):
+        pretrain(_config(corpus, out, epochs=1, lr=5e-3, resume=True))
+
+
+def test_rejects_a_folder_without_split_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="splits.json not found"):
+        pretrain(_config(tmp_path, tmp_path / "x.safetensors"))
