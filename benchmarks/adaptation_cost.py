@@ -26,7 +26,6 @@ from pathlib import Path
 from rich.console import Console
 
 from fsdeploy.bench.accuracy import evaluate
-from fsdeploy.bench.finetune_accuracy import finetune_accuracy
 from fsdeploy.bench.cost_inputs import (
     CostTable,
     bundle_costs,
@@ -36,7 +35,9 @@ from fsdeploy.bench.cost_inputs import (
     transform_params,
 )
 from fsdeploy.bench.costs import TASK_PRESETS, TaskShape, adaptation_costs
-from fsdeploy.bench.methods import DEFAULT_HEADS, accuracy_methods, join_accuracy
+from fsdeploy.bench.finetune_accuracy import finetune_accuracy
+from fsdeploy.bench.methods import DEFAULT_HEADS, accuracy_methods, join_accuracy, method_label
+from fsdeploy.bench.perf_measures import threads_for as torch_threads
 from fsdeploy.bench.render import accuracy_table, cost_table, plot_accuracy_vs_macs, write_rows
 from fsdeploy.bench.workspace import pick_weights, prepare_bundle, split_classes
 from fsdeploy.data.folders import scan_image_folder
@@ -89,8 +90,10 @@ def main() -> None:
             acc += evaluate(case, data, accuracy_methods(DEFAULT_HEADS["case"], "case"), label=f"{model}+CaSE", **common)
             if args.finetune_episodes:
                 methods = ["bn-affine"] + (["tsa"] if plain.manifest.family == "resnet" else [])
-                acc += [finetune_accuracy(plain, data, m, label=model, ways=args.ways, shots=k, queries=args.queries,
-                                          episodes=args.finetune_episodes, seed=k) for m in methods]
+                with torch_threads(args.threads or 1):  # see fsdeploy.bench.perf_measures on threads
+                    acc += [finetune_accuracy(plain, data, m, label=model, name=method_label(m, "none"), ways=args.ways,
+                                              shots=k, queries=args.queries, episodes=args.finetune_episodes, seed=k)
+                            for m in methods]
         acc_rows = [r.to_dict() for r in acc]
         console.print(accuracy_table(acc_rows, title=f"{model}: {args.ways}-way accuracy on {len(data.classes)} "
                                                       f"{args.split} classes ({args.episodes} episodes)"))

@@ -40,11 +40,11 @@ class DemoResult:
 
 
 def ensure_corpus(folder: Path, say: Callable[[str], None]) -> Path:
-    """Generate the glyph corpus (default settings, the ones the shipped backbone was trained with) once."""
+    """Render the novel classes of the glyph corpus once (default settings: the split the shipped backbone was trained with)."""
     if (folder / "splits.json").is_file():
         return folder
-    say(f"rendering the glyph corpus into {folder} (once)")
-    generate_glyphs(folder)
+    say(f"rendering the novel classes of the glyph corpus into {folder} (once)")
+    generate_glyphs(folder, only_splits=("novel",))
     return folder
 
 

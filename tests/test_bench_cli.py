@@ -95,6 +95,14 @@ def test_accuracy_rows_equal_the_library_and_feed_the_macs_plot(work, bundle, co
     assert not list(work.glob("*.tmp*")) and not list(work.glob(".*costs*"))
 
 
+def test_accuracy_with_variable_ways_and_shots(work, bundle) -> None:
+    code, out = invoke("accuracy", str(bundle.path), "--data", str(work / "glyphs"), "--variable", "--episodes", "2",
+                       "--heads", "ncc", "--out", str(work / "var.csv"))
+    assert code == 0, out
+    (row,) = read_rows(work / "var.csv")
+    assert row["ways"] == "var" and row["shots"] == "var" and row["episodes"] == 2 and 0 <= row["accuracy"] <= 100
+
+
 def test_finetune_accuracy_draws_the_episodes_evaluate_draws(work, bundle) -> None:
     from fsdeploy.bench.accuracy import Method
     from fsdeploy.bench.finetune_accuracy import finetune_accuracy

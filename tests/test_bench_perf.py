@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from fsdeploy.backbones import save_checkpoint
 from fsdeploy.bench.cost_inputs import bundle_costs, count_bundle, measure_case, torch_model, transform_macs
 from fsdeploy.bench.costs import TaskShape
 from fsdeploy.bench.macs import count_macs
@@ -21,10 +22,9 @@ from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
 from fsdeploy.data.folders import list_images, scan_image_folder
 from fsdeploy.data.images import load_checked
 from fsdeploy.exporters.export import export_bundle
+from fsdeploy.exporters.graphs import BuildRequest
 from fsdeploy.exporters.rebuild import torch_graphs
 from fsdeploy.heads import make_head
-from fsdeploy.backbones import save_checkpoint
-from fsdeploy.exporters.graphs import BuildRequest
 from fsdeploy.modules.case import case_hidden
 from fsdeploy.modules.case_export import build_casenet, case_checkpoint_state
 from fsdeploy.task import adapt_task, predict_images
@@ -134,3 +134,18 @@ def test_run_child_reports_that_childs_peak_memory() -> None:
     # 40 M float64 = 305 MiB resident at once; the interpreter alone is far below that
     assert big.max_rss_mib - small.max_rss_mib >= 290
     assert small.max_rss_mib < 200
+
+
+def test_photo_folders_hold_real_jpeg_crops_and_are_made_once(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from fsdeploy.bench.workspace import photo_folder
+
+    folder = photo_folder(tmp_path, "photos", classes=4, per_class=2, seed=1)
+    files = scan_image_folder(folder)
+    assert files.classes == ("class_000", "class_001", "class_002", "class_003") and len(files) == 8
+    with Image.open(files.paths[0]) as img:
+        assert img.format == "JPEG" and img.size == (320, 320)
+    stamp = files.paths[0].stat().st_mtime_ns
+    assert photo_folder(tmp_path, "photos", classes=4, per_class=2, seed=1) == folder
+    assert files.paths[0].stat().st_mtime_ns == stamp  # reused, not rewritten

@@ -100,6 +100,20 @@ def test_head_matches_a_hand_written_adam_loop() -> None:
     torch.testing.assert_close(bias.double(), theta[:, 6], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [9, 40])  # fewer rows than a batch (count-weighted steps) and more
+def test_head_matches_the_numpy_linear_head(n: int) -> None:
+    from fsdeploy.heads.linear import LinearHead
+
+    g = torch.Generator().manual_seed(n)
+    feats, labels = torch.randn(n, 12, generator=g), torch.arange(n) % 4
+    recipe = HeadRecipe(iters=50, batch=16)
+    weight, bias = fit_head_torch(feats, labels, 4, np.random.default_rng(3), recipe)
+    ref = LinearHead(iters=50, batch=16).fit(feats.numpy(), labels.numpy(), np.random.default_rng(3))
+    np.testing.assert_allclose(weight.numpy(), ref.weight_, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(bias.numpy(), ref.bias_, rtol=0, atol=1e-6)
+    assert np.abs(ref.weight_).max() > 1e-3
+
+
 def test_bad_options_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="must end in .safetensors"):
         metatrain("resnet18", tmp_path, tmp_path / "case.pt")

@@ -144,3 +144,15 @@ def test_installed_fonts_give_a_thousand_classes_of_ten_typefaces() -> None:
     assert len(plan) >= 1000
     assert min(len(c.typefaces) for c in plan) >= 10
     assert {c.split for c in plan} == set(SPLITS)
+
+
+def test_only_splits_renders_a_subset_with_identical_files(corpus: Path, fonts: Path, tmp_path: Path) -> None:
+    part = tmp_path / "novel_only"
+    generate_glyphs(part, size=32, seed=0, min_instances=6, max_instances=8, classes=18, font_dirs=[fonts], only_splits=("novel",))
+    splits = load_splits(part)
+    assert splits.novel == load_splits(corpus).novel and splits.novel
+    rendered = sorted(p.name for p in part.iterdir() if p.is_dir())
+    assert rendered == sorted(splits.novel)
+    for name in rendered:
+        for png in (part / name).iterdir():
+            assert png.read_bytes() == (corpus / name / png.name).read_bytes()

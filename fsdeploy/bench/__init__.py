@@ -1,7 +1,10 @@
-"""Benchmarks: count MACs (macs.py), cost each adaptation method (costs.py), time engines (latency.py),
-summarise accuracy (stats.py) and render tables, CSV/JSON and plots (render.py).
+"""Benchmarks: count MACs (macs.py), cost each adaptation method (costs.py) from counts on a bundle's own
+modules (cost_inputs.py), time engines (latency.py, measure.py), measure accuracy (accuracy.py,
+finetune_accuracy.py, stats.py), compare with plain PyTorch (reference.py, perf_measures.py, perf.py:
+issue #8's targets) and render tables, CSV/JSON and plots (render.py). methods.py names each method once
+across them; workspace.py makes the bundles, images and corpora a benchmark needs, once.
 
-macs.py and costs.py import torch, so they are not imported here: `import fsdeploy.bench` stays light.
+Modules that import torch are not imported here: `import fsdeploy.bench` stays light.
 """
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def measure_tsa(backbone: nn.Module, image_size: int) -> TrainedGraph | None:
         adapted = with_adapters(backbone)
     except UnknownName:
         return None
-    dim = int(getattr(backbone, "num_features"))
+    dim = int(backbone.num_features)
     net = nn.Sequential(adapted, alignment_map(dim))  # parameter names: "0.<backbone>...", "1.weight" (β)
     x = torch.zeros(1, 3, image_size, image_size)
     return measure_trained(net, x, lambda name: name.endswith(".alpha.weight") or name == "1.weight")

@@ -52,6 +52,7 @@ def finetune_accuracy(
     method: str,
     *,
     label: str,
+    name: str | None = None,
     ways: int = 5,
     shots: int = 5,
     queries: int = 15,
@@ -61,6 +62,9 @@ def finetune_accuracy(
     progress: Callable[[int], None] | None = None,
 ) -> AccuracyRow:
     """Mean accuracy ± 95% CI of fine-tuning `method` ('tsa' or 'bn-affine') over seeded episodes.
+
+    Args:
+        label: the row's `bundle` text; name: its `method` text (default the key, e.g. a cost-table label).
 
     Raises:
         UnknownName: another method.
@@ -92,6 +96,6 @@ def finetune_accuracy(
         if progress:
             progress(1)
     mean, half = mean_ci95(acc)
-    return AccuracyRow(bundle=label, method=method, ways=ways, shots=shots, episodes=episodes, accuracy=mean, ci95=half,
+    return AccuracyRow(bundle=label, method=name or method, ways=ways, shots=shots, episodes=episodes, accuracy=mean, ci95=half,
                        features_ms=float(np.median(feat_ms)), fit_ms=float(np.median(fit_ms)),
                        query_ms_per_image=float(np.median(feat_ms)) / max(1, len(ep.query)))

@@ -147,7 +147,7 @@ def path_latency(
         for batch in batches:
             files = _cycle(images, batch)
             arrays = load_checked(files, pre)
-            fns = {b: (lambda p=p, s=states[b]: p.query(arrays, s)) for b, p in paths.items()}
+            fns = {b: (lambda p=p, s=states[b], x=arrays: p.query(x, s)) for b, p in paths.items()}
             fns["preprocess"] = lambda files=files: load_checked(files, pre)
             stats = interleaved(fns, warmup=warmup, iters=iters, budget_s=budget_s, rounds=rounds, batch=batch)
             out += [PathLatency(b, stats[b], stats["preprocess"]) for b in backends]

@@ -101,7 +101,7 @@ class TargetResult:
     claim: str
     measured: str
     ratio: float | None
-    status: str  # met | NOT met | partial: ... | not run: ...
+    status: str  # met | NOT met | partial: <why> (<status on what ran>)
 
 
 @dataclass

@@ -76,12 +76,12 @@ def pick_threads(bundle: Any, images: np.ndarray, most: int, *, calls: int = 3) 
         path = feature_path(bundle, "ort", EngineOptions(threads=n))
         try:
             state = path.support([images])[1]
-            ort_ms[n] = _median_ms(lambda: path.query(images, state), calls)
+            ort_ms[n] = _median_ms(lambda p=path, s=state: p.query(images, s), calls)
         finally:
             path.close()
         gamma = torch.from_numpy(state["gamma"]) if "gamma" in state else None
         with threads_for(n):
-            torch_ms[n] = _median_ms(lambda: torch_features(graphs, x, gamma), calls)
+            torch_ms[n] = _median_ms(lambda g=gamma: torch_features(graphs, x, g), calls)
     return {"ort": min(ort_ms, key=ort_ms.get), "torch": min(torch_ms, key=torch_ms.get)}  # type: ignore[arg-type]
 
 

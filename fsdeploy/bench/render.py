@@ -289,20 +289,30 @@ def merge_rows(left: Iterable[Any], right: Iterable[Any], on: Sequence[str] = ("
 # ---- plots
 
 
-def _label_offsets(pts: list[dict[str, Any]], every: list[dict[str, Any]]) -> list[float]:
-    """Vertical label offsets (points) that stack the labels of points lying almost on top of each other.
+def _ci(row: dict[str, Any]) -> float:
+    ci = row.get("ci95")
+    return 0.0 if ci is None or math.isnan(ci) else float(ci)
 
-    Head methods differ by far less than the backbone's MACs, so their points coincide on a log axis; two
-    points share a spot when they are within 2% of a decade in x and 2% of the accuracy range in y.
+
+def _label_offsets(pts: list[dict[str, Any]], every: list[dict[str, Any]]) -> list[float]:
+    """Vertical label offsets (points) that move a label down until it clears the labels placed before it.
+
+    Head methods differ by far less than the backbone's MACs, so their points nearly coincide on a log axis.
+    Labels collide when their points are within 0.15 decade in x and their texts within 9 points in y (the
+    axes are about 280 points tall for the accuracy range).
     """
-    ys = [r["accuracy"] for r in every]
-    y_span = max(max(ys) - min(ys), 1.0)
-    spots: dict[tuple[int, int], int] = {}
+    lows = [r["accuracy"] - _ci(r) for r in every]
+    highs = [r["accuracy"] + _ci(r) for r in every]
+    per_unit = 280.0 / max(max(highs) - min(lows), 1.0)  # the y axis spans the error bars
+    placed: list[tuple[float, float]] = []  # (log10 x, label y in points)
     out = []
     for r in pts:
-        key = (round(math.log10(r["adapt_macs"]) / 0.02), round(r["accuracy"] / (0.02 * y_span)))
-        out.append(-9.0 * spots.get(key, 0))
-        spots[key] = spots.get(key, 0) + 1
+        x, y = math.log10(r["adapt_macs"]), r["accuracy"] * per_unit
+        dy = 0.0
+        while any(abs(x - px) < 0.15 and abs(y + dy - py) < 9.0 for px, py in placed):
+            dy -= 9.0
+        placed.append((x, y + dy))
+        out.append(dy)
     return out
 
 
@@ -329,7 +339,7 @@ def plot_accuracy_vs_macs(rows: Iterable[Any], path: str | Path, *, title: str =
     markers = "osD^vP*X"
     for i, setting in enumerate(settings):
         pts = [r for r in dicts if str(r.get("setting", "")) == setting]
-        ci = [0.0 if r.get("ci95") is None or math.isnan(r["ci95"]) else r["ci95"] for r in pts]
+        ci = [_ci(r) for r in pts]
         ax.errorbar([r["adapt_macs"] for r in pts], [r["accuracy"] for r in pts], yerr=ci, fmt=markers[i % len(markers)],
                     capsize=3, markersize=6, label=setting or None)
         for r, dy in zip(pts, _label_offsets(pts, dicts)):

@@ -53,18 +53,29 @@ def unit_scale_checkpoint(model: str, img_size: int, path: str | Path, *, seed: 
 
 
 def pick_weights(model: str, workdir: Path, img_size: int, checkpoint: Path | None = None) -> Weights:
-    """`checkpoint` if given, else the shipped checkpoint when it is for `model`, else a unit-scale stand-in."""
+    """`checkpoint` if given, else the shipped checkpoint when it is for `model` at this input size, else a
+    unit-scale random-init stand-in.
+
+    The shipped checkpoint is trained on 32 px glyphs; run at 224 px its activations leave the range its
+    BatchNorm statistics describe, so timing and agreement runs at other sizes use the stand-in (speed does
+    not depend on the weights' values).
+    """
     if checkpoint is not None:
         return Weights(Path(checkpoint), f"{Path(checkpoint).name}")
-    from fsdeploy.weights import DEFAULT_MODEL, default_checkpoint
+    from fsdeploy.weights import DEFAULT_IMG_SIZE, DEFAULT_MODEL, default_checkpoint
 
+    why = "no pretrained weights available"
     if model == DEFAULT_MODEL:
         try:
-            return Weights(default_checkpoint(), "shipped glyph-pretrained checkpoint")
+            shipped = default_checkpoint()
         except InvalidInput:
             pass
+        else:
+            if img_size == DEFAULT_IMG_SIZE:
+                return Weights(shipped, "shipped glyph-pretrained checkpoint")
+            why = f"the shipped checkpoint is trained at {DEFAULT_IMG_SIZE} px"
     path = unit_scale_checkpoint(model, img_size, workdir / f"{model}-random-init.safetensors")
-    return Weights(path, "random init (unit-scale norm statistics; no pretrained weights available)")
+    return Weights(path, f"random init (unit-scale norm statistics; {why})")
 
 
 def prepare_bundle(

@@ -46,7 +46,11 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the rows to this .csv or .json file.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for the engines (default: ONNX Runtime's choice).")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(help="CPU threads per engine, every backend alike (default: the backend's choice). On a busy shared "
+                      "machine 1 avoids threads spinning at barriers, which slows PyTorch most."),
+]
 
 
 @bench.command("macs")

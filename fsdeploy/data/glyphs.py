@@ -257,7 +257,7 @@ def plan_classes(
                 per_script[scripts[cp].name].add(cp)
     candidates: dict[int, list[int]] = defaultdict(list)
     for t, face in enumerate(typefaces):
-        for name, cps in per_script.items():
+        for cps in per_script.values():
             # Fonts for one script often bundle copies of ASCII digits or basic Latin: those are not designs.
             if len(face.codepoints & cps) >= MIN_SCRIPT_COVERAGE * len(cps):
                 for cp in face.codepoints & cps:
@@ -366,6 +366,7 @@ def generate_glyphs(
     styles_per_family: int = 2,
     font_dirs: Sequence[str | Path] = DEFAULT_FONT_DIRS,
     overwrite: bool = False,
+    only_splits: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> GlyphCorpus:
     """Render the corpus to `out/<U+XXXX_script>/<typeface>.png` plus `out/splits.json`, atomically.
@@ -381,10 +382,10 @@ def generate_glyphs(
     if min_instances < 1 or (max_instances is not None and max_instances < min_instances):
         raise InvalidInput(f"need 1 <= min_instances <= max_instances; got {min_instances} and {max_instances}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (overwrite and (out / "splits.json").is_file()):
-            what = "a glyph corpus; pass --overwrite to replace it" if (out / "splits.json").is_file() else "not empty"
-            raise InvalidInput(f"{out} exists and is {what} (or choose a new --out folder)")
+    is_corpus = (out / "splits.json").is_file()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (overwrite and is_corpus):
+        what = "a glyph corpus; pass --overwrite to replace it" if is_corpus else "not empty"
+        raise InvalidInput(f"{out} exists and is {what} (or choose a new --out folder)")
     faces = find_typefaces(font_dirs, styles_per_family=styles_per_family)
     plan = plan_classes(faces, min_instances=min_instances, max_instances=max_instances, classes=classes, progress=progress)
     if not plan:
@@ -392,12 +393,14 @@ def generate_glyphs(
             f"no character is drawn by {min_instances} distinct typefaces; lower --min-instances or install "
             f"more fonts (apt-get install {' '.join(FONT_PACKAGES)})"
         )
-    total = sum(len(c.typefaces) for c in plan)
+    # `only_splits` renders a subset (e.g. the demo needs only novel classes); splits.json still lists every class
+    rendered = [c for c in plan if only_splits is None or c.split in only_splits]
+    total = sum(len(c.typefaces) for c in rendered)
     fonts = _Fonts()
     digest = hashlib.sha256()
     done = 0
     with atomic_dir(out) as tmp:
-        for cls in plan:
+        for cls in rendered:
             (tmp / cls.folder).mkdir()
             for face in cls.typefaces:
                 buf = io.BytesIO()
@@ -416,6 +419,7 @@ def generate_glyphs(
             "max_instances": max_instances,
             "classes": classes,
             "styles_per_family": styles_per_family,
+            "rendered_splits": list(only_splits) if only_splits is not None else list(SPLITS),
             "jitter": {"rotation_deg": MAX_ROTATION_DEG, "scale": list(SCALE_RANGE), "shift": MAX_SHIFT, "stroke": "3x3 min/max at 2x"},
             "polarity": "black glyph on white, 8-bit grayscale PNG",
             "pillow": PIL_VERSION,
@@ -434,7 +438,7 @@ def generate_glyphs(
         }
         split_file["meta"] = meta
         (tmp / "splits.json").write_text(json.dumps(split_file, indent=1, sort_keys=True), encoding="utf-8")
-    counts = [len(c.typefaces) for c in plan]
+    counts = [len(c.typefaces) for c in rendered]
     per_script: dict[str, int] = defaultdict(int)
     for c in plan:
         per_script[c.script] += 1

@@ -62,23 +62,40 @@ class HeadRecipe:
 def fit_head_torch(
     feats: torch.Tensor, labels: torch.Tensor, ways: int, rng: np.random.Generator, recipe: HeadRecipe = HeadRecipe()
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit the zero-init linear head on fixed features `(N, D)`; returns weight `(ways, D)` and bias `(ways,)`."""
-    feats = feats.detach()
-    weight = torch.zeros(ways, feats.shape[1], device=feats.device, requires_grad=True)
-    bias = torch.zeros(ways, device=feats.device, requires_grad=True)
-    opt = torch.optim.Adam([weight, bias], lr=recipe.lr_start, betas=(0.9, 0.999), eps=1e-8, weight_decay=recipe.weight_decay)
-    rows = torch.from_numpy(rng.integers(0, feats.shape[0], size=(recipe.iters, recipe.batch))).to(feats.device)
+    """Fit the zero-init linear head on fixed features `(N, D)`; returns weight `(ways, D)` and bias `(ways,)`.
+
+    The same steps as `torch.optim.Adam` (L2 weight decay on weight and bias) on the mean cross-entropy of
+    each drawn batch, written out without autograd: the softmax-CE gradient is closed-form, and when the
+    context set is smaller than a batch each step runs on the N distinct rows weighted by how often they
+    were drawn, which is the same gradient. Rows are drawn as `rng.integers(0, N, (iters, batch))`, the
+    draw fsdeploy's numpy `LinearHead` makes, so both fit the same head from the same generator state.
+    """
+    x = torch.cat([feats.detach(), torch.ones(feats.shape[0], 1, device=feats.device, dtype=feats.dtype)], 1)
+    n, k = x.shape[0], int(ways)
+    onehot = F.one_hot(labels, k).to(x.dtype)
+    rows = torch.from_numpy(rng.integers(0, n, size=(recipe.iters, recipe.batch))).to(x.device)
+    weighted = n < recipe.batch
+    if weighted:  # (iters, N) share of each distinct row in each batch
+        share = torch.zeros(recipe.iters, n, device=x.device, dtype=x.dtype)
+        share.scatter_add_(1, rows, torch.full(rows.shape, 1.0 / recipe.batch, device=x.device, dtype=x.dtype))
+    theta = torch.zeros(k, x.shape[1], device=x.device, dtype=x.dtype)  # [weight | bias]
+    m, v = torch.zeros_like(theta), torch.zeros_like(theta)
+    b1, b2, eps = 0.9, 0.999, 1e-8
     lrs = np.linspace(recipe.lr_start, recipe.lr_end, recipe.iters)
-    with torch.enable_grad():
+    with torch.no_grad():
         for t in range(recipe.iters):
-            for group in opt.param_groups:
-                group["lr"] = float(lrs[t])
-            idx = rows[t]
-            loss = F.cross_entropy(feats[idx] @ weight.T + bias, labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return weight.detach(), bias.detach()
+            if weighted:
+                xb, yb, wb = x, onehot, share[t].unsqueeze(1)
+            else:
+                xb, yb = x[rows[t]], onehot[rows[t]]
+                wb = torch.full((recipe.batch, 1), 1.0 / recipe.batch, device=x.device, dtype=x.dtype)
+            err = (torch.softmax(xb @ theta.T, 1) - yb) * wb
+            grad = err.T @ xb + recipe.weight_decay * theta
+            m.mul_(b1).add_(grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            step = float(lrs[t]) / (1 - b1 ** (t + 1))
+            theta.addcdiv_(m, (v / (1 - b2 ** (t + 1))).sqrt_().add_(eps), value=-step)
+    return theta[:, :-1].contiguous(), theta[:, -1].contiguous()
 
 
 def episode_classes(data_dir: Path, split: str | None) -> list[str] | None:
