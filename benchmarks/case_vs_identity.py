@@ -33,7 +33,7 @@ from fsdeploy.exporters.graphs import BuildRequest
 from fsdeploy.heads import make_head
 from fsdeploy.modules.case_export import build_casenet
 from fsdeploy.modules.casenet import CaseNet
-from fsdeploy.train.metatrain import HeadRecipe, episode_classes, metatrain
+from fsdeploy.train.metatrain import HeadRecipe, TaskStats, episode_classes, metatrain
 from fsdeploy.weights import DEFAULT_MODEL, default_checkpoint
 
 
@@ -79,9 +79,20 @@ def main() -> None:
     case_ckpt = args.case
     if case_ckpt is None:
         t0 = time.perf_counter()
+        window: list[TaskStats] = []
+
+        def report(stats: TaskStats) -> None:
+            window.append(stats)
+            if stats.task % 50 == 0 or stats.task == stats.tasks:
+                loss = sum(s.loss for s in window) / len(window)
+                acc = sum(s.target_acc for s in window) / len(window)
+                console.print(f"task {stats.task}/{stats.tasks}: loss {loss:.3f}, target acc {100 * acc:.1f}% "
+                              f"(mean of the last {len(window)}), {time.perf_counter() - t0:.0f} s")
+                window.clear()
+
         case_ckpt = metatrain(
             args.model, args.data, args.case_out, checkpoint=backbone_ckpt, split=args.train_split, tasks=args.tasks,
-            ways=args.ways, shots=5, queries=10, head=HeadRecipe(), seed=args.seed, device="cpu",
+            ways=args.ways, shots=5, queries=10, head=HeadRecipe(), seed=args.seed, device="cpu", progress=report,
         )
         console.print(f"meta-trained {args.tasks} tasks on {args.train_split} classes in {time.perf_counter() - t0:.0f} s -> {case_ckpt}")
 

@@ -39,7 +39,7 @@ def invoke(*args: str) -> tuple[int, str]:
 def work(tmp_path_factory):
     """A perf work folder holding the resnet18 stand-in weights and its bundle, where `bench perf` reuses them."""
     root = tmp_path_factory.mktemp("bench_cli")
-    ckpt = make_checkpoint("resnet18", root / "resnet18-random-init.safetensors", img_size=32)
+    ckpt = make_checkpoint("resnet18", root / "resnet18-random-init-32px.safetensors", img_size=32)
     export_bundle("resnet18", root / "resnet18-none-32px", checkpoint=ckpt, img_size=32, validate=False)
     glyph_folder(root / "glyphs", classes="ABCDEF", per_class=10, size=40)
     glyph_folder(root / "support", classes="ABC", per_class=3, size=40, seed=3)

@@ -74,7 +74,7 @@ def pick_weights(model: str, workdir: Path, img_size: int, checkpoint: Path | No
             if img_size == DEFAULT_IMG_SIZE:
                 return Weights(shipped, "shipped glyph-pretrained checkpoint")
             why = f"the shipped checkpoint is trained at {DEFAULT_IMG_SIZE} px"
-    path = unit_scale_checkpoint(model, img_size, workdir / f"{model}-random-init.safetensors")
+    path = unit_scale_checkpoint(model, img_size, workdir / f"{model}-random-init-{img_size}px.safetensors")
     return Weights(path, f"random init (unit-scale norm statistics; {why})")
 
 

@@ -154,8 +154,9 @@ def accuracy(
             rows += evaluate(b, files, methods, ways=ways, shots=max(k, 1), queries=queries, episodes=episodes,
                              seed=seed + k, variable=variable, backend=backend, options=EngineOptions(threads=threads),
                              progress=lambda n, task=task: bar.advance(task, n))
+    which = split if (data / "splits.json").is_file() and split != "all" else "all classes"
     console.print(accuracy_table([r.to_dict() for r in rows],
-                                 title=f"accuracy (%, mean ± 95% CI) on {len(files.classes)} classes of {data} ({split})"))
+                                 title=f"accuracy (%, mean ± 95% CI) on {len(files.classes)} classes of {data} ({which})"))
     if out is not None:
         write_rows(out, [r.to_dict() for r in rows])
         console.print(f"wrote {len(rows)} rows to {out}")

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         table.add_column("method")
         for s in k:
             table.add_column(f"{s}-shot")
-        table.add_column(f"adapt ms ({k[-1]}-shot: features + fit)", justify="right")
+        table.add_column(f"adapt ms, {k[-1]}-shot (features+fit)", justify="right")
         table.add_column("query ms/img", justify="right")
         methods = list(dict.fromkeys((r.bundle, r.method) for r in result.rows))
         for b, m in methods:

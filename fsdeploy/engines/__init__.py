@@ -22,6 +22,7 @@ class EngineOptions:
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers
     precision: str = "fp32"  # which TensorRT engine to pick
     device: str | None = None  # torch device
+    spinning: bool = False  # ONNX Runtime workers busy-wait between runs (see OrtOptions)
 
 
 Opener = Callable[[Any, str, EngineOptions], Engine]
@@ -44,7 +45,7 @@ def register_engine(name: str) -> Callable[[Opener], Opener]:
 def _open_ort(bundle: Any, graph: str, options: EngineOptions) -> Engine:
     from fsdeploy.engines.ort import OrtEngine, OrtOptions
 
-    return OrtEngine(bundle.graph_path(graph), OrtOptions(providers=options.providers, threads=options.threads))
+    return OrtEngine(bundle.graph_path(graph), OrtOptions(providers=options.providers, threads=options.threads, spinning=options.spinning))
 
 
 @register_engine("torch")

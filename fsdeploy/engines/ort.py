@@ -28,6 +28,9 @@ class OrtOptions:
     providers: tuple[str, ...] | None = None
     threads: int | None = None
     graph_opt: str = "all"  # disable | basic | extended | all
+    # ORT's workers busy-wait between runs by default: lowest latency on an idle machine, but on a 2-core
+    # device they steal the cores the numpy head fit and preprocessing need between engine calls.
+    spinning: bool = False
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -54,6 +57,9 @@ class OrtEngine(Engine):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        if not options.spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.providers = options.providers or default_providers()
         model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
         self.session = ort.InferenceSession(model, sess_options=so, providers=list(self.providers))

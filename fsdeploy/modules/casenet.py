@@ -21,12 +21,13 @@ Weights live once, in `backbone` and `cases`; the graph modules reference the sa
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import fx, nn
 
+from fsdeploy.errors import InvalidInput
 from fsdeploy.modules.case import CaseBlock, apply_gamma, spatial_mean
 from fsdeploy.modules.placement import case_sites, placement_for
 
@@ -94,7 +95,10 @@ class CaseNet(nn.Module):
         calls = [n for n in graph.nodes if n.op == "call_module" and n.target in set(sites)]
         repeated = sorted({str(n.target) for n in calls if sum(c.target == n.target for c in calls) > 1})
         if repeated or len(calls) != len(sites):
-            raise ValueError(f"CaSE sites must each run exactly once per forward; check {repeated or sites}")
+            raise InvalidInput(
+                f"CaSE sites must each run exactly once per forward, but {repeated or sites} do not in this "
+                f"{type(backbone).__name__}; its family rule ({family}) does not fit it"
+            )
         order = [str(n.target) for n in calls]  # execution order
         channels = _site_channels(backbone, order, probe_size)
         self.cases = nn.ModuleList(CaseBlock(c) for c in channels)
@@ -137,10 +141,10 @@ class CaseNet(nn.Module):
             self._stages = _split_stages(self)
         return self._stages
 
-    def _cached(self, key: str, build: object) -> fx.GraphModule:
+    def _cached(self, key: str, build: Callable[[], fx.GraphModule]) -> fx.GraphModule:
         # graph modules hold references to this module's leaves (no copies), so caching them is safe
         if key not in self._built:
-            self._built[key] = build()  # type: ignore[operator]
+            self._built[key] = build()
         return self._built[key]
 
     def _rewrite(self, *, context: bool) -> tuple[fx.GraphModule, list[fx.Node], fx.Node | None]:
@@ -254,7 +258,7 @@ def _split_stages(net: CaseNet) -> list[Stage]:
         else:
             outputs = ("features",)
         if any(n.op == "placeholder" and n.target == "gamma" and not n.users for n in g.nodes):
-            raise ValueError(f"stage {k} does not read gamma; the cut points are inconsistent")
+            raise InvalidInput(f"CaSE stage {k} does not read gamma; the cut points are inconsistent for this model")
         stages.append(Stage(fx.GraphModule(net, g, class_name=f"CaseStage{k:02d}"), inputs, outputs))
     return stages
 

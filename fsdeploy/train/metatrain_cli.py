@@ -32,9 +32,7 @@ def register_metatrain(app: typer.Typer) -> None:
     ) -> None:
         """Meta-train the CaSE blocks (UpperCaSE) of a frozen backbone; the backbone itself never changes.
 
-        Each task fits a fresh linear head on the context images' features, then trains only the CaSE
-        blocks so that the head classifies context and target images well. Use the result with
-        `fsdeploy export MODEL --adapter case --checkpoint OUT`.
+        Each task fits a fresh zero-init linear head on the context images' features (500 Adam steps), then trains only the CaSE blocks so that this head classifies context and target images well; Adam steps every 16 tasks with the learning rate decaying linearly from --lr to --lr-end. BatchNorm stays in eval mode, so the backbone tensors in OUT are bit-identical to the input ones. Export the result with `fsdeploy export MODEL --adapter case --checkpoint OUT`.
 
         Examples:
 
