@@ -6,7 +6,7 @@ A feature path has two halves: `support` runs once per task (and may produce tas
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,11 +36,20 @@ class _Engines:
     backend: str
     options: EngineOptions
     opened: dict[str, Engine] = field(default_factory=dict)
+    # graphs opened with other options (CaSE stages: no memory arena, since each runs once per task)
+    special: dict[str, EngineOptions] = field(default_factory=dict)
 
     def __call__(self, graph: str) -> Engine:
         if graph not in self.opened:
-            self.opened[graph] = open_engine(self.bundle, graph, self.backend, self.options)
+            options = self.special.get(graph, self.options)
+            self.opened[graph] = open_engine(self.bundle, graph, self.backend, options)
         return self.opened[graph]
+
+    def release(self, graph: str) -> None:
+        """Close one graph's engine once a pass no longer needs it (keeps peak memory to one stage)."""
+        engine = self.opened.pop(graph, None)
+        if engine is not None:
+            engine.close()
 
     def close(self) -> None:
         for e in self.opened.values():
@@ -70,13 +79,15 @@ class CasePath:
 
     def __init__(self, bundle: Bundle, backend: str, options: EngineOptions, *, chunked: bool | None = None) -> None:
         self.engines = _Engines(bundle, backend, options)
+        stages = bundle.manifest.extra.get("chunked", {}).get("stages", [])
+        self.engines.special = {name: replace(options, cpu_arena=False) for name in stages}
         self.extra = bundle.manifest.extra
         self.chunked = chunked
 
     def support(self, batches: Iterable[np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         from fsdeploy.modules.case_context import context_pass
 
-        feats, gamma = context_pass(self.engines, batches, self.extra, chunked=self.chunked)
+        feats, gamma = context_pass(self.engines, batches, self.extra, chunked=self.chunked, release=self.engines.release)
         return feats, {"gamma": gamma}
 
     def query(self, images: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:

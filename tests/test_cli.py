@@ -157,3 +157,22 @@ def test_finetuned_round_trip(workspace, tmp_path, adapter) -> None:
     truth = [r["image"].split("/")[-2] for r in rows]
     # fitted on these very images with a cosine NCC: the support set must be classified well
     assert np.mean([r["labels"][0] == y for r, y in zip(rows, truth)]) >= 0.75
+
+
+def test_case_bundle_chunked_adapt_equals_one_batch(workspace, tmp_path) -> None:
+    """adapt on a CaSE bundle with engine batches smaller than the support set gives the one-batch γ."""
+    from fsdeploy.task import TaskArtefact
+
+    ckpt = workspace / "w.safetensors"
+    assert invoke("export", "resnet18", "--adapter", "case", "--checkpoint", str(ckpt), "--out", str(tmp_path / "cb"))[0] == 0
+    tasks = {}
+    for batch in ("32", "5"):
+        out = tmp_path / f"t{batch}.npz"
+        code, msg = invoke("adapt", str(tmp_path / "cb"), str(workspace / "support"), "--head", "ncc", "--batch", batch, "--out", str(out))
+        assert code == 0, msg
+        tasks[batch] = TaskArtefact.load(out)
+    g1, g2 = tasks["32"].task_state["gamma"], tasks["5"].task_state["gamma"]
+    assert g1.shape == g2.shape and g1.size > 0
+    np.testing.assert_allclose(g1, g2, atol=1e-5)
+    code, out = invoke("predict", str(tmp_path / "cb"), str(tmp_path / "t5.npz"), str(workspace / "query"), "--json")
+    assert code == 0 and len(out.strip().splitlines()) == 6

@@ -23,6 +23,7 @@ class EngineOptions:
     precision: str = "fp32"  # which TensorRT engine to pick
     device: str | None = None  # torch device
     spinning: bool = False  # ONNX Runtime workers busy-wait between runs (see OrtOptions)
+    cpu_arena: bool = True  # ONNX Runtime's CPU memory arena (off for graphs run once per task)
 
 
 Opener = Callable[[Any, str, EngineOptions], Engine]
@@ -45,7 +46,7 @@ def register_engine(name: str) -> Callable[[Opener], Opener]:
 def _open_ort(bundle: Any, graph: str, options: EngineOptions) -> Engine:
     from fsdeploy.engines.ort import OrtEngine, OrtOptions
 
-    return OrtEngine(bundle.graph_path(graph), OrtOptions(providers=options.providers, threads=options.threads, spinning=options.spinning))
+    return OrtEngine(bundle.graph_path(graph), OrtOptions(providers=options.providers, threads=options.threads, spinning=options.spinning, cpu_arena=options.cpu_arena))
 
 
 @register_engine("torch")

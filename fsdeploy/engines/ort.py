@@ -31,6 +31,7 @@ class OrtOptions:
     # ORT's workers busy-wait between runs by default: lowest latency on an idle machine, but on a 2-core
     # device they steal the cores the numpy head fit and preprocessing need between engine calls.
     spinning: bool = False
+    cpu_arena: bool = True  # the arena keeps peak buffers for reuse; off for graphs that run once
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -57,6 +58,7 @@ class OrtEngine(Engine):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        so.enable_cpu_mem_arena = options.cpu_arena
         if not options.spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")

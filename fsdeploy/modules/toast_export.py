@@ -5,7 +5,7 @@ TOAST: Shi, Darrell, Wang, "TOAST: Transfer Learning via Attention Steering". Th
 """
 from __future__ import annotations
 
-from fsdeploy.backbones import Preprocess, create_backbone
+from fsdeploy.backbones import Preprocess, create_backbone, read_checkpoint
 from fsdeploy.exporters.graphs import AdaptedModel, BuildRequest, GraphExport, images_only, register_adapter
 from fsdeploy.exporters.spec import ExportSpec
 from fsdeploy.modules.topdown import TopDownViT, load_toast, toast_macs, toast_metadata, vit_macs
@@ -16,8 +16,9 @@ TOAST_SPEC = ExportSpec(atol=1e-4)
 
 @register_adapter("toast")
 def build_toast(request: BuildRequest) -> AdaptedModel:
-    """Two-pass TOAST network from a toast-tune checkpoint (LoRA merged); without one, zero-init feedback."""
-    if request.checkpoint is not None:
+    """Two-pass TOAST network from a toast-tune checkpoint (LoRA merged); from a plain backbone checkpoint
+    (or none), the untuned TOAST network whose zero-init feedback makes it equal the plain ViT."""
+    if request.checkpoint is not None and read_checkpoint(request.checkpoint)[1].get("adapter") == "toast":
         module = load_toast(
             request.model, request.checkpoint, backbone_checkpoint=request.options.get("backbone_checkpoint"),
             img_size=request.img_size, pretrained=request.pretrained,
@@ -27,7 +28,9 @@ def build_toast(request: BuildRequest) -> AdaptedModel:
         size = int(request.img_size or meta["img_size"])
         pre = Preprocess(input_size=(3, size, size), mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
     else:
-        backbone, pre = create_backbone(request.model, pretrained=request.pretrained, img_size=request.img_size)
+        backbone, pre = create_backbone(
+            request.model, checkpoint=request.checkpoint, pretrained=request.pretrained, img_size=request.img_size
+        )
         module = TopDownViT(backbone)
         size = pre.input_size[-1]
     module.eval()
