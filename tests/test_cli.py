@@ -41,10 +41,17 @@ def workspace(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize("head", ["linear", "ncc"])
-def test_round_trip(workspace, head) -> None:
+ROUND_TRIPS = [
+    ("linear", ()), ("ncc", ()), ("ncc", ("--transform", "cl2n")), ("linear-newton", ()), ("baseline", ()),
+    ("baseline++", ()), ("lt-ncc", ("--transform", "l2")), ("linear", ("--head-opt", "optimizer=olor", "--head-opt", "iters=50")),
+]
+
+
+@pytest.mark.parametrize(("head", "extra"), ROUND_TRIPS)
+def test_round_trip(workspace, head, extra) -> None:
+    """Every head (and the transforms / head options) through adapt -> predict."""
     task = workspace / f"task_{head}.npz"
-    code, out = invoke("adapt", str(workspace / "bundle"), str(workspace / "support"), "--head", head, "--out", str(task))
+    code, out = invoke("adapt", str(workspace / "bundle"), str(workspace / "support"), "--head", head, *extra, "--out", str(task))
     assert code == 0, out
     assert task.is_file() and "3 classes" in out
     code, out = invoke("predict", str(workspace / "bundle"), str(task), str(workspace / "query"), "--topk", "2", "--json")

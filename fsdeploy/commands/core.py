@@ -29,6 +29,28 @@ def _validation_table(report: dict) -> Table:
     return table
 
 
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE strings -> dict, values read as int, float or bool when they look like one."""
+    from fsdeploy.errors import InvalidInput
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--head-opt {pair!r} is not KEY=VALUE; e.g. --head-opt optimizer=olor")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        out[key] = value
+    return out
+
+
 def register(app: typer.Typer) -> None:
     """Add export, info, adapt, predict to `app`."""
 
@@ -106,6 +128,10 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Fine-tune per task through the backbone, then fold: tsa (ResNet residual adapters + β) or bn-affine."),
         ] = None,
         steps: Annotated[int, typer.Option(help="Optimiser steps for --adapter tsa / bn-affine (TSA recipe: 40).")] = 40,
+        head_opt: Annotated[
+            Optional[list[str]],
+            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=olor --head-opt distance=cosine."),
+        ] = None,
     ) -> None:
         """Fit a per-task head on the engine features of a support set and write a task artefact.
 
@@ -128,7 +154,7 @@ def register(app: typer.Typer) -> None:
                 )
             else:
                 task, t = adapt_task(
-                    b, support, out, head=head, transform=transform, backend=backend,
+                    b, support, out, head=head, transform=transform, backend=backend, head_opts=parse_options(head_opt or []),
                     options=EngineOptions(threads=threads), batch=batch, seed=seed,
                 )
         console.print(

@@ -61,20 +61,8 @@ def sample_episode(
             f"only {eligible.size} have that many"
         )
     chosen = rng.choice(eligible, size=ways, replace=False)
-    sup, sup_y, qry, qry_y = [], [], [], []
-    for j, c in enumerate(chosen):
-        pick = rng.choice(rows[int(c)], size=shots + queries, replace=False)
-        sup.append(pick[:shots])
-        qry.append(pick[shots:])
-        sup_y.append(np.full(shots, j))
-        qry_y.append(np.full(queries, j))
-    return Episode(
-        np.concatenate(sup).astype(np.int64),
-        np.concatenate(sup_y).astype(np.int64),
-        np.concatenate(qry).astype(np.int64),
-        np.concatenate(qry_y).astype(np.int64),
-        chosen.astype(np.int64),
-    )
+    picks = [rng.choice(rows[int(c)], size=shots + queries, replace=False) for c in chosen]
+    return _assemble(chosen, [p[:shots] for p in picks], [p[shots:] for p in picks])
 
 
 def sample_variable_episode(
@@ -103,18 +91,23 @@ def sample_variable_episode(
     budget = min(max_support, sum(min(100, rows[int(c)].size - q) for c in chosen))
     weights = np.exp(beta * rng.uniform(np.log(0.5), np.log(2.0), size=ways))
     weights /= weights.sum()
-    sup, sup_y, qry, qry_y = [], [], [], []
+    sup, qry = [], []
     for j, c in enumerate(chosen):
         r = rng.permutation(rows[int(c)])
         k = int(np.clip(np.floor(weights[j] * (budget - ways)) + 1, 1, r.size - q))
         qry.append(r[:q])
         sup.append(r[q : q + k])
-        sup_y.append(np.full(k, j))
-        qry_y.append(np.full(q, j))
+    return _assemble(chosen, sup, qry)
+
+
+def _assemble(chosen: np.ndarray, sup: list[np.ndarray], qry: list[np.ndarray]) -> Episode:
+    """Episode from per-class support/query rows; class j of the episode is dataset class chosen[j]."""
+    sup_y = [np.full(len(r), j) for j, r in enumerate(sup)]
+    qry_y = [np.full(len(r), j) for j, r in enumerate(qry)]
     return Episode(
         np.concatenate(sup).astype(np.int64),
         np.concatenate(sup_y).astype(np.int64),
         np.concatenate(qry).astype(np.int64),
         np.concatenate(qry_y).astype(np.int64),
-        chosen.astype(np.int64),
+        np.asarray(chosen, dtype=np.int64),
     )
