@@ -100,8 +100,7 @@ def main() -> None:
         write_rows(args.out / f"accuracy_{model}.json", acc_rows)
         merged = [r for t, tab in zip(tasks, tables) for r in join_accuracy(tab.rows, acc_rows, t)]
         png = plot_accuracy_vs_macs(merged, args.out / f"accuracy_vs_macs_{model}.png",
-                                    title=f"{model} ({weights.description.split(' (')[0]}), {args.img_size} px: "
-                                          "accuracy vs MACs to adapt")
+                                    title=f"{model}, {args.img_size} px, {args.ways}-way: accuracy vs MACs to adapt one task")
         console.print(f"wrote {png}")
 
         if args.cost_size:

@@ -11,22 +11,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fsdeploy.bench.workspace import unit_scale_norms_
+
 
 def realistic_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Randomise BatchNorm/LayerNorm affine and running stats in place so activations are O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            elif isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    return model
+    """Randomise norm affine and running stats in place so activations are O(1) (the library's helper)."""
+    return unit_scale_norms_(model, seed)
 
 
 def make_checkpoint(name: str, path: Path, img_size: int = 32, seed: int = 0) -> Path:

@@ -295,23 +295,27 @@ def _ci(row: dict[str, Any]) -> float:
 
 
 def _label_offsets(pts: list[dict[str, Any]], every: list[dict[str, Any]]) -> list[float]:
-    """Vertical label offsets (points) that move a label down until it clears the labels placed before it.
+    """Vertical label offsets (points) that move a label down until its text box clears those placed before.
 
     Head methods differ by far less than the backbone's MACs, so their points nearly coincide on a log axis.
-    Labels collide when their points are within 0.15 decade in x and their texts within 9 points in y (the
-    axes are about 280 points tall for the accuracy range).
+    Positions are estimated in points on the 8 x 5 inch figure (plot area about 560 x 280 points, 7 pt text
+    about 4 points per character), which is all a readable layout needs.
     """
     lows = [r["accuracy"] - _ci(r) for r in every]
     highs = [r["accuracy"] + _ci(r) for r in every]
-    per_unit = 280.0 / max(max(highs) - min(lows), 1.0)  # the y axis spans the error bars
-    placed: list[tuple[float, float]] = []  # (log10 x, label y in points)
+    y_per_unit = 280.0 / max(max(highs) - min(lows), 1.0)  # the y axis spans the error bars
+    xs = [math.log10(r["adapt_macs"]) for r in every]
+    x_per_decade = 560.0 / max((max(xs) - min(xs)) * 1.24, 0.5)  # margins(x=0.12) on both sides
+    placed: list[tuple[float, float, float]] = []  # (left, right, y) of each label, in points
     out = []
     for r in pts:
-        x, y = math.log10(r["adapt_macs"]), r["accuracy"] * per_unit
+        left = math.log10(r["adapt_macs"]) * x_per_decade + 7.0
+        right = left + 4.0 * len(str(r.get("label", r.get("method", ""))))
+        y = r["accuracy"] * y_per_unit
         dy = 0.0
-        while any(abs(x - px) < 0.15 and abs(y + dy - py) < 9.0 for px, py in placed):
+        while any(left < pr and pl < right and abs(y + dy - py) < 9.0 for pl, pr, py in placed):
             dy -= 9.0
-        placed.append((x, y + dy))
+        placed.append((left, right, y + dy))
         out.append(dy)
     return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fsdeploy.atomic import sha256_file
 from fsdeploy.errors import BundleError, InvalidInput
@@ -40,16 +41,27 @@ def unit_scale_checkpoint(model: str, img_size: int, path: str | Path, *, seed: 
     if path.is_file():
         return path
     net, pre = create_backbone(model, img_size=img_size)
+    unit_scale_norms_(net, seed)
+    return save_checkpoint(net, path, name=model, preprocess=pre, extra={"note": "random init, unit-scale norm statistics"})
+
+
+def unit_scale_norms_(model: Any, seed: int = 0) -> Any:
+    """Re-draw BatchNorm/LayerNorm affine and running statistics in place so activations are O(1)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in net.modules():
+        for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
                 m.weight.copy_(0.5 + torch.rand(n, generator=g))
                 m.bias.copy_(0.2 * torch.randn(n, generator=g))
                 m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return save_checkpoint(net, path, name=model, preprocess=pre, extra={"note": "random init, unit-scale norm statistics"})
+            elif isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return model
 
 
 def pick_weights(model: str, workdir: Path, img_size: int, checkpoint: Path | None = None) -> Weights:
