@@ -119,6 +119,18 @@ def test_deployed_upper_case_agrees_with_pytorch_eager(case_bundle, tmp_path: Pa
                                load_images_torch(paths[:3], transform).numpy(), atol=1e-5)
 
 
+def test_torch_backend_feeds_case_graphs_in_export_order(case_bundle) -> None:
+    """`bench latency --compare ort,torch` runs the CaSE query graph (images, gamma) on both backends."""
+    from fsdeploy.runtime import feature_path
+
+    images = load_checked(list_images([glyph_folder(Path(case_bundle.path.parent) / "imgs", classes="AB", per_class=2)]),
+                          case_bundle.manifest.preprocess)
+    ort, eager = feature_path(case_bundle, "ort"), feature_path(case_bundle, "torch")
+    (fa, sa), (fb, sb) = ort.support([images]), eager.support([images])
+    np.testing.assert_allclose(fa, fb, atol=1e-4)
+    np.testing.assert_allclose(ort.query(images, sa), eager.query(images, sb), atol=1e-4)
+
+
 def test_interleaved_gives_every_callable_its_calls_in_rounds() -> None:
     order: list[str] = []
     stats = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},

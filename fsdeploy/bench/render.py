@@ -295,7 +295,8 @@ def _ci(row: dict[str, Any]) -> float:
 
 
 def _label_offsets(pts: list[dict[str, Any]], every: list[dict[str, Any]]) -> list[float]:
-    """Vertical label offsets (points) that move a label down until its text box clears those placed before.
+    """Vertical label offsets (points) that move a label to the nearest height where its text box clears the
+    labels placed before it.
 
     Head methods differ by far less than the backbone's MACs, so their points nearly coincide on a log axis.
     Positions are estimated in points on the 8 x 5 inch figure (plot area about 560 x 280 points, 7 pt text
@@ -312,9 +313,9 @@ def _label_offsets(pts: list[dict[str, Any]], every: list[dict[str, Any]]) -> li
         left = math.log10(r["adapt_macs"]) * x_per_decade + 7.0
         right = left + 4.0 * len(str(r.get("label", r.get("method", ""))))
         y = r["accuracy"] * y_per_unit
-        dy = 0.0
-        while any(left < pr and pl < right and abs(y + dy - py) < 9.0 for pl, pr, py in placed):
-            dy -= 9.0
+        # nearest free slot: 0, -9, +9, -18, +18, ... points
+        dy = next(d for d in (9.0 * (k // 2 + 1) * (-1 if k % 2 == 0 else 1) if k else 0.0 for k in range(200))
+                  if not any(left < pr and pl < right and abs(y + d - py) < 9.0 for pl, pr, py in placed))
         placed.append((left, right, y + dy))
         out.append(dy)
     return out

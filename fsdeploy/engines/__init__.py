@@ -56,7 +56,9 @@ def _open_torch(bundle: Any, graph: str, options: EngineOptions) -> Engine:
 
     g = torch_graphs(bundle)[graph]
     info = bundle.manifest.graphs[graph]
-    return TorchEngine(g.module, info.inputs, tuple(info.outputs), device=options.device, threads=options.threads)
+    # positional order comes from the export spec: the manifest's JSON keeps its keys sorted
+    inputs = {name: info.inputs[name] for name in g.spec.inputs}
+    return TorchEngine(g.module, inputs, tuple(g.spec.outputs), device=options.device, threads=options.threads)
 
 
 def _load_optional_backends() -> None:
