@@ -5,7 +5,8 @@ EfficientNet-B0: every method's MACs to adapt one task, counted on the models (`
 the accuracy of the methods fsdeploy runs through its deployed path (`fsdeploy bench accuracy`) on novel
 glyph classes, plotted against those MACs.
 
-Weights: efficientnet_b0 uses the shipped glyph-pretrained checkpoint when it is installed; resnet18 has
+Weights: efficientnet_b0 uses the shipped glyph-pretrained checkpoint when it is installed (its CaSE bundle the
+shipped meta-trained CaSE blocks, identity blocks without them); resnet18 has
 no pretrained weights here, so it is a random init with unit-scale BatchNorm statistics (its accuracy is a
 floor, its MACs are exact). TSA (ResNet only) and BN-affine are evaluated on the same episodes with a PyTorch
 fit per episode (`--finetune-episodes`, fewer than the head methods: each episode trains 40 steps); full,
@@ -73,9 +74,12 @@ def main() -> None:
 
     for model in args.models.split(","):
         weights = pick_weights(model, args.workdir, args.img_size)
-        console.print(f"[bold]{model}[/bold] at {args.img_size} px: {weights.description}")
+        case_weights = pick_weights(model, args.workdir, args.img_size, adapter="case")
+        console.print(f"[bold]{model}[/bold] at {args.img_size} px: {weights.description}; CaSE bundle: "
+                      f"{case_weights.description}")
         plain = prepare_bundle(args.workdir, model, img_size=args.img_size, weights=weights, say=console.print)
-        case = prepare_bundle(args.workdir, model, adapter="case", img_size=args.img_size, weights=weights, say=console.print)
+        case = prepare_bundle(args.workdir, model, adapter="case", img_size=args.img_size, weights=case_weights,
+                              say=console.print)
         counts = count_bundle(case)  # the CaSE bundle's backbone is the plain one: every row from one count
         tasks = [TaskShape.from_shots(args.ways, k) for k in shots]
         tables: list[CostTable] = [bundle_costs(case, t, counts=counts) for t in tasks]

@@ -33,8 +33,6 @@ def unit_scale_checkpoint(model: str, img_size: int, path: str | Path, *, seed: 
     between two backends would say nothing. Re-drawing the norm statistics gives features of unit scale.
     The file is written once and reused (timm's init draws from torch's global generator).
     """
-    import torch
-
     from fsdeploy.backbones import create_backbone, save_checkpoint
 
     path = Path(path)
@@ -64,9 +62,15 @@ def unit_scale_norms_(model: Any, seed: int = 0) -> Any:
     return model
 
 
-def pick_weights(model: str, workdir: Path, img_size: int, checkpoint: Path | None = None) -> Weights:
-    """`checkpoint` if given, else the shipped checkpoint when it is for `model` at this input size, else a
-    unit-scale random-init stand-in.
+SHIPPED_CASE = "efficientnet_b0_glyphs_case.safetensors"  # meta-trained CaSE blocks beside the backbone weights
+
+
+def pick_weights(
+    model: str, workdir: Path, img_size: int, checkpoint: Path | None = None, *, adapter: str = "none"
+) -> Weights:
+    """`checkpoint` if given, else the shipped checkpoint when it is for `model` at this input size (for a
+    `case` bundle: the shipped meta-trained CaSE checkpoint when installed), else a unit-scale random-init
+    stand-in.
 
     The shipped checkpoint is trained on 32 px glyphs; run at 224 px its activations leave the range its
     BatchNorm statistics describe, so timing and agreement runs at other sizes use the stand-in (speed does
@@ -83,6 +87,9 @@ def pick_weights(model: str, workdir: Path, img_size: int, checkpoint: Path | No
         except InvalidInput:
             pass
         else:
+            case = shipped.with_name(SHIPPED_CASE)
+            if img_size == DEFAULT_IMG_SIZE and adapter == "case" and case.is_file():
+                return Weights(case, "shipped glyph-pretrained checkpoint with meta-trained CaSE blocks")
             if img_size == DEFAULT_IMG_SIZE:
                 return Weights(shipped, "shipped glyph-pretrained checkpoint")
             why = f"the shipped checkpoint is trained at {DEFAULT_IMG_SIZE} px"
