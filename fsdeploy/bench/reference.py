@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fsdeploy.task import AdaptTimings
 from numpy.typing import NDArray
 from PIL import Image
 
@@ -91,19 +93,11 @@ def linear_recipe(n_support: int, seed: int, head_opts: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
-class TorchTask:
-    """A task adapted in PyTorch eager: γ (None without CaSE), the linear head, and the part timings (ms)."""
+class TorchTask(AdaptTimings):
+    """A task adapted in PyTorch eager: the part timings (ms) of `AdaptTimings`, γ (None without CaSE), the head."""
 
-    gamma: torch.Tensor | None
-    head: torch.nn.Linear
-    load_ms: float
-    features_ms: float
-    fit_ms: float
-    write_ms: float
-
-    @property
-    def total_ms(self) -> float:
-        return self.load_ms + self.features_ms + self.fit_ms + self.write_ms
+    gamma: torch.Tensor | None = None
+    head: torch.nn.Linear | None = None
 
 
 def torch_features(graphs: Mapping[str, Any], images: torch.Tensor, gamma: torch.Tensor | None = None) -> Any:
@@ -154,8 +148,8 @@ def torch_adapt(
     torch.save(state, str(out))
     t4 = time.perf_counter()
     ms = 1e3
-    return TorchTask(None if gamma is None else gamma.clone(), head, (t1 - t0) * ms, (t2 - t1) * ms, (t3 - t2) * ms,
-                     (t4 - t3) * ms)
+    return TorchTask((t1 - t0) * ms, (t2 - t1) * ms, (t3 - t2) * ms, (t4 - t3) * ms,
+                     gamma=None if gamma is None else gamma.clone(), head=head)
 
 
 def torch_predict(
