@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from fsdeploy.task import AdaptTimings
 from numpy.typing import NDArray
 from PIL import Image
 
 from fsdeploy.backbones import Preprocess
+from fsdeploy.task import AdaptTimings
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
