@@ -6,6 +6,7 @@ artefact (.npz) tied to the bundle by its id; `predict_images` refuses a task ma
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -129,7 +130,8 @@ def adapt_task(
     """
     t0 = time.perf_counter()
     files = scan_image_folder(support)
-    images = load_checked(files.paths, bundle.manifest.preprocess)
+    options = options or EngineOptions()
+    images = load_checked(files.paths, bundle.manifest.preprocess, workers=options.threads or os.cpu_count() or 1)
     t1 = time.perf_counter()
     path = feature_path(bundle, backend, options)
     try:

@@ -117,16 +117,32 @@ def test_chunked_context_is_exact(bundle, chunk: int) -> None:
         assert np.abs(context_pass(open_graph, [last], b.manifest.extra)[1] - gamma).max() > 1e-3
 
 
-def test_page_backed_state_gives_the_same_result(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fsdeploy.modules import case_context
+def test_stage_chunks_split_batches_and_reuse_state_buffers(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsdeploy.modules.case_context import StateStore
 
     _, b, _, _, open_graph = bundle
-    x = _images(3, seed=5)
-    want = context_pass(open_graph, batches_of(x, 2), b.manifest.extra)
-    monkeypatch.setattr(case_context, "PAGE_BACKED_BYTES", 0)  # every state array goes through an mmap copy
-    got = context_pass(open_graph, batches_of(x, 2), b.manifest.extra)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
+    x = _images(5, seed=5)
+    feats, gamma = context_pass(open_graph, [x], b.manifest.extra)
+    buffers: set[int] = set()
+    takes = []
+    real_take = StateStore.take
+
+    def spy(self, nbytes: int, n_images: int = 0):
+        buf = real_take(self, nbytes, n_images)
+        buffers.add(id(buf))
+        takes.append(n_images)
+        return buf
+
+    monkeypatch.setattr(StateStore, "take", spy)
+    # one batch of 5 forced through the stages in chunks of 2: runs of 2, 2 and 1 images
+    c_feats, c_gamma = context_pass(open_graph, [x], b.manifest.extra, chunked=True, chunk=2)
+    np.testing.assert_allclose(c_gamma, gamma, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(c_feats, feats, rtol=0, atol=1e-5 * max(1.0, float(np.abs(feats).max())))
+    assert takes[:3] == [2, 2, 1]
+    assert len(takes) > 3 * 2  # every stage with a state takes a buffer per chunk ...
+    assert len(buffers) <= 3 + 1  # ... but only one cut's worth plus one chunk is ever made
+    with pytest.raises(InvalidInput, match="chunk must be >= 1"):
+        context_pass(open_graph, [x], b.manifest.extra, chunked=True, chunk=0)
 
 
 def test_several_batches_default_to_the_chunked_scheme(bundle) -> None:

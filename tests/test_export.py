@@ -11,7 +11,7 @@ import torch
 from fsdeploy.backbones import create_backbone
 from fsdeploy.data.samples import real_batch
 from fsdeploy.engines import EngineOptions, open_engine
-from fsdeploy.errors import BundleError, InvalidInput, UnknownName, ValidationFailed
+from fsdeploy.errors import BundleError, EngineError, InvalidInput, UnknownName, ValidationFailed
 from fsdeploy.exporters import graphs
 from fsdeploy.exporters.bundle import load_bundle
 from fsdeploy.exporters.export import export_bundle
@@ -51,6 +51,22 @@ def test_torch_engine_rebuilds_exported_weights(exported) -> None:
     x = np.random.default_rng(2).standard_normal((3, *bundle.manifest.preprocess.input_size)).astype(np.float32)
     with open_engine(bundle, "features", "ort") as a, open_engine(bundle, "features", "torch", EngineOptions(device="cpu")) as b:
         np.testing.assert_allclose(a.run({"images": x})["features"], b.run({"images": x})["features"], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_run_into_writes_the_callers_buffer(exported, backend: str) -> None:
+    """ONNX Runtime binds the buffer (IOBinding); other engines fall back to run + copy. Both equal `run`."""
+    _, _, bundle, _ = exported
+    x = np.random.default_rng(3).standard_normal((2, *bundle.manifest.preprocess.input_size)).astype(np.float32)
+    with open_engine(bundle, "features", backend, EngineOptions(device="cpu")) as eng:
+        want = eng.run({"images": x})["features"]
+        buf = np.full((2, bundle.manifest.feature_dim), np.nan, dtype=np.float32)
+        eng.run_into({"images": x}, {"features": buf})
+        np.testing.assert_array_equal(buf, want)
+        with pytest.raises(EngineError, match="buffer for output 'features'"):
+            eng.run_into({"images": x}, {"features": np.empty((2, bundle.manifest.feature_dim + 1), np.float32)})
+        with pytest.raises(EngineError, match="no output 'logits'"):
+            eng.run_into({"images": x}, {"logits": buf})
 
 
 def test_manifest_records_what_devices_need(exported) -> None:

@@ -56,3 +56,19 @@ def test_corrupt_truncated_and_non_images_are_all_named(tmp_path) -> None:
     _, pre = create_backbone("resnet18", img_size=32)
     with pytest.raises(InvalidInput, match=r"2 unreadable image file\(s\): .*trunc.png.*notes.png"):
         load_checked([good, trunc, text], pre)
+    with pytest.raises(InvalidInput, match=r"2 unreadable image file\(s\): .*trunc.png.*notes.png"):
+        load_checked([good, trunc, text], pre, workers=2)
+
+
+def test_threaded_loading_gives_the_same_batch_in_order(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    paths = []
+    for i, size in enumerate([(40, 30), (30, 40), (33, 33), (64, 48), (17, 50)]):
+        p = tmp_path / f"img{i}.jpg"
+        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(p)
+        paths.append(p)
+    _, pre = create_backbone("resnet18", img_size=32)
+    one = load_checked(paths, pre)
+    assert one.shape == (5, 3, 32, 32)
+    np.testing.assert_array_equal(load_checked(paths, pre, workers=3), one)
+    np.testing.assert_array_equal(one[3], preprocess_image(load_image(paths[3]), pre))

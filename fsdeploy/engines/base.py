@@ -16,6 +16,9 @@ import numpy as np
 from fsdeploy.errors import EngineError
 
 
+UNKNOWN_SHAPE = ("?",)  # an output whose shape the engine cannot tell before running (PyTorch modules)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Shape with named dynamic axes (str) and a numpy dtype name."""
@@ -60,6 +63,42 @@ class Engine(ABC):
         out = self._run(checked)
         self.last_run_ms = (time.perf_counter() - start) * 1e3
         return out
+
+    def run_into(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        """Run the graph and write the named outputs into the caller's arrays (C-contiguous, exact shapes).
+
+        Why: a caller that runs many times (the CaSE stage chain) keeps its buffers and so avoids a fresh
+        allocation, page faults and a copy per run. Outputs left out are discarded.
+
+        Raises:
+            EngineError: bad feeds (as `run`), an unknown output name, or an output array of the wrong
+                dtype, layout or shape.
+        """
+        checked = check_feeds(self.name, self.input_specs(), feeds)
+        specs = self.output_specs()
+        for name, arr in outputs.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise EngineError(f"{self.name}: no output {name!r}; outputs are {sorted(specs)}")
+            known = spec.shape != UNKNOWN_SHAPE
+            if arr.dtype != np.dtype(spec.dtype) or not arr.flags.c_contiguous or known and (arr.ndim != len(spec.shape) or any(
+                isinstance(want, int) and want >= 0 and got != want for got, want in zip(arr.shape, spec.shape)
+            )):
+                raise EngineError(
+                    f"{self.name}: buffer for output {name!r} is {arr.dtype}{arr.shape}; "
+                    f"expected a C-contiguous {spec.dtype}{tuple(spec.shape)}"
+                )
+        start = time.perf_counter()
+        self._run_into(checked, dict(outputs))
+        self.last_run_ms = (time.perf_counter() - start) * 1e3
+
+    def _run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Backend hook for `run_into`; this default runs and copies (ONNX Runtime binds the buffers)."""
+        result = self._run(feeds)
+        for name, arr in outputs.items():
+            if result[name].shape != arr.shape:
+                raise EngineError(f"{self.name}: buffer for output {name!r} is {arr.shape}; the output is {result[name].shape}")
+            np.copyto(arr, result[name])
 
     def close(self) -> None:
         """Free backend resources (sessions, contexts)."""

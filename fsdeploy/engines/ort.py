@@ -80,5 +80,16 @@ class OrtEngine(Engine):
         names = list(self._outputs)
         return dict(zip(names, self.session.run(names, feeds)))
 
+    def _run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """IOBinding: ORT reads the feeds in place and writes straight into the caller's buffers."""
+        binding = self.session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, arr)
+        for name, arr in outputs.items():
+            binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        for name in self._outputs.keys() - outputs.keys():
+            binding.bind_output(name, "cpu")  # computed by ORT into its own buffer, then dropped
+        self.session.run_with_iobinding(binding)
+
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]

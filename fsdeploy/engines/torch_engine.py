@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from fsdeploy.deps import require
-from fsdeploy.engines.base import Engine, TensorSpec
+from fsdeploy.engines.base import UNKNOWN_SHAPE, Engine, TensorSpec
 
 
 class TorchEngine(Engine):
@@ -35,7 +35,7 @@ class TorchEngine(Engine):
         return dict(self._inputs)
 
     def output_specs(self) -> dict[str, TensorSpec]:
-        return {n: TensorSpec(("?",)) for n in self._output_names}
+        return {n: TensorSpec(UNKNOWN_SHAPE) for n in self._output_names}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = require("torch")
