@@ -181,13 +181,15 @@ def predict_images(
     task.check_bundle(bundle)
     paths = list_images(list(images))
     model = TaskModel.from_state(task.model_state)
+    options = options or EngineOptions()
+    workers = options.threads or os.cpu_count() or 1
     path = feature_path(bundle, backend, options, task_state=task.task_state)
     out: list[Prediction] = []
     k = max(1, min(topk, len(task.classes)))
     try:
         for i in range(0, len(paths), batch):
             chunk = paths[i : i + batch]
-            probs = model.predict_proba(path.query(load_checked(chunk, bundle.manifest.preprocess), task.task_state))
+            probs = model.predict_proba(path.query(load_checked(chunk, bundle.manifest.preprocess, workers=workers), task.task_state))
             order = np.argsort(-probs, axis=1)[:, :k]
             for p, row, idx in zip(chunk, probs, order):
                 out.append(Prediction(str(p), tuple(task.classes[j] for j in idx), tuple(float(row[j]) for j in idx)))

@@ -115,3 +115,19 @@ def test_bad_model_and_checkpoint_errors(tmp_path) -> None:
     with pytest.raises(InvalidInput, match="trained for efficientnet_b0, not resnet18"):
         export_bundle("resnet18", tmp_path / "b", checkpoint=other)
     assert not (tmp_path / "b").exists()
+
+
+def test_validation_tolerance_scales_with_the_output() -> None:
+    from fsdeploy.exporters.validate import OutputCheck, ValidationReport, compare_outputs
+
+    ref = np.array([[3.0e6, -1.0], [2.0, 0.5]])
+    got = ref + np.array([[25.0, 0.0], [0.0, 2e-5]])
+    (check,) = compare_outputs("stage_15", "real", {"state": got}, {"state": ref})
+    assert check.max_abs == pytest.approx(25.0) and check.ref_max_abs == pytest.approx(3.0e6)
+    assert ValidationReport((check,), atol=1e-4, rtol=1e-5).passed  # 25 <= 1e-4 + 30
+    assert not ValidationReport((check,), atol=1e-4, rtol=1e-6).passed  # 25 > 3
+    small = OutputCheck("features", "real", "features", True, 2e-3, 1.0, 1.0)
+    assert not ValidationReport((small,), atol=1e-4, rtol=1e-5).passed  # relative part is only 1e-5 here
+    old = {"atol": 1e-4, "checks": [{"graph": "g", "inputs": "random", "name": "f", "shape_ok": True, "max_abs": 5e-5, "cosine": 1.0}]}
+    restored = ValidationReport.from_dict(old)  # reports written before rtol existed
+    assert restored.rtol == 0.0 and restored.passed

@@ -67,7 +67,8 @@ class PerfConfig:
     batches: tuple[int, ...] = (1, 16)
     iters: int = 24  # timed calls per side and batch (target 1), split over `rounds`
     rounds: int = 4
-    head_tasks: tuple[tuple[int, int, int], ...] = ((25, 1280, 5), (100, 1280, 10))  # (N, D, K)
+    # (N, D, K): 5-way 1/2/5-shot, 10-way 5/10-shot; D = efficientnet_b0's feature width
+    head_tasks: tuple[tuple[int, int, int], ...] = ((5, 1280, 5), (10, 1280, 5), (25, 1280, 5), (50, 1280, 10), (100, 1280, 10))
     head_repeats: int = 6
     support: int = 100
     ways: int = 10
@@ -211,7 +212,9 @@ def _run_2(run: _Run) -> TargetResult:
     run.report.tables["2: linear head fit (500 Adam steps, batch 128), numpy vs PyTorch loop, 1 thread each"] = rows
     worst = min(rows, key=lambda r: r["ratio"])
     equal = all(r["max_abs_dweight"] <= WEIGHT_ATOL and r["max_abs_dbias"] <= WEIGHT_ATOL for r in rows)
-    return _result(2, f"min {worst['ratio']:.1f}x ({worst['task']}); weights within {WEIGHT_ATOL:g}: {equal}",
+    fast = [n for (n, _, _), r in zip(cfg.head_tasks, rows) if r["ratio"] >= TARGETS[2].threshold]
+    where = f">= {TARGETS[2].threshold:g}x for N in {fast}; " if fast else ""
+    return _result(2, f"{where}min {worst['ratio']:.1f}x ({worst['task']}); weights within {WEIGHT_ATOL:g}: {equal}",
                    worst["ratio"], _status(worst["ratio"] >= TARGETS[2].threshold and equal))
 
 

@@ -117,7 +117,7 @@ def query_throughput(
         for b in batches:
             files = [images[i % len(images)] for i in range(b)]
             fns = {
-                "ort": lambda files=files: path.query(load_checked(files, pre), state),
+                "ort": lambda files=files: path.query(load_checked(files, pre, workers=threads["ort"]), state),
                 "torch": lambda files=files: torch_features(graphs, load_images_torch(files, transform), gamma),
             }
             with threads_for(threads["torch"]):

@@ -18,6 +18,7 @@ class ExportSpec:
         outputs: output names, in the module's return order.
         opset: ONNX opset.
         atol: max-abs tolerance per output against PyTorch (FP32).
+        rtol: plus this fraction of the output's max |value| (see `ValidationReport`).
         dynamo: use the torch.export-based exporter (slower to export; the TorchScript exporter is
             the default because it exports these CNN/ViT graphs in ~1 s with identical numerics).
     """
@@ -27,4 +28,5 @@ class ExportSpec:
     output_axes: dict[str, dict[int, str]] = field(default_factory=lambda: {"features": {0: "batch"}})
     opset: int = DEFAULT_OPSET
     atol: float = 1e-4
+    rtol: float = 1e-4
     dynamo: bool = False
