@@ -65,6 +65,7 @@ class PerfConfig:
     models: tuple[str, ...] = ("resnet18", "efficientnet_b0")
     case_model: str = "efficientnet_b0"
     batches: tuple[int, ...] = (1, 16)
+    int8: bool = True  # also time `fsdeploy quantize` graphs of the plain models (reported beside target 1)
     iters: int = 24  # timed calls per side and batch (target 1), split over `rounds`
     rounds: int = 4
     # (N, D, K): 5-way 1/2/5-shot, 10-way 5/10-shot; D = efficientnet_b0's feature width
@@ -201,8 +202,24 @@ def _run_1(run: _Run) -> TargetResult:
                                     rounds=cfg.rounds)
     run.report.tables["1: query throughput, ORT vs PyTorch eager (decode + preprocess + features)"] = rows
     worst = min(rows, key=lambda r: r["ratio"])
-    return _result(1, f"min {worst['ratio']:.2f}x ({worst['model']}, batch {worst['batch']})", worst["ratio"],
-                   _status(worst["ratio"] >= TARGETS[1].threshold))
+    measured = f"FP32 min {worst['ratio']:.2f}x ({worst['model']}, batch {worst['batch']})"
+    if cfg.int8:  # the closest real thing where FP32 is at the FMA peak: static INT8 (not the same numerics)
+        from fsdeploy.exporters.quantize import quantize_bundle
+
+        int8_rows = []
+        for model in cfg.models:
+            from fsdeploy.exporters.bundle import load_bundle
+
+            report = quantize_bundle(bundles[model], [run.support_folder(cfg.support)], say=run.say)
+            b = load_bundle(bundles[model].path)  # the manifest now lists the int8 graph
+            run.report.notes.append(f"{model} INT8: cosine vs FP32 min {report.cosine_min:.4f} / mean "
+                                    f"{report.cosine_mean:.4f} on {report.validation_images} held-out images")
+            int8_rows += pm.query_throughput(b, f"{model} INT8", images, batches=cfg.batches, threads=run.threads(b),
+                                             iters=cfg.iters, rounds=cfg.rounds, precision="int8")
+        run.report.tables["1b: query throughput, ORT INT8 (fsdeploy quantize) vs PyTorch eager FP32"] = int8_rows
+        low = min(int8_rows, key=lambda r: r["ratio"])
+        measured += f"; INT8 min {low['ratio']:.2f}x ({low['model']}, batch {low['batch']}; status counts FP32 only)"
+    return _result(1, measured, worst["ratio"], _status(worst["ratio"] >= TARGETS[1].threshold))
 
 
 def _run_2(run: _Run) -> TargetResult:

@@ -94,11 +94,12 @@ def _spread(prefix: str, s: LatencyStats) -> dict[str, float]:
 
 def query_throughput(
     bundle: Any, label: str, images: Sequence[Path], *, batches: Sequence[int], threads: dict[str, int],
-    iters: int, rounds: int,
+    iters: int, rounds: int, precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """ORT (fsdeploy's query path: PIL/numpy preprocessing + engine) vs PyTorch eager (timm transform + module).
 
-    Both timed calls decode and preprocess the same real image files, then compute features.
+    Both timed calls decode and preprocess the same real image files, then compute features. `precision`
+    int8 times the bundle's `fsdeploy quantize` graph on the ORT side (PyTorch stays FP32).
     """
     import torch
 
@@ -109,7 +110,7 @@ def query_throughput(
 
     pre = bundle.manifest.preprocess
     graphs, transform = torch_graphs(bundle), timm_transform(pre)
-    path = feature_path(bundle, "ort", EngineOptions(threads=threads["ort"]))
+    path = feature_path(bundle, "ort", EngineOptions(threads=threads["ort"], precision=precision))
     rows = []
     try:
         state = path.support([load_checked(list(images[:8]), pre)])[1]

@@ -12,20 +12,26 @@ from rich.table import Table
 console = Console()
 err = Console(stderr=True)
 
+PRECISION_HELP = (
+    "Engine precision: fp32; int8 on --backend ort (the graph from `fsdeploy quantize`); fp16 on --backend trt "
+    "(engines from `fsdeploy build --precision fp16`)."
+)
 HEAD_HELP = "Per-task head: linear (UpperCaSE zero-init, 500 Adam steps), ncc (prototypes), and the others in `fsdeploy heads`."
 
 
 def _validation_table(report: dict) -> Table:
     table = Table(title="validation: ONNX Runtime vs PyTorch")
-    for col in ("graph", "inputs", "output", "max |diff|", "cosine", "ok"):
+    from fsdeploy.exporters.validate import ValidationReport
+
+    parsed = ValidationReport.from_dict(report)
+    for col in ("graph", "inputs", "output", "max |diff|", "max |output|", "cosine", "ok"):
         table.add_column(col)
-    for c in report["checks"]:
-        ok = c["shape_ok"] and c["max_abs"] <= report["atol"]
+    for c in parsed.checks:
         table.add_row(
-            c["graph"], c["inputs"], c["name"], f"{c['max_abs']:.2e}", f"{c['cosine']:.6f}",
-            "[green]✓[/green]" if ok else "[red]✗[/red]",
+            c.graph, c.inputs, c.name, f"{c.max_abs:.2e}", f"{c.ref_max_abs:.3g}", f"{c.cosine:.6f}",
+            "[green]✓[/green]" if parsed.ok(c) else "[red]✗[/red]",
         )
-    table.caption = f"tolerance max |diff| ≤ {report['atol']:g}"
+    table.caption = f"tolerance max |diff| ≤ {parsed.atol:g} + {parsed.rtol:g}·max |output|"
     return table
 
 
@@ -120,6 +126,7 @@ def register(app: typer.Typer) -> None:
         head: Annotated[str, typer.Option(help=HEAD_HELP)] = "linear",
         transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n, ci.")] = "none",
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
+        precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
         batch: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads for the engine.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
@@ -145,8 +152,11 @@ def register(app: typer.Typer) -> None:
         b = load_bundle(bundle)
         with console.status("adapting"):
             if adapter:
+                from fsdeploy.errors import InvalidInput
                 from fsdeploy.finetune_task import adapt_finetuned
 
+                if precision != "fp32":
+                    raise InvalidInput(f"--adapter {adapter} runs its own folded fp32 graph; drop --precision {precision}")
                 task, t = adapt_finetuned(b, support, out, method=adapter, steps=steps)
                 console.print(
                     f"{adapter}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
@@ -155,7 +165,7 @@ def register(app: typer.Typer) -> None:
             else:
                 task, t = adapt_task(
                     b, support, out, head=head, transform=transform, backend=backend, head_opts=parse_options(head_opt or []),
-                    options=EngineOptions(threads=threads), batch=batch, seed=seed,
+                    options=EngineOptions(threads=threads, precision=precision), batch=batch, seed=seed,
                 )
         console.print(
             f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={task.info['head']} | "
@@ -169,16 +179,18 @@ def register(app: typer.Typer) -> None:
         images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
         topk: Annotated[int, typer.Option(help="How many labels per image.")] = 1,
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
+        precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines.")] = False,
     ) -> None:
         """Classify images with a stored task: top-k labels with probabilities."""
+        from fsdeploy.engines import EngineOptions
         from fsdeploy.exporters.bundle import load_bundle
         from fsdeploy.task import TaskArtefact, predict_images
 
         b = load_bundle(bundle)
         t = TaskArtefact.load(task)
         t.check_bundle(b, task)
-        preds = predict_images(b, t, images, topk=topk, backend=backend)
+        preds = predict_images(b, t, images, topk=topk, backend=backend, options=EngineOptions(precision=precision))
         if as_json:
             for p in preds:
                 typer.echo(json.dumps({"image": p.image, "labels": list(p.labels), "probs": list(p.probs)}))

@@ -1,0 +1,296 @@
+"""INT8 static quantization of a bundle's features graph, for ONNX Runtime on CPU.
+
+Post-training static quantization after Jacob et al., "Quantization and Training of Neural Networks for
+Efficient Integer-Arithmetic-Only Inference", CVPR 2018: weights int8 per output channel, activations uint8
+with ranges from min/max over real calibration images. The graph stores QuantizeLinear/DequantizeLinear
+pairs (QDQ), which ONNX Runtime fuses into integer kernels; ONNX Runtime's own quantizer does the work.
+
+The int8 file sits beside the FP32 graph and is recorded in `manifest.extra["int8"]`, not in
+`manifest.graphs`, so the bundle id (and every task adapted on it) stays valid. Agreement with FP32 is
+measured on held-out images and recorded, never assumed: it depends on the model, and on the CPU that runs
+it, since int8 kernels differ (on AVX2 without VNNI, full-range int8 weights can saturate 16-bit sums;
+`reduce_range` keeps 7-bit weights that cannot).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fsdeploy.atomic import atomic_path, sha256_file
+from fsdeploy.data.folders import list_images
+from fsdeploy.data.images import load_checked
+from fsdeploy.deps import require
+from fsdeploy.errors import BundleError, InvalidInput
+from fsdeploy.exporters.bundle import Bundle, write_manifest
+
+INT8_KEY = "int8"  # manifest.extra key
+CALIB_BATCH = 8  # images per calibration run; ranges are min/max over all runs, so only memory depends on it
+MAX_HELD_OUT = 32
+MIN_HELD_OUT = 4  # fewer held-out images than this: validate on the calibration images and say so
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What was quantized and how closely its features follow FP32 on `validated_on` images."""
+
+    graph: str
+    file: str  # int8 graph, relative to the bundle
+    source_file: str
+    source_sha256: str
+    calibration_images: int
+    validation_images: int
+    validated_on: str  # "held-out" | "calibration"
+    reduce_range: bool
+    cosine_min: float  # per-image cosine of INT8 vs FP32 features
+    cosine_mean: float
+    max_abs: float  # max |INT8 - FP32| over all features
+    ref_max_abs: float  # max |FP32 feature|: the scale max_abs is read against
+    onnxruntime: str
+    scheme: str = "QDQ, weights int8 per channel, activations uint8, min/max calibration"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _CalibrationBatches:
+    """ONNX Runtime's CalibrationDataReader protocol (`get_next`) over preprocessed images."""
+
+    def __init__(self, images: NDArray[np.float32], input_name: str) -> None:
+        self._feeds = iter([{input_name: images[i : i + CALIB_BATCH]} for i in range(0, len(images), CALIB_BATCH)])
+
+    def get_next(self) -> dict[str, NDArray[np.float32]] | None:
+        return next(self._feeds, None)
+
+
+def split_images(paths: Sequence[Path], max_images: int) -> tuple[list[Path], list[Path]]:
+    """Calibration and held-out images, chosen by a fixed-seed shuffle so both span every class folder.
+
+    A quarter of the images (at most MAX_HELD_OUT) is held out when that gives at least MIN_HELD_OUT;
+    otherwise the held-out list is empty and validation falls back to the calibration images.
+    """
+    if max_images < 1:
+        raise InvalidInput(f"--images must be >= 1, got {max_images}")
+    order = np.random.default_rng(0).permutation(len(paths))
+    shuffled = [Path(paths[i]) for i in order]
+    held = min(MAX_HELD_OUT, len(shuffled) // 4)
+    held = held if held >= MIN_HELD_OUT else 0
+    n_cal = min(max_images, len(shuffled) - held)
+    return shuffled[:n_cal], shuffled[n_cal : n_cal + held]
+
+
+def _check_quantizable(bundle: Bundle, graph: str) -> tuple[str, str]:
+    """The graph's file and input name; refuses bundles whose features need task state."""
+    m = bundle.manifest
+    if m.adapter != "none":
+        raise InvalidInput(
+            f"int8 is offered for adapter none bundles; this bundle uses {m.adapter} — quantize a bundle exported with --adapter none"
+        )
+    bundle.graph_path(graph)  # names the graphs there are when `graph` is not one
+    rel = m.graphs[graph].file
+    inputs = list(m.graphs[graph].inputs)
+    if len(inputs) != 1:
+        raise InvalidInput(f"graph {graph!r} has inputs {', '.join(inputs)}; int8 calibration feeds one image input")
+    digest = sha256_file(bundle.file(rel))
+    if m.files.get(rel) != digest:
+        raise BundleError(f"{bundle.file(rel)} does not match the sha256 in the manifest; re-export the bundle")
+    return rel, inputs[0]
+
+
+def _cosines(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.float64]:
+    """Row-wise cosine of `(N, D)` features (1.0 where both rows are zero)."""
+    a64, b64 = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    na, nb = np.linalg.norm(a64, axis=1), np.linalg.norm(b64, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = (a64 * b64).sum(1) / np.maximum(na * nb, 1e-300)
+    return np.where(both_zero, 1.0, cos)
+
+
+def _features(onnx_path: Path, input_name: str, images: NDArray[np.float32]) -> NDArray[np.float32]:
+    """The graph's (first) output for `images`, run in calibration-sized batches."""
+    from fsdeploy.engines.ort import OrtEngine, OrtOptions
+
+    engine = OrtEngine(onnx_path, OrtOptions(providers=("CPUExecutionProvider",), cpu_arena=False))
+    try:
+        batches = [next(iter(engine.run({input_name: images[i : i + CALIB_BATCH]}).values())) for i in range(0, len(images), CALIB_BATCH)]
+        return np.concatenate(batches)
+    finally:
+        engine.close()
+
+
+def _quantize_file(src: Path, dst: Path, images: NDArray[np.float32], input_name: str, *, reduce_range: bool, work: Path) -> None:
+    """Shape-infer and fold `src` (ONNX Runtime's recommended pre-pass), then calibrate and write QDQ `dst`."""
+    quant = require("onnxruntime.quantization")
+    shape_inference = require("onnxruntime.quantization.shape_inference")
+    prepared = work / "prepared.onnx"
+    shape_inference.quant_pre_process(str(src), str(prepared))
+    quant.quantize_static(
+        str(prepared),
+        str(dst),
+        _CalibrationBatches(images, input_name),
+        quant_format=quant.QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=quant.QuantType.QUInt8,
+        weight_type=quant.QuantType.QInt8,
+        # MinMax keeps only per-tensor min/max per batch, so memory stays small without ORT's
+        # CalibMaxIntermediateOutputs, which (onnxruntime 1.32) drops the batches it flushes instead of merging them.
+        calibrate_method=quant.CalibrationMethod.MinMax,
+    )
+
+
+def quantize_bundle(
+    bundle: Bundle,
+    calib_images: list[Path],
+    *,
+    graph: str = "features",
+    max_images: int = 64,
+    reduce_range: bool = True,
+    say: Say | None = None,
+) -> QuantReport:
+    """Write an INT8 version of `graph` into the bundle, calibrated and validated on real images.
+
+    The bundle is unchanged unless everything succeeds; re-quantizing replaces the previous int8 graph.
+
+    Args:
+        bundle: a loaded bundle with adapter "none".
+        calib_images: image files or folders (searched recursively), preprocessed as the bundle says.
+        graph: the graph to quantize.
+        max_images: at most this many images calibrate; others (up to a quarter) are held out to validate.
+        reduce_range: 7-bit weights, which avoid int16 saturation in the u8 x s8 kernels of CPUs without VNNI.
+        say: progress messages.
+
+    Returns:
+        The report, also stored in `manifest.extra["int8"]`.
+
+    Raises:
+        InvalidInput: another adapter, no images, or unreadable images (all named).
+        BundleError: the FP32 graph changed since export.
+    """
+    say = say or (lambda _msg: None)
+    src_rel, input_name = _check_quantizable(bundle, graph)
+    try:
+        paths = list_images(list(calib_images))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{exc}; calibration needs real images like those the model will serve (about 64)") from None
+    cal_paths, held_paths = split_images(paths, max_images)
+    pre = bundle.manifest.preprocess
+    workers = os.cpu_count() or 1
+    say(f"loading {len(cal_paths)} calibration + {len(held_paths)} held-out images")
+    cal = load_checked(cal_paths, pre, workers=workers)
+    held = load_checked(held_paths, pre, workers=workers) if held_paths else cal
+    ort_version = require("onnxruntime").__version__
+    src = bundle.file(src_rel)
+    with tempfile.TemporaryDirectory(prefix="fsdeploy-int8-") as tmp:
+        work = Path(tmp)
+        quantized = work / "int8.onnx"
+        say(f"calibrating {src_rel} on {len(cal)} images")
+        _quantize_file(src, quantized, cal, input_name, reduce_range=reduce_range, work=work)
+        say(f"comparing INT8 with FP32 on {len(held)} {'held-out' if held_paths else 'calibration'} images")
+        ref = _features(src, input_name, held)
+        got = _features(quantized, input_name, held)
+        cos = _cosines(got, ref)
+        digest = sha256_file(quantized)
+        report = QuantReport(
+            graph=graph,
+            file=f"{Path(src_rel).stem}.int8.{digest[:12]}.onnx",
+            source_file=src_rel,
+            source_sha256=bundle.manifest.files[src_rel],
+            calibration_images=len(cal),
+            validation_images=len(held),
+            validated_on="held-out" if held_paths else "calibration",
+            reduce_range=reduce_range,
+            cosine_min=float(cos.min()),
+            cosine_mean=float(cos.mean()),
+            max_abs=float(np.abs(got.astype(np.float64) - ref).max()),
+            ref_max_abs=float(np.abs(ref).max()),
+            onnxruntime=ort_version,
+        )
+        _commit(bundle, quantized, report, digest)
+    say(f"wrote {report.file}")
+    return report
+
+
+def _commit(bundle: Bundle, quantized: Path, report: QuantReport, digest: str) -> None:
+    """Copy the int8 file in, then rewrite the manifest: the manifest's atomic replace is the commit point.
+
+    The file name carries its hash, so the new file never overwrites the one the old manifest lists; a
+    failure before the manifest is written removes the new file, and the old one is deleted only after.
+    """
+    m = bundle.manifest
+    old = m.extra.get(INT8_KEY, {}).get("file")
+    target = bundle.file(report.file)
+    with atomic_path(target, suffix=".onnx") as tmp:
+        shutil.copyfile(quantized, tmp)
+    try:
+        files = {k: v for k, v in m.files.items() if k != old}
+        files[report.file] = digest
+        write_manifest(bundle.path, replace(m, files=files, extra={**m.extra, INT8_KEY: report.to_dict()}))
+    except BaseException:
+        if report.file != old:
+            target.unlink(missing_ok=True)
+        raise
+    if old and old != report.file:
+        bundle.file(old).unlink(missing_ok=True)
+
+
+def int8_graph_path(bundle: Bundle, graph: str) -> Path:
+    """The int8 file of `graph`, for engines opened with precision int8.
+
+    Raises:
+        BundleError: the bundle has no int8 graph for `graph`, or it was made from another FP32 graph.
+    """
+    info = bundle.manifest.extra.get(INT8_KEY)
+    if not info:
+        raise BundleError(
+            f"bundle {bundle.path} has no int8 graph; make one with `fsdeploy quantize {bundle.path} CALIB_DIR` (a folder of real images)"
+        )
+    if info["graph"] != graph:
+        raise BundleError(f"bundle {bundle.path} has an int8 graph for {info['graph']!r} only, not {graph!r}; run {graph!r} at fp32")
+    if bundle.manifest.files.get(info["source_file"]) != info["source_sha256"]:
+        raise BundleError(
+            f"the int8 graph in {bundle.path} was made from an older {info['source_file']}; re-run `fsdeploy quantize {bundle.path} CALIB_DIR`"
+        )
+    return bundle.file(info["file"])
+
+
+def time_precisions(
+    bundle: Bundle,
+    image: NDArray[np.float32] | None = None,
+    *,
+    graph: str = "features",
+    iters: int = 10,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Batch-1 latency (LatencyStats) of the fp32 and int8 graphs, interleaved so machine noise hits both alike.
+
+    Args:
+        image: one preprocessed image `(1, C, H, W)`; default a crop of a shipped photo.
+    """
+    from fsdeploy.bench.measure import interleaved
+    from fsdeploy.data.samples import real_batch
+    from fsdeploy.engines import EngineOptions, open_engine
+
+    if image is None:
+        image = real_batch(bundle.manifest.preprocess, 1, np.random.default_rng(0))
+    if image.ndim != 4 or len(image) != 1:
+        raise InvalidInput(f"time_precisions takes one image (1, C, H, W); got shape {image.shape}")
+    if iters < 1:
+        raise InvalidInput(f"--iters must be >= 1, got {iters}")
+    input_name = next(iter(bundle.manifest.graphs[graph].inputs))
+    feeds = {input_name: np.ascontiguousarray(image, dtype=np.float32)}
+    engines = {p: open_engine(bundle, graph, "ort", EngineOptions(threads=threads, precision=p)) for p in ("fp32", "int8")}
+    try:
+        return interleaved({p: (lambda e=e: e.run(feeds)) for p, e in engines.items()}, warmup=3, iters=iters, rounds=min(5, iters))
+    finally:
+        for e in engines.values():
+            e.close()
