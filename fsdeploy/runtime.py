@@ -129,6 +129,8 @@ def feature_path(
 ) -> FeaturePath:
     """The feature path for the bundle's adapter kind, or the task's own folded graph when it has one."""
     if task_state and "graph" in task_state:
+        if options is not None and options.precision != "fp32":
+            raise UnknownName(f"tasks with folded weights run their own fp32 graph; drop --precision {options.precision}")
         if backend != "ort":
             raise UnknownName(f"tasks with folded weights run their own ONNX graph on ort; got backend {backend!r}")
         return TaskGraphPath(task_state["graph"].tobytes(), options or EngineOptions())

@@ -149,7 +149,8 @@ def adapt_task(
         classes=files.classes,
         model_state=model.state(),
         task_state=state,
-        info={"head": head, "transform": transform, "support": len(files), "seed": seed, "fsdeploy": __version__},
+        info={"head": head, "transform": transform, "support": len(files), "seed": seed, "precision": options.precision,
+              "fsdeploy": __version__},
     )
     if out is not None:
         task.save(out)

@@ -18,6 +18,7 @@ from fsdeploy.errors import BundleError, InvalidInput, UnknownName
 from fsdeploy.exporters.bundle import Bundle, load_bundle
 from fsdeploy.exporters.export import export_bundle
 from fsdeploy.exporters.quantize import quantize_bundle, split_images
+from fsdeploy.task import TaskArtefact
 from tests.helpers import glyph_folder, make_checkpoint
 
 # Tiny resnet18 at 32 px reaches per-image cosine ~0.997 (min over held-out crops); the bench's resnet18
@@ -149,6 +150,10 @@ def test_precision_errors_are_one_line(ws) -> None:
     assert "\n" not in str(exc.value)
     with pytest.raises(UnknownName, match="fp16 engines run on --backend trt"):
         open_engine(ws.bundle, "features", "ort", EngineOptions(precision="fp16"))
+    from fsdeploy.runtime import feature_path
+
+    with pytest.raises(UnknownName, match="own fp32 graph; drop --precision int8"):  # folded TSA / BN-affine tasks
+        feature_path(ws.bundle, "ort", EngineOptions(precision="int8"), task_state={"graph": np.zeros(4, np.uint8)})
 
 
 @pytest.mark.parametrize("adapter", ["case", "toast"])
@@ -201,11 +206,11 @@ def test_cli_quantize_then_serve_int8(ws, tmp_path) -> None:
     task = tmp_path / "t.npz"
     code, out = invoke("adapt", str(folder), str(support), "--head", "ncc", "--precision", "int8", "--out", str(task))
     assert code == 0, out
+    assert TaskArtefact.load(task).info["precision"] == "int8"
     code, out = invoke("predict", str(folder), str(task), str(query), "--precision", "int8", "--json")
     assert code == 0, out
     probs = [json.loads(line)["probs"][0] for line in out.strip().splitlines()]
     from fsdeploy.heads.pipeline import TaskModel
-    from fsdeploy.task import TaskArtefact
 
     b = load_bundle(folder)
     images = load_checked(list_images([query]), b.manifest.preprocess)
