@@ -204,12 +204,11 @@ def _run_1(run: _Run) -> TargetResult:
     worst = min(rows, key=lambda r: r["ratio"])
     measured = f"FP32 min {worst['ratio']:.2f}x ({worst['model']}, batch {worst['batch']})"
     if cfg.int8:  # the closest real thing where FP32 is at the FMA peak: static INT8 (not the same numerics)
+        from fsdeploy.exporters.bundle import load_bundle
         from fsdeploy.exporters.quantize import quantize_bundle
 
         int8_rows = []
         for model in cfg.models:
-            from fsdeploy.exporters.bundle import load_bundle
-
             report = quantize_bundle(bundles[model], [run.support_folder(cfg.support)], say=run.say)
             b = load_bundle(bundles[model].path)  # the manifest now lists the int8 graph
             run.report.notes.append(f"{model} INT8: cosine vs FP32 min {report.cosine_min:.4f} / mean "

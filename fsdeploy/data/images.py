@@ -6,8 +6,8 @@ size / crop_pct, centre-crop to size, scale to [0, 1], normalise by mean/std, CH
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np

@@ -27,7 +27,7 @@ class EngineOptions:
     # back and are closed right after (the CaSE stage chain). Measured: a spinning session left open slows
     # the next 100 ms of other work on a 2-core machine 1.4-3x, so query sessions never spin by default.
     spinning: bool | None = None
-    cpu_arena: bool = True  # ONNX Runtime's CPU memory arena (off for graphs run once per task)
+    cpu_arena: bool = True  # ONNX Runtime's CPU memory arena: keeps peak buffers of a session for reuse
 
 
 Opener = Callable[[Any, str, EngineOptions], Engine]

@@ -68,10 +68,10 @@ def compare_outputs(
     checks = []
     for name, ref in want.items():
         out = got.get(name)
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
         if out is None or out.shape != ref.shape:
-            checks.append(OutputCheck(graph, inputs, name, False, float("inf"), float("nan")))
+            checks.append(OutputCheck(graph, inputs, name, False, float("inf"), float("nan"), scale))
             continue
         diff = float(np.max(np.abs(out.astype(np.float64) - ref))) if ref.size else 0.0
-        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
         checks.append(OutputCheck(graph, inputs, name, True, diff, cosine(out, ref), scale))
     return checks

@@ -24,10 +24,10 @@ up to float rounding of the mean (tested ≤ 1e-5).
 Memory: the manifest records the floats per image held at each cut (`chunked.state_floats_per_image`).
 efficientnet_b0 at 224 px peaks at cut 3 (after blocks.1.1's depthwise activation, plus the block's
 shortcut) with 526,992 floats = 2.1 MB per image, so 500 support images hold 0.98 GiB of state at the
-worst cut; a chunk's old state is freed as its new one arrives, so two cuts never coexist in full.
-Measured peak RSS of this pass (500 images at 224 px, chunks of 25, ONNX Runtime CPU, each stage engine
-released after use through `release`): 1.37 GiB with the CPU memory arena off, 1.54 GiB with it on.
-Keeping every stage engine open for the whole pass keeps every session's arena: 2.49 GiB (arena on).
+worst cut; a chunk's buffer is reused by the next chunk as soon as its new state exists (`StateStore`),
+so two cuts never coexist in full. Measured peak RSS of `fsdeploy adapt` on 500 images at 224 px (chunks
+of 8, ONNX Runtime CPU with its arena, each stage engine released after use through `release`):
+1,478 MiB (`fsdeploy bench perf --targets 4`).
 """
 from __future__ import annotations
 
@@ -166,17 +166,16 @@ def _chunked_context(
         total = np.zeros(pooled_width, dtype=np.float64)
         inputs = batches if k == 0 else chunks
         chunks_next: list[tuple[int, dict[str, np.ndarray], mmap.mmap | None]] = []
+        if k == len(stages) - 1:
+            feats = np.empty((n_images, _static_width(engine, "features")), dtype=np.float32)
         row = 0
         for item in inputs:
-            if k == 0:
-                images = _check_images(item)  # type: ignore[arg-type]
-                n, feeds, old = images.shape[0], {"images": images}, None
+            if k == 0:  # images, already checked by `_split`
+                n, feeds, old = item.shape[0], {"images": item}, None  # type: ignore[union-attr]
                 n_images += n
             else:
                 n, state, old = item  # type: ignore[misc]
                 feeds = {**state, "gamma": gamma}
-            if feats is None and k == len(stages) - 1:
-                feats = np.empty((n_images, _static_width(engine, "features")), dtype=np.float32)
             outs, buf = store.outputs(engine, n, pooled_width, feats[row : row + n] if feats is not None else None)
             engine.run_into(feeds, outs)
             store.give(old)  # this chunk's previous state is no longer needed
