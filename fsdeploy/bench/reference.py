@@ -104,7 +104,7 @@ def torch_features(graphs: Mapping[str, Any], images: torch.Tensor, gamma: torch
     (CaSE bundles: returns (features, gamma)) or the plain `features` graph."""
     with torch.inference_mode():
         if gamma is not None:
-            return graphs["query"].module(images, gamma)
+            return graphs["query"].eager(images, gamma)
         if "context" in graphs:
             return graphs["context"].module(images)  # (features, gamma)
         return graphs["features"].module(images)

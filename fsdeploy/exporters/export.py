@@ -51,7 +51,7 @@ def torch_outputs(graph: GraphExport, feeds: dict[str, np.ndarray]) -> dict[str,
     torch = require("torch")
     args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in graph.spec.inputs]
     with torch.inference_mode():
-        out = graph.module(*args)
+        out = graph.eager(*args)
     if not isinstance(out, (tuple, list)):
         out = (out,)
     return {n: o.detach().cpu().numpy() for n, o in zip(graph.spec.outputs, out)}

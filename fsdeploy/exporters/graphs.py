@@ -34,6 +34,8 @@ class GraphExport:
 
     `feeds(images)` builds that graph's inputs from a batch of preprocessed images `(N, 3, H, W)`
     (for graphs with more inputs than images, e.g. CaSE's query graph, it computes them).
+    `reference`, when given, is the plain module that `module` rewrites for speed (e.g. CaSE's fused
+    query graph): export validation and eager baselines use it, so the rewrite itself is checked.
     """
 
     name: str
@@ -41,6 +43,12 @@ class GraphExport:
     spec: ExportSpec
     feeds: Callable[[np.ndarray], dict[str, np.ndarray]]
     file: str = ""
+    reference: Any = None
+
+    @property
+    def eager(self) -> Any:
+        """The module as written: `reference` if the exported one is a rewrite of it, else `module`."""
+        return self.module if self.reference is None else self.reference
 
     @property
     def filename(self) -> str:

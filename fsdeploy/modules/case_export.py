@@ -159,9 +159,10 @@ def case_graphs(net: CaseNet) -> tuple[tuple[GraphExport, ...], list[Stage]]:
             images_only,
         ),
         GraphExport(
-            "query", net.query_module(),
+            "query", net.deploy_query_module(),
             ExportSpec(inputs={"images": batch, "gamma": {}}, outputs=("features",), output_axes={"features": batch}),
             _query_feeds(chain),
+            reference=net.query_module(),
         ),
         GraphExport(
             "case_gamma", net.gamma_module(),

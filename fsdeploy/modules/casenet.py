@@ -9,7 +9,11 @@ leaves), and every mode is a rewrite of that one graph, so no mode is a flag fli
 - context: images → (features, γ) — at each site, γ_i = CaseBlock_i(activation), then activation ⊙ γ_i;
   each block sees activations already scaled by the earlier blocks.
 - query: (images, γ) → features — at each site, activation ⊙ γ[offset:offset+length].
-- stages: the query graph cut right after each site (before its scaling). Stage k maps the live state at
+- deploy query: the query graph with each γ folded into the squeeze-and-excitation that follows its site
+  (`fsdeploy.modules.scale_fusion`): the same function with one full-size multiply fewer per site. This
+  is the exported `query` graph; `query` stays the plain reference it is validated against.
+- stages: the deploy query graph cut right after each site (before its scaling; after the site's own
+  spatial mean where the fusion added one, which is then carried instead of recomputed). Stage k maps the live state at
   cut k-1 (+ the whole γ, of which it reads γ_0..γ_{k-1}) to the live state at cut k plus `pooled`, the
   per-image spatial mean of site k's activation; the last stage ends in features. Chaining the stages
   with the right γ is the query graph; summing `pooled` over every chunk gives each site's exact context
@@ -30,6 +34,7 @@ from torch import fx, nn
 from fsdeploy.errors import InvalidInput
 from fsdeploy.modules.case import CaseBlock, apply_gamma, spatial_mean
 from fsdeploy.modules.placement import case_sites, placement_for
+from fsdeploy.modules.scale_fusion import fuse_channel_scales, site_mean
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class CaseNet(nn.Module):
             offsets.append(offsets[-1] + c)
         self.layout = tuple(GammaSlot(n, o, c) for n, o, c in zip(order, offsets, channels))
         self._graph = graph
+        self.probe_size = probe_size
         self._built: dict[str, fx.GraphModule] = {}
         self._stages: list[Stage] | None = None
 
@@ -130,6 +136,10 @@ class CaseNet(nn.Module):
     def query_module(self) -> nn.Module:
         """(images, gamma) → features."""
         return self._cached("query", lambda: self._rewrite(context=False)[0])
+
+    def deploy_query_module(self) -> nn.Module:
+        """(images, gamma) → features, equal to `query_module` up to rounding; what the bundle exports."""
+        return self._cached("deploy_query", lambda: self._deploy_rewrite()[0])
 
     def gamma_module(self) -> nn.Module:
         """means `(G,)` (each site's context mean, concatenated) → γ `(G,)`."""
@@ -181,6 +191,13 @@ class CaseNet(nn.Module):
         gm = fx.GraphModule(self, g, class_name="CaseContext" if context else "CaseQuery")
         return gm, site_nodes, gamma_in
 
+    def _deploy_rewrite(self) -> tuple[fx.GraphModule, list[fx.Node], fx.Node | None]:
+        gm, sites, gamma_in = self._rewrite(context=False)
+        p = next(self.parameters())
+        probe = torch.zeros(1, 3, self.probe_size, self.probe_size, dtype=p.dtype, device=p.device)
+        fuse_channel_scales(gm, probe, torch.ones(self.gamma_size, dtype=p.dtype, device=p.device))
+        return gm, sites, gamma_in
+
 
 class GammaFromMeans(nn.Module):
     """Every CaseBlock's excitation side by side: concatenated context means `(G,)` → concatenated γ `(G,)`.
@@ -215,8 +232,8 @@ def _site_channels(backbone: nn.Module, sites: list[str], size: int) -> list[int
 
 
 def _split_stages(net: CaseNet) -> list[Stage]:
-    """Cut the query graph after each site node (before its scaling) into K + 1 stage modules."""
-    gm, sites, gamma_in = net._rewrite(context=False)
+    """Cut the deploy query graph after each site node (before its scaling) into K + 1 stage modules."""
+    gm, sites, gamma_in = net._deploy_rewrite()
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
 
@@ -226,7 +243,8 @@ def _split_stages(net: CaseNet) -> list[Stage]:
             if n is not gamma_in and n.op != "output" and any(pos[u] > p for u in n.users)
         ]
 
-    cuts = [pos[s] for s in sites]
+    means = [site_mean(s) for s in sites]  # the fusion's mean_hw(site): computed before the cut, carried
+    cuts = [pos[m if m is not None else s] for s, m in zip(sites, means)]
     bounds = [-1, *cuts, len(nodes) - 1]
     stages: list[Stage] = []
     for k in range(len(bounds) - 1):
@@ -252,7 +270,11 @@ def _split_stages(net: CaseNet) -> list[Stage]:
                 env[n] = g.node_copy(n, env.__getitem__)
         if k < len(cuts):
             carried_out = live_after(end)
-            pooled = g.call_function(spatial_mean, (env[sites[k]],))
+            m = means[k]
+            pooled = (
+                g.call_function(torch.flatten, (env[m], 1)) if m is not None
+                else g.call_function(spatial_mean, (env[sites[k]],))
+            )
             g.output((pooled, *(env[n] for n in carried_out)))
             outputs = ("pooled", *(f"state{k:02d}_{j}" for j in range(len(carried_out))))
         else:
