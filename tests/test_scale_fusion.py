@@ -89,6 +89,6 @@ def test_probe_does_not_touch_batchnorm_statistics() -> None:
 
 def test_site_mean_only_marks_fused_sites() -> None:
     net = _net("efficientnet_b0")
-    gm, sites, _ = net._deploy_rewrite()
+    _, sites, _ = net._deploy_rewrite()
     marked = [site_mean(s) is not None for s in sites]
     assert marked == [False] + [True] * 16 + [False, False]
