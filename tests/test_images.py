@@ -12,7 +12,7 @@ from fsdeploy.errors import InvalidInput
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224"])
-@pytest.mark.parametrize("size", [(300, 411), (411, 300), (224, 224)])
+@pytest.mark.parametrize("size", [(300, 411), (411, 300), (224, 224), (320, 320), (257, 999), (750, 1000), (97, 131)])
 def test_preprocess_matches_timm_eval_transform(name: str, size: tuple[int, int]) -> None:
     model, pre = create_backbone(name)
     timm_tf = create_transform(**resolve_data_config({}, model=model))
