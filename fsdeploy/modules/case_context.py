@@ -18,12 +18,14 @@ would give each chunk its own γ; keeping the last chunk's γ would be wrong. Th
    one chunk) is held at a time.
 4. The last stage returns the features of each chunk; the concatenated γ is the task state.
 
-The arithmetic per image is the query graph's, so features and γ equal the one-batch context graph's
-up to float rounding of the mean (tested ≤ 1e-5).
+The arithmetic per image is the (deploy) query graph's, so features and γ equal the one-batch context
+graph's up to float rounding of the mean (tested ≤ 1e-5). Where a site feeds a squeeze-and-excitation
+(EfficientNet), the stage also carries the site's per-image mean `(n, C, 1, 1)` and `pooled` is that mean,
+so stage k+1 does not re-read the site's activation for it (`fsdeploy.modules.scale_fusion`).
 
 Memory: the manifest records the floats per image held at each cut (`chunked.state_floats_per_image`).
 efficientnet_b0 at 224 px peaks at cut 3 (after blocks.1.1's depthwise activation, plus the block's
-shortcut) with 526,992 floats = 2.1 MB per image, so 500 support images hold 0.98 GiB of state at the
+shortcut and the site's mean) with 527,136 floats = 2.1 MB per image, so 500 support images hold 0.98 GiB of state at the
 worst cut; a chunk's buffer is reused by the next chunk as soon as its new state exists (`StateStore`),
 so two cuts never coexist in full. Measured peak RSS of `fsdeploy adapt` on 500 images at 224 px (chunks
 of 8, ONNX Runtime CPU with its arena, each stage engine released after use through `release`):
