@@ -13,11 +13,11 @@ from fsdeploy.modules.scale_fusion import fuse_channel_scales, site_mean
 from tests.test_case_blocks import _hooked, _net
 
 
-def _large_multiplies(gm: torch.fx.GraphModule, x: torch.Tensor, gamma: torch.Tensor) -> int:
+def _large_multiplies(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> int:
     """Multiplies (apply_gamma or `*`) whose output has spatial size > 1, counted by running the graph."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    ShapeProp(gm).propagate(x, gamma)
+    ShapeProp(gm).propagate(*inputs)
     count = 0
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in (apply_gamma, operator.mul):
@@ -40,6 +40,22 @@ def test_deploy_query_equals_plain_query(name: str) -> None:
     torch.testing.assert_close(fused, hooked, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("name", ["efficientnet_b0", "resnet18"])
+def test_deploy_context_equals_plain_context(name: str) -> None:
+    net = _net(name)
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        feats, gamma = net.context_module()(x)
+        d_feats, d_gamma = net.deploy_context_module()(x)
+        h_feats, h_gamma = _hooked(net, x, None)
+    assert float(gamma.std()) > 0.05  # the blocks really scale
+    torch.testing.assert_close(d_gamma, gamma, rtol=0, atol=1e-6)
+    torch.testing.assert_close(d_gamma, h_gamma, rtol=0, atol=1e-6)
+    scale = float(feats.abs().max())
+    torch.testing.assert_close(d_feats, feats, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(d_feats, h_feats, rtol=0, atol=1e-5 * scale)
+
+
 def test_efficientnet_loses_one_large_multiply_per_squeeze_excitation() -> None:
     net = _net("efficientnet_b0")
     x, gamma = torch.randn(1, 3, 64, 64), torch.ones(net.gamma_size)
@@ -48,7 +64,10 @@ def test_efficientnet_loses_one_large_multiply_per_squeeze_excitation() -> None:
     with torch.no_grad():
         before = _large_multiplies(net.query_module(), x, gamma)
         after = _large_multiplies(net.deploy_query_module(), x, gamma)
+        context_before = _large_multiplies(net.context_module(), x)
+        context_after = _large_multiplies(net.deploy_context_module(), x)
     assert before - after == se_blocks
+    assert context_before - context_after == se_blocks
 
 
 def test_resnet_graph_is_left_alone() -> None:
@@ -56,7 +75,7 @@ def test_resnet_graph_is_left_alone() -> None:
     x, gamma = torch.randn(1, 3, 64, 64), torch.ones(net.gamma_size)
     with torch.no_grad():
         assert _large_multiplies(net.deploy_query_module(), x, gamma) == _large_multiplies(net.query_module(), x, gamma)
-    _, sites, _ = net._deploy_rewrite()
+    _, sites, _ = net._deploy_rewrite(context=False)
     assert not any(site_mean(s) is not None for s in sites)
 
 
@@ -89,6 +108,6 @@ def test_probe_does_not_touch_batchnorm_statistics() -> None:
 
 def test_site_mean_only_marks_fused_sites() -> None:
     net = _net("efficientnet_b0")
-    _, sites, _ = net._deploy_rewrite()
+    _, sites, _ = net._deploy_rewrite(context=False)
     marked = [site_mean(s) is not None for s in sites]
     assert marked == [False] + [True] * 16 + [False, False]

@@ -154,9 +154,10 @@ def case_graphs(net: CaseNet) -> tuple[tuple[GraphExport, ...], list[Stage]]:
     chain = _TorchChain(net)
     graphs = [
         GraphExport(
-            "context", net.context_module(),
+            "context", net.deploy_context_module(),
             ExportSpec(inputs={"images": batch}, outputs=("features", "gamma"), output_axes={"features": batch}),
             images_only,
+            reference=net.context_module(),
         ),
         GraphExport(
             "query", net.deploy_query_module(),

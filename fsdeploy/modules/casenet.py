@@ -9,9 +9,9 @@ leaves), and every mode is a rewrite of that one graph, so no mode is a flag fli
 - context: images → (features, γ) — at each site, γ_i = CaseBlock_i(activation), then activation ⊙ γ_i;
   each block sees activations already scaled by the earlier blocks.
 - query: (images, γ) → features — at each site, activation ⊙ γ[offset:offset+length].
-- deploy query: the query graph with each γ folded into the squeeze-and-excitation that follows its site
+- deploy context / deploy query: those graphs with each γ folded into the squeeze-and-excitation that follows its site
   (`fsdeploy.modules.scale_fusion`): the same function with one full-size multiply fewer per site. This
-  is the exported `query` graph; `query` stays the plain reference it is validated against.
+  is what the bundle exports; the plain modes stay the references it is validated against.
 - stages: the deploy query graph cut right after each site (before its scaling; after the site's own
   spatial mean where the fusion added one, which is then carried instead of recomputed). Stage k maps the live state at
   cut k-1 (+ the whole γ, of which it reads γ_0..γ_{k-1}) to the live state at cut k plus `pooled`, the
@@ -137,9 +137,13 @@ class CaseNet(nn.Module):
         """(images, gamma) → features."""
         return self._cached("query", lambda: self._rewrite(context=False)[0])
 
+    def deploy_context_module(self) -> nn.Module:
+        """images → (features, gamma), equal to `context_module` up to rounding; what the bundle exports."""
+        return self._cached("deploy_context", lambda: self._deploy_rewrite(context=True)[0])
+
     def deploy_query_module(self) -> nn.Module:
         """(images, gamma) → features, equal to `query_module` up to rounding; what the bundle exports."""
-        return self._cached("deploy_query", lambda: self._deploy_rewrite()[0])
+        return self._cached("deploy_query", lambda: self._deploy_rewrite(context=False)[0])
 
     def gamma_module(self) -> nn.Module:
         """means `(G,)` (each site's context mean, concatenated) → γ `(G,)`."""
@@ -191,11 +195,14 @@ class CaseNet(nn.Module):
         gm = fx.GraphModule(self, g, class_name="CaseContext" if context else "CaseQuery")
         return gm, site_nodes, gamma_in
 
-    def _deploy_rewrite(self) -> tuple[fx.GraphModule, list[fx.Node], fx.Node | None]:
-        gm, sites, gamma_in = self._rewrite(context=False)
+    def _deploy_rewrite(self, *, context: bool) -> tuple[fx.GraphModule, list[fx.Node], fx.Node | None]:
+        """`_rewrite` followed by the SE fold (`fsdeploy.modules.scale_fusion`), probed once for shapes."""
+        gm, sites, gamma_in = self._rewrite(context=context)
         p = next(self.parameters())
-        probe = torch.zeros(1, 3, self.probe_size, self.probe_size, dtype=p.dtype, device=p.device)
-        fuse_channel_scales(gm, probe, torch.ones(self.gamma_size, dtype=p.dtype, device=p.device))
+        probe = [torch.zeros(1, 3, self.probe_size, self.probe_size, dtype=p.dtype, device=p.device)]
+        if not context:
+            probe.append(torch.ones(self.gamma_size, dtype=p.dtype, device=p.device))
+        fuse_channel_scales(gm, *probe)
         return gm, sites, gamma_in
 
 
@@ -233,7 +240,7 @@ def _site_channels(backbone: nn.Module, sites: list[str], size: int) -> list[int
 
 def _split_stages(net: CaseNet) -> list[Stage]:
     """Cut the deploy query graph after each site node (before its scaling) into K + 1 stage modules."""
-    gm, sites, gamma_in = net._deploy_rewrite()
+    gm, sites, gamma_in = net._deploy_rewrite(context=False)
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
 
