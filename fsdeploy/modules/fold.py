@@ -27,7 +27,11 @@ from torch import nn
 
 from fsdeploy.atomic import atomic_path
 from fsdeploy.errors import BundleError, InvalidInput
-from fsdeploy.modules.adapters import ResidualAdapterConv, adapters_of, centre_tap_problem
+from fsdeploy.modules.adapters import (
+    ResidualAdapterConv,
+    adapters_of,
+    centre_tap_problem,
+)
 
 F32 = NDArray[np.float32]
 _FORMAT_KEY = "fsdeploy_task_weights"
@@ -159,9 +163,8 @@ class TaskWeights:
         if self.beta is not None:
             arrays["beta"] = self.beta
         path = Path(path)
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
         return path
 
     @classmethod

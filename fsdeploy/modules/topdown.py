@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsdeploy.backbones import Preprocess, create_backbone, read_checkpoint, save_checkpoint
+from fsdeploy.backbones import (
+    Preprocess,
+    create_backbone,
+    read_checkpoint,
+    save_checkpoint,
+)
 from fsdeploy.errors import InvalidInput
 
 CHECKPOINT_FORMAT = 1  # bump when the key layout of a TOAST checkpoint changes
@@ -159,7 +164,7 @@ class TopDownViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch + position embedding, shared by both passes: `(B, 3, H, W) -> (B, N, D)`."""
         bb = self.backbone
-        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))  # noqa: SLF001 - timm's own step
+        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
 
     def run_blocks(
         self, tokens: torch.Tensor, value_terms: list[torch.Tensor] | None = None, *, streams: list[Any] | None = None
