@@ -29,7 +29,7 @@ shortcut and the site's mean) with 527,136 floats = 2.1 MB per image, so 500 sup
 worst cut; a chunk's buffer is reused by the next chunk as soon as its new state exists (`StateStore`),
 so two cuts never coexist in full. Measured peak RSS of `fsdeploy adapt` on 500 images at 224 px (chunks
 of 8, ONNX Runtime CPU with its arena, each stage engine released after use through `release`):
-1,478 MiB (`fsdeploy bench perf --targets 4`).
+1,470 MiB (`fsdeploy bench perf --targets 4`).
 """
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ from fsdeploy.errors import BundleError, InvalidInput
 OpenGraph = Callable[[str], Engine]
 # Images per stage run. Measured on efficientnet_b0 at 224 px, 100 support images, 2 cores, ORT with its
 # memory arena: chunks of 4-8 take 1.8-2.1 s, 16: 2.3 s, 32: 3.4 s (the 32-image run's activations
-# spill the caches and page-fault in each time); the one-batch graph on all 100 takes 1.7-2.7 s.
-STAGE_CHUNK = 8
+# spill the caches and page-fault in each time); the one-batch graph on all 100 takes 1.7-2.7 s. With the
+# SE fold (`scale_fusion`), three interleaved runs of 4 against 8 gave 1.59 vs 1.75, 1.75 vs 1.90 and 1.99
+# vs 2.17 s (medians of 5-8); 2, 3, 6, 12 and 16 were slower than 4.
+STAGE_CHUNK = 4
 
 
 def _opener(graphs: OpenGraph | Mapping[str, Engine]) -> OpenGraph:
