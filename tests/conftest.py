@@ -1,9 +1,12 @@
-"""Shared test settings: keep torch to few threads so the 2-core CI box stays responsive."""
+"""Shared test settings: keep torch to few threads so the 2-core CI box stays responsive; a private ORT cache."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# ONNX Runtime's optimised-graph cache (fsdeploy.engines.ort_cache) goes to a throw-away folder, not ~/.cache
+os.environ.setdefault("FSDEPLOY_ORT_CACHE", tempfile.mkdtemp(prefix="fsdeploy-ort-cache-"))
 
 import pytest  # noqa: E402
 

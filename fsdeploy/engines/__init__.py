@@ -49,8 +49,13 @@ def register_engine(name: str) -> Callable[[Opener], Opener]:
 @register_engine("ort")
 def _open_ort(bundle: Any, graph: str, options: EngineOptions) -> Engine:
     from fsdeploy.engines.ort import OrtEngine, OrtOptions
+    from fsdeploy.engines.ort_cache import cache_dir
 
-    return OrtEngine(_ort_graph_file(bundle, graph, options.precision), OrtOptions(providers=options.providers, threads=options.threads, spinning=bool(options.spinning), cpu_arena=options.cpu_arena))
+    ort_options = OrtOptions(
+        providers=options.providers, threads=options.threads, spinning=bool(options.spinning),
+        cpu_arena=options.cpu_arena, cache_dir=cache_dir(),
+    )
+    return OrtEngine(_ort_graph_file(bundle, graph, options.precision), ort_options)
 
 
 def _ort_graph_file(bundle: Any, graph: str, precision: str) -> Path:

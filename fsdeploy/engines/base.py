@@ -15,7 +15,6 @@ import numpy as np
 
 from fsdeploy.errors import EngineError
 
-
 UNKNOWN_SHAPE = ("?",)  # an output whose shape the engine cannot tell before running (PyTorch modules)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from fsdeploy.deps import require
 from fsdeploy.engines.base import Engine, TensorSpec
+from fsdeploy.engines.ort_cache import open_cached
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
@@ -32,6 +33,30 @@ class OrtOptions:
     # device they steal the cores the numpy head fit and preprocessing need between engine calls.
     spinning: bool = False
     cpu_arena: bool = True  # the arena keeps peak buffers for reuse; off for graphs that run once
+    # Where optimised graphs are cached (`fsdeploy.engines.ort_cache`); None re-optimises at every open.
+    # Only CPU sessions of graph files at graph_opt "all" use it.
+    cache_dir: Path | None = None
+
+
+def _session_options(ort: Any, options: OrtOptions, level: str) -> Any:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    threads = options.threads or int(os.environ.get("FSDEPLOY_THREADS", "0")) or 0
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.enable_cpu_mem_arena = options.cpu_arena
+    if not options.spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -45,26 +70,20 @@ class OrtEngine(Engine):
     def __init__(self, onnx_path: str | Path | bytes, options: OrtOptions | None = None) -> None:
         ort = require("onnxruntime")
         options = options or OrtOptions()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[options.graph_opt]
-        threads = options.threads or int(os.environ.get("FSDEPLOY_THREADS", "0")) or 0
-        if threads:
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        so.enable_cpu_mem_arena = options.cpu_arena
-        if not options.spinning:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.providers = options.providers or default_providers()
-        model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-        self.session = ort.InferenceSession(model, sess_options=so, providers=list(self.providers))
+
+        def make_options(optimise: bool) -> Any:
+            return _session_options(ort, options, options.graph_opt if optimise else "disable")
+
+        cacheable = (
+            options.cache_dir is not None and not isinstance(onnx_path, bytes) and options.graph_opt == "all"
+            and tuple(self.providers) == ("CPUExecutionProvider",)
+        )
+        if cacheable:
+            self.session = open_cached(ort, Path(onnx_path), make_options, self.providers, options.cache_dir)  # type: ignore[arg-type]
+        else:
+            model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+            self.session = ort.InferenceSession(model, sess_options=make_options(True), providers=list(self.providers))
         label = "in-memory graph" if isinstance(onnx_path, bytes) else Path(onnx_path).name
         self.name = f"onnxruntime[{self.session.get_providers()[0]}]:{label}"
         self._inputs = {a.name: _spec(a) for a in self.session.get_inputs()}

@@ -226,6 +226,7 @@ class StateStore:
         self.free: list[mmap.mmap] = []
         self.floats_per_image = int(floats_per_image)  # the largest cut's; every buffer fits any cut
         self.most_images = 0
+        self._layouts: dict[tuple[str, int], tuple[list[tuple[str, tuple[int, ...], int, int]], int]] = {}
 
     def take(self, nbytes: int, n_images: int = 0) -> mmap.mmap:
         fits = [b for b in self.free if len(b) >= nbytes]
@@ -252,34 +253,40 @@ class StateStore:
     ) -> tuple[dict[str, np.ndarray], mmap.mmap | None]:
         """Output arrays for one run of `engine` on `n` images: state tensors carved from one buffer of this
         store, `pooled` (n, pooled_width), `features` as the given rows of the pass's feature matrix."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, spec in engine.output_specs().items():
-            if name == "pooled":
-                continue
-            if name == "features":
-                if features is None:
-                    raise BundleError(f"{engine.name} returns features before the last stage; re-export the bundle")
-                continue
-            rest = spec.shape[1:]
-            if not all(isinstance(d, int) for d in rest):
-                raise BundleError(f"{engine.name}: state {name!r} has dynamic dims {spec.shape}; re-export the bundle")
-            shapes[name] = (n, *rest)  # type: ignore[arg-type]
+        names = engine.output_specs().keys()
         outs: dict[str, np.ndarray] = {}
-        if "pooled" in engine.output_specs():
+        if "pooled" in names:
             outs["pooled"] = np.empty((n, pooled_width), dtype=np.float32)
-        if "features" in engine.output_specs():
-            outs["features"] = features  # type: ignore[assignment]
-        if not shapes:
+        if "features" in names:
+            if features is None:
+                raise BundleError(f"{engine.name} returns features before the last stage; re-export the bundle")
+            outs["features"] = features
+        layout, nbytes = self._layout(engine, n)
+        if not layout:
             return outs, None
-        offsets, nbytes = [], 0
-        for shape in shapes.values():
-            offsets.append(nbytes)
-            nbytes += -(-int(np.prod(shape)) * 4 // self.ALIGN) * self.ALIGN
         buf = self.take(nbytes, n)
-        for (name, shape), offset in zip(shapes.items(), offsets):
-            outs[name] = np.frombuffer(buf, dtype=np.float32, count=int(np.prod(shape)), offset=offset).reshape(shape)
+        for name, shape, count, offset in layout:
+            outs[name] = np.frombuffer(buf, dtype=np.float32, count=count, offset=offset).reshape(shape)
         return outs, buf
 
+    def _layout(self, engine: Engine, n: int) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
+        """(name, shape, floats, byte offset) of each state output of `engine` for `n` images, and the bytes
+        they take; worked out once per graph and chunk size (the chunked pass asks 20 graphs x chunks times)."""
+        key = (engine.name, n)
+        if key not in self._layouts:
+            layout, nbytes = [], 0
+            for name, spec in engine.output_specs().items():
+                if name in ("pooled", "features"):
+                    continue
+                rest = spec.shape[1:]
+                if not all(isinstance(d, int) for d in rest):
+                    raise BundleError(f"{engine.name}: state {name!r} has dynamic dims {spec.shape}; re-export the bundle")
+                shape = (n, *rest)
+                count = int(np.prod(shape))
+                layout.append((name, shape, count, nbytes))
+                nbytes += -(-count * 4 // self.ALIGN) * self.ALIGN
+            self._layouts[key] = (layout, nbytes)
+        return self._layouts[key]
 
 
 def query_pass(
