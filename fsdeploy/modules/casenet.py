@@ -9,15 +9,15 @@ leaves), and every mode is a rewrite of that one graph, so no mode is a flag fli
 - context: images → (features, γ) — at each site, γ_i = CaseBlock_i(activation), then activation ⊙ γ_i;
   each block sees activations already scaled by the earlier blocks.
 - query: (images, γ) → features — at each site, activation ⊙ γ[offset:offset+length].
-- deploy context / deploy query: those graphs with each γ folded into the squeeze-and-excitation that follows its site
-  (`fsdeploy.modules.scale_fusion`): the same function with one full-size multiply fewer per site. This
-  is what the bundle exports; the plain modes stay the references it is validated against.
+- deploy context / deploy query: those graphs with each γ folded into the squeeze-and-excitation that
+  follows its site (`fsdeploy.modules.scale_fusion`): the same function with one full-size multiply fewer
+  per site. This is what the bundle exports; the plain modes stay the references it is validated against.
 - stages: the deploy query graph cut right after each site (before its scaling; after the site's own
-  spatial mean where the fusion added one, which is then carried instead of recomputed). Stage k maps the live state at
-  cut k-1 (+ the whole γ, of which it reads γ_0..γ_{k-1}) to the live state at cut k plus `pooled`, the
-  per-image spatial mean of site k's activation; the last stage ends in features. Chaining the stages
-  with the right γ is the query graph; summing `pooled` over every chunk gives each site's exact context
-  mean (see `fsdeploy.modules.case_context`).
+  spatial mean where the fusion added one, which is then carried instead of recomputed). Stage k maps the
+  live state at cut k-1 (+ the whole γ, of which it reads γ_0..γ_{k-1}) to the live state at cut k plus
+  `pooled`, the per-image spatial mean of site k's activation; the last stage ends in features. Chaining
+  the stages with the right γ is the query graph; summing `pooled` over every chunk gives each site's
+  exact context mean (see `fsdeploy.modules.case_context`).
 - gamma: the concatenated per-site context means (G,) → γ (G,), every CaseBlock's MLP side by side.
 
 Weights live once, in `backbone` and `cases`; the graph modules reference the same submodules.
