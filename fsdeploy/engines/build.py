@@ -14,10 +14,8 @@ refit builds and all running need a GPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +24,11 @@ from typing import Any
 from fsdeploy.atomic import sha256_file, write_bytes
 from fsdeploy.deps import require
 from fsdeploy.engines.trt_backend import TrtBackend, gpu_present, load_backend
+from fsdeploy.engines.trt_precision import (
+    check_label,
+    inspect_precisions,
+    network_precisions,
+)
 from fsdeploy.engines.trt_records import (
     BATCH_AXIS,
     ENGINE_DIR,
@@ -42,9 +45,6 @@ from fsdeploy.exporters.precision import fp16_onnx
 
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"  # shared by every build of the bundle; not a listed artefact
 Progress = Callable[[str], None]
-
-_TYPE_NAMES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16", "FP8": "fp8", "INT8": "int8"}
-
 
 def input_shapes(onnx_path: str | Path, batch: BatchProfile) -> dict[str, dict[str, list[int]]]:
     """min/opt/max shape of every graph input: `batch` axes from the profile, all others static.
@@ -76,84 +76,6 @@ def input_shapes(onnx_path: str | Path, batch: BatchProfile) -> dict[str, dict[s
     return shapes
 
 
-def network_precisions(network: Any, trt: Any) -> tuple[dict[str, int], dict[str, int]]:
-    """Compute layers of a parsed network by output type, and the kinds of those that are FP32.
-
-    In a strongly typed network the builder must keep these types, so this is what the engine computes in.
-    Shape arithmetic (integer outputs) and constants are not counted.
-    """
-    counts: Counter[str] = Counter()
-    fp32_kinds: Counter[str] = Counter()
-    skip = {trt.LayerType.SHAPE, trt.LayerType.CONSTANT}
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in skip:
-            continue
-        types = [_TYPE_NAMES.get(layer.get_output_type(k).name) for k in range(layer.num_outputs)]
-        label = next((t for t in types if t is not None), None)
-        if label is None:
-            continue
-        counts[label] += 1
-        if label == "fp32":
-            fp32_kinds[layer.type.name] += 1
-    return dict(counts), dict(fp32_kinds)
-
-
-def _format_precision(fmt: str) -> str | None:
-    """Precision named by an inspector 'Format/Datatype' string such as 'Channel major FP16 format ...'."""
-    text = fmt.lower()
-    for needle, label in (("bf16", "bf16"), ("fp16", "fp16"), ("half", "fp16"), ("fp8", "fp8"), ("int8", "int8"),
-                          ("fp32", "fp32"), ("float", "fp32")):
-        if needle in text:
-            return label
-    return None
-
-
-def deserialize(engine_bytes: bytes, backend: TrtBackend | None = None, *, what: str = "engine") -> Any:
-    """An ICudaEngine from serialized bytes (needs a GPU).
-
-    Raises:
-        EngineError: no GPU, or the bytes are not an engine for this TensorRT (corrupt or foreign).
-    """
-    backend = backend or load_backend()
-    if not gpu_present():
-        raise EngineError(f"opening {what} needs a CUDA GPU and none is visible; run it on the device (or use the 'ort' backend here)")
-    from polygraphy.backend.trt import util as trt_util
-
-    runtime = backend.trt.Runtime(trt_util.get_trt_logger())
-    engine = runtime.deserialize_cuda_engine(engine_bytes)
-    if engine is None:
-        raise EngineError(
-            f"{what} is not a valid {backend.name} {backend.version} engine (corrupt, or built by another TensorRT "
-            "or for another GPU); rebuild it with `fsdeploy build`"
-        )
-    return engine
-
-
-def inspect_precisions(engine_bytes: bytes) -> dict[str, int]:
-    """Layers of a serialized engine by output precision, read with IEngineInspector (needs a GPU).
-
-    Engines built with detailed profiling verbosity (Polygraphy's default) list each layer's output format.
-    TensorRT-RTX compiles most of a graph into fused nodes, so its counts are coarser than the network's.
-
-    Raises:
-        EngineError: no GPU, or the bytes are not a valid engine.
-    """
-    backend = load_backend()
-    engine = deserialize(engine_bytes, backend)
-    inspector = engine.create_engine_inspector()
-    info = json.loads(inspector.get_engine_information(backend.trt.LayerInformationFormat.JSON))
-    counts: Counter[str] = Counter()
-    for layer in info.get("Layers", []):
-        if not isinstance(layer, dict):  # names only: the engine was built without detailed verbosity
-            continue
-        outputs = layer.get("Outputs") or []
-        label = _format_precision(str(outputs[0].get("Format/Datatype", ""))) if outputs else None
-        if label is not None:
-            counts[label] += 1
-    return dict(counts)
-
-
 @contextlib.contextmanager
 def polygraphy_quiet() -> Iterator[None]:
     """Polygraphy prints a line per step; keep its warnings and errors only."""
@@ -168,17 +90,6 @@ def polygraphy_quiet() -> Iterator[None]:
             yield
     finally:
         G_LOGGER.colors = colors
-
-
-def _check_label(precision: str, counts: dict[str, int], name: str) -> None:
-    """Never label an engine with a precision its layers do not have."""
-    if precision == "fp16" and counts.get("fp16", 0) == 0:
-        raise EngineError(
-            f"{name}: asked for fp16 but the network has no FP16 layers; build from the FP16 transform "
-            "(fsdeploy.exporters.precision.fp16_onnx), as `fsdeploy build --precision fp16` does"
-        )
-    if precision == "fp32" and any(counts.get(k, 0) for k in ("fp16", "bf16", "fp8", "int8")):
-        raise EngineError(f"{name}: asked for fp32 but the network has reduced-precision layers {counts}; build from the FP32 graph")
 
 
 def build_engine(
@@ -231,7 +142,7 @@ def build_engine(
         _mark_refittable(network, refittable, onnx_path)
         counts, fp32_kinds = network_precisions(network, trt)
         if backend.strongly_typed:
-            _check_label(precision, counts, onnx_path.name)
+            check_label(precision, counts, onnx_path.name)
 
         trt_profile = pg.Profile()
         for name, s in shapes.items():
@@ -261,7 +172,7 @@ def build_engine(
         if engine_counts is None:
             raise EngineError(f"{backend.name} {backend.version} cannot build strongly typed networks and no GPU is visible to inspect the engine")
         counts = engine_counts
-        _check_label(precision, counts, onnx_path.name)
+        check_label(precision, counts, onnx_path.name)
     write_bytes(out_path, engine_bytes)
     return EngineRecord(
         file=out_path.name,
