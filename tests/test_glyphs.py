@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from fsdeploy.data.glyphs import SCRIPTS, SPLITS, find_typefaces, generate_glyphs, load_splits, plan_classes
+from fsdeploy.data.glyphs import SPLITS, generate_glyphs, load_splits, plan_classes
+from fsdeploy.data.typefaces import SCRIPTS, find_typefaces
 from fsdeploy.errors import InvalidInput
 
 FONT_ROOT = Path("/usr/share/fonts/truetype")

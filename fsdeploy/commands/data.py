@@ -45,7 +45,8 @@ def glyphs(
 
       fsdeploy data glyphs --out /tmp/tiny --classes 24 --max-instances 10 --size 32
     """
-    from fsdeploy.data.glyphs import DEFAULT_FONT_DIRS, SPLITS, generate_glyphs
+    from fsdeploy.data.glyphs import SPLITS, generate_glyphs
+    from fsdeploy.data.typefaces import DEFAULT_FONT_DIRS
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:

@@ -23,7 +23,7 @@ import unicodedata
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,70 +32,27 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from PIL import __version__ as PIL_VERSION
 
 from fsdeploy.atomic import atomic_dir, sha256_file
-from fsdeploy.deps import require
+from fsdeploy.data.typefaces import (
+    DEFAULT_FONT_DIRS,
+    FONT_PACKAGES,
+    Typeface,
+    find_typefaces,
+    is_class_character,
+    script_table,
+)
 from fsdeploy.errors import InvalidInput
 
 GENERATOR_VERSION = 1
 SPLITS = ("base", "val", "novel")
-DEFAULT_FONT_DIRS = ("/usr/share/fonts",)
-FONT_PACKAGES = ("fonts-noto-core", "fonts-dejavu-core", "fonts-freefont-ttf")
 ANALYSIS_SIZE = 32  # px; duplicate detection runs at this fixed size so the class list does not depend on --size
 EM_FRACTION = 0.62  # font size as a fraction of the image side
 FIT_FRACTION = 0.86  # glyphs larger than this fraction of the side are drawn smaller
 MAX_ROTATION_DEG = 8.0
 SCALE_RANGE = (0.9, 1.1)
 MAX_SHIFT = 0.06  # fraction of the side
-LETTER_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lo", "Nd"})  # Lm (modifier letters) are tiny marks: left out
 MIN_SCRIPT_COVERAGE = 0.2  # a typeface draws a script only if it covers this share of it (see plan_classes)
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Script:
-    """An alphabet: its code-point ranges and the split all its characters go to."""
-
-    name: str
-    split: str
-    ranges: tuple[tuple[int, int], ...]
-
-
-# Base: the big, typeface-rich alphabets. Val and novel: whole alphabets the backbone never sees in training.
-SCRIPTS: tuple[Script, ...] = (
-    Script("latin", "base", ((0x30, 0x39), (0x41, 0x24F), (0x1E00, 0x1EFF), (0x2C60, 0x2C7F), (0xA720, 0xA7FF))),
-    Script("greek", "base", ((0x370, 0x3FF), (0x1F00, 0x1FFF))),
-    Script("cyrillic", "base", ((0x400, 0x52F), (0x1C80, 0x1C8F), (0xA640, 0xA69F))),
-    Script("coptic", "base", ((0x2C80, 0x2CFF),)),
-    Script("hebrew", "val", ((0x590, 0x5FF),)),
-    Script("tifinagh", "val", ((0x2D30, 0x2D7F),)),
-    Script("lao", "val", ((0xE80, 0xEFF),)),
-    Script("thai", "val", ((0xE00, 0xE7F),)),
-    Script("devanagari", "val", ((0x900, 0x97F),)),
-    Script("bengali", "val", ((0x980, 0x9FF),)),
-    Script("armenian", "novel", ((0x530, 0x58F),)),
-    Script("georgian", "novel", ((0x10A0, 0x10FF), (0x1C90, 0x1CBF), (0x2D00, 0x2D2F))),
-    Script("arabic", "novel", ((0x600, 0x6FF), (0x750, 0x77F), (0x8A0, 0x8FF))),
-    Script("ethiopic", "novel", ((0x1200, 0x139F), (0x2D80, 0x2DDF))),
-    Script("cherokee", "novel", ((0x13A0, 0x13FF), (0xAB70, 0xABBF))),
-    Script("gurmukhi", "novel", ((0xA00, 0xA7F),)),
-)
-
-
-@dataclass(frozen=True)
-class Typeface:
-    """One font file standing for a family in one style; `codepoints` is its cmap."""
-
-    family: str
-    style: str  # "regular" or "bold"
-    path: Path
-    font_dir: Path
-    codepoints: frozenset[int] = field(repr=False, compare=False)
-
-    @property
-    def slug(self) -> str:
-        """Filesystem-safe instance name, e.g. 'noto-serif-armenian-bold'."""
-        base = "".join(c if c.isalnum() else "-" for c in self.family.lower()).strip("-")
-        return base if self.style == "regular" else f"{base}-{self.style}"
 
 
 @dataclass(frozen=True)
@@ -143,54 +100,6 @@ class GlyphSplits:
         if name not in SPLITS:
             raise InvalidInput(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         return getattr(self, name)
-
-
-def find_typefaces(font_dirs: Sequence[str | Path] = DEFAULT_FONT_DIRS, *, styles_per_family: int = 2) -> tuple[Typeface, ...]:
-    """Pick, per font family, its upright regular file and (if `styles_per_family` is 2) its bold one.
-
-    Families come from the fonts' own name tables (typographic family), so weights, widths and italics of
-    one design count as one family. Raises InvalidInput when no font files are found.
-    """
-    ttlib = require("fontTools.ttLib")
-    if styles_per_family not in (1, 2):
-        raise InvalidInput(f"styles_per_family must be 1 (regular) or 2 (regular + bold), got {styles_per_family}")
-    families: dict[str, list[tuple[Path, Path, int, int, bool]]] = defaultdict(list)
-    for root in map(Path, font_dirs):
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in (".ttf", ".otf")):
-            font = ttlib.TTFont(str(path), lazy=True)
-            name, os2 = font["name"], font["OS/2"]
-            family = name.getDebugName(16) or name.getDebugName(1) or path.stem
-            sub = (name.getDebugName(17) or name.getDebugName(2) or "").lower()
-            italic = bool(os2.fsSelection & 1) or "italic" in sub or "oblique" in sub
-            families[family].append((path, root, os2.usWeightClass, os2.usWidthClass, italic))
-    if not families:
-        raise InvalidInput(
-            f"no .ttf/.otf fonts under {', '.join(map(str, font_dirs))}; install them: "
-            f"apt-get install {' '.join(FONT_PACKAGES)}"
-        )
-    chosen: list[Typeface] = []
-    for family in sorted(families):
-        files = [f for f in families[family] if not f[4]] or families[family]
-        files = [f for f in files if f[3] == 5] or files  # normal width before condensed
-        regular = min(files, key=lambda f: (abs(f[2] - 400), str(f[0])))
-        picks = [("regular", regular)]
-        bolds = [f for f in files if f[2] >= 600 and f is not regular]
-        if styles_per_family == 2 and bolds:
-            picks.append(("bold", min(bolds, key=lambda f: (abs(f[2] - 700), str(f[0])))))
-        for style, (path, root, *_rest) in picks:
-            cmap = ttlib.TTFont(str(path), lazy=True).getBestCmap() or {}
-            chosen.append(Typeface(family, style, path, root, frozenset(cmap)))
-    return tuple(chosen)
-
-
-def _script_table() -> dict[int, Script]:
-    return {cp: s for s in SCRIPTS for lo, hi in s.ranges for cp in range(lo, hi + 1)}
-
-
-def _is_class_character(cp: int) -> bool:
-    ch = chr(cp)
-    # NFKC-unstable characters (ligatures, presentation forms, Kelvin sign) duplicate another class.
-    return unicodedata.category(ch) in LETTER_CATEGORIES and unicodedata.normalize("NFKC", ch) == ch
 
 
 class _Fonts:
@@ -249,11 +158,11 @@ def plan_classes(
         classes: keep only this many classes, shared evenly across the splits and spread over code points.
         progress: called as progress("analyse", done, total).
     """
-    scripts = _script_table()
+    scripts = script_table()
     per_script: dict[str, set[int]] = defaultdict(set)
     for face in typefaces:
         for cp in face.codepoints:
-            if cp in scripts and _is_class_character(cp):
+            if cp in scripts and is_class_character(cp):
                 per_script[scripts[cp].name].add(cp)
     candidates: dict[int, list[int]] = defaultdict(list)
     for t, face in enumerate(typefaces):
