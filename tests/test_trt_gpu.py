@@ -20,8 +20,8 @@ from fsdeploy.engines.base import TensorSpec
 from fsdeploy.engines.build import build_bundle, build_engine
 from fsdeploy.engines.ort import OrtEngine, OrtOptions
 from fsdeploy.engines.trt import TrtEngine, compare_bundle
-from fsdeploy.engines.trt_backend import load_backend
-from fsdeploy.engines.trt_precision import deserialize, inspect_precisions
+from fsdeploy.engines.trt_backend import deserialize, load_backend
+from fsdeploy.engines.trt_precision import inspect_precisions
 from fsdeploy.engines.trt_records import PRECISIONS, BatchProfile, engine_records
 from fsdeploy.errors import EngineError
 from fsdeploy.exporters.bundle import Bundle, load_bundle

@@ -1,4 +1,5 @@
-"""Measurements on the deployed path: engine latency with real-image preprocessing, adaptation time per
+"""Measurements on the deployed path: engine latency with real-image preprocessing, FP32 against INT8
+graphs, adaptation time per
 method split into its parts, side-by-side timing of several callables, and a child process's peak memory.
 
 Shared machines are noisy, so anything compared is timed interleaved in one process (round-robin
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 from fsdeploy.bench.latency import LatencyStats, time_callable
@@ -112,6 +114,38 @@ class PathLatency:
         e2e = self.batch * 1000.0 / (self.engine.mean + self.preprocess.mean)
         return {"name": self.backend, **self.engine.summary(), "warning": self.engine.warning,
                 "preprocess_ms": self.preprocess.mean, "end_to_end_ips": e2e}
+
+
+def time_precisions(
+    bundle: Bundle,
+    image: NDArray[np.float32] | None = None,
+    *,
+    graph: str = "features",
+    iters: int = 10,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Batch-1 latency (LatencyStats) of the fp32 and int8 graphs, interleaved so machine noise hits both alike.
+
+    Args:
+        image: one preprocessed image `(1, C, H, W)`; default a crop of a shipped photo.
+    """
+    from fsdeploy.data.samples import real_batch
+    from fsdeploy.engines import open_engine
+
+    if image is None:
+        image = real_batch(bundle.manifest.preprocess, 1, np.random.default_rng(0))
+    if image.ndim != 4 or len(image) != 1:
+        raise InvalidInput(f"time_precisions takes one image (1, C, H, W); got shape {image.shape}")
+    if iters < 1:
+        raise InvalidInput(f"--iters must be >= 1, got {iters}")
+    input_name = next(iter(bundle.manifest.graphs[graph].inputs))
+    feeds = {input_name: np.ascontiguousarray(image, dtype=np.float32)}
+    engines = {p: open_engine(bundle, graph, "ort", EngineOptions(threads=threads, precision=p)) for p in ("fp32", "int8")}
+    try:
+        return interleaved({p: (lambda e=e: e.run(feeds)) for p, e in engines.items()}, warmup=3, iters=iters, rounds=min(5, iters))
+    finally:
+        for e in engines.values():
+            e.close()
 
 
 def _cycle(paths: Sequence[Path], n: int, start: int = 0) -> list[Path]:

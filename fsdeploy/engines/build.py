@@ -39,8 +39,13 @@ from fsdeploy.engines.trt_records import (
     engine_problem,
     engine_records,
 )
-from fsdeploy.errors import BundleError, EngineError, InvalidInput
-from fsdeploy.exporters.bundle import Bundle, load_bundle, write_manifest
+from fsdeploy.errors import EngineError, InvalidInput
+from fsdeploy.exporters.bundle import (
+    Bundle,
+    checked_sha256,
+    load_bundle,
+    write_manifest,
+)
 from fsdeploy.exporters.precision import fp16_onnx
 
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"  # shared by every build of the bundle; not a listed artefact
@@ -271,7 +276,7 @@ def build_bundle(
     records = []
     for name in names:
         graph_rel = b.manifest.graphs[name].file
-        graph_sha = _checked_sha(b, graph_rel)
+        graph_sha = checked_sha256(b, graph_rel)
         refit = tuple((refittable or {}).get(name, ()))
         rel = f"{ENGINE_DIR}/" + engine_filename(
             name, graph_sha, backend.tag, precision, profile, refit=bool(refit), current_gpu=current_gpu and backend.is_rtx
@@ -296,13 +301,6 @@ def build_bundle(
         b = _record_engine(b, record)
         records.append(record)
     return records
-
-
-def _checked_sha(bundle: Bundle, rel: str) -> str:
-    digest = sha256_file(bundle.file(rel))
-    if bundle.manifest.files.get(rel) != digest:
-        raise BundleError(f"{bundle.file(rel)} does not match the sha256 in the manifest; the graph changed since export — re-export the bundle")
-    return digest
 
 
 def _fp16_source(bundle: Bundle, graph: str, graph_rel: str, graph_sha: str, say: Progress) -> str:

@@ -146,3 +146,24 @@ def gpu_present() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:  # torch without CUDA support, or a broken driver: treat as no GPU
         return False
+
+
+def deserialize(engine_bytes: bytes, backend: TrtBackend | None = None, *, what: str = "engine") -> Any:
+    """An ICudaEngine from serialized bytes (needs a GPU).
+
+    Raises:
+        EngineError: no GPU, or the bytes are not an engine for this TensorRT (corrupt or foreign).
+    """
+    backend = backend or load_backend()
+    if not gpu_present():
+        raise EngineError(f"opening {what} needs a CUDA GPU and none is visible; run it on the device (or use the 'ort' backend here)")
+    from polygraphy.backend.trt import util as trt_util
+
+    runtime = backend.trt.Runtime(trt_util.get_trt_logger())
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise EngineError(
+            f"{what} is not a valid {backend.name} {backend.version} engine (corrupt, or built by another TensorRT "
+            "or for another GPU); rebuild it with `fsdeploy build`"
+        )
+    return engine

@@ -2,7 +2,8 @@
 
 TensorRT 11 (and TensorRT-RTX) take precision from the network's own types (strongly typed), not from a
 builder flag, so a label such as `fp16` is only true if the layers say so: `network_precisions` counts the
-parsed network before the build, `inspect_precisions` the built engine (with a GPU), and `check_label`
+parsed network before the build, `inspect_precisions` the built engine (with a GPU, read back through
+`trt_backend.deserialize`), and `check_label`
 refuses an engine whose counts contradict its label.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from fsdeploy.engines.trt_backend import TrtBackend, gpu_present, load_backend
+from fsdeploy.engines.trt_backend import deserialize, load_backend
 from fsdeploy.errors import EngineError
 
 _TYPE_NAMES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16", "FP8": "fp8", "INT8": "int8"}
@@ -48,27 +49,6 @@ def _format_precision(fmt: str) -> str | None:
         if needle in text:
             return label
     return None
-
-
-def deserialize(engine_bytes: bytes, backend: TrtBackend | None = None, *, what: str = "engine") -> Any:
-    """An ICudaEngine from serialized bytes (needs a GPU).
-
-    Raises:
-        EngineError: no GPU, or the bytes are not an engine for this TensorRT (corrupt or foreign).
-    """
-    backend = backend or load_backend()
-    if not gpu_present():
-        raise EngineError(f"opening {what} needs a CUDA GPU and none is visible; run it on the device (or use the 'ort' backend here)")
-    from polygraphy.backend.trt import util as trt_util
-
-    runtime = backend.trt.Runtime(trt_util.get_trt_logger())
-    engine = runtime.deserialize_cuda_engine(engine_bytes)
-    if engine is None:
-        raise EngineError(
-            f"{what} is not a valid {backend.name} {backend.version} engine (corrupt, or built by another TensorRT "
-            "or for another GPU); rebuild it with `fsdeploy build`"
-        )
-    return engine
 
 
 def inspect_precisions(engine_bytes: bytes) -> dict[str, int]:

@@ -113,6 +113,19 @@ def hash_files(folder: Path, rels: list[str]) -> dict[str, str]:
     return {rel: sha256_file(folder / rel) for rel in rels}
 
 
+def checked_sha256(bundle: Bundle, rel: str) -> str:
+    """sha256 of a bundle file, which must still be the one the manifest lists (for callers that read a
+    graph again after `load_bundle`, or loaded with verify=False).
+
+    Raises:
+        BundleError: the file changed since it was written.
+    """
+    digest = sha256_file(bundle.file(rel))
+    if bundle.manifest.files.get(rel) != digest:
+        raise BundleError(f"{bundle.file(rel)} does not match the sha256 in the manifest; the graph changed since export — re-export the bundle")
+    return digest
+
+
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Read and check a bundle.
 

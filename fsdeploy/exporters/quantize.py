@@ -29,7 +29,8 @@ from fsdeploy.data.folders import list_images
 from fsdeploy.data.images import load_checked
 from fsdeploy.deps import require
 from fsdeploy.errors import BundleError, InvalidInput
-from fsdeploy.exporters.bundle import Bundle, write_manifest
+from fsdeploy.exporters.bundle import Bundle, checked_sha256, write_manifest
+from fsdeploy.exporters.validate import cosine
 
 INT8_KEY = "int8"  # manifest.extra key
 CALIB_BATCH = 8  # images per calibration run; ranges are min/max over all runs, so only memory depends on it
@@ -100,19 +101,13 @@ def _check_quantizable(bundle: Bundle, graph: str) -> tuple[str, str]:
     inputs = list(m.graphs[graph].inputs)
     if len(inputs) != 1:
         raise InvalidInput(f"graph {graph!r} has inputs {', '.join(inputs)}; int8 calibration feeds one image input")
-    digest = sha256_file(bundle.file(rel))
-    if m.files.get(rel) != digest:
-        raise BundleError(f"{bundle.file(rel)} does not match the sha256 in the manifest; re-export the bundle")
+    checked_sha256(bundle, rel)
     return rel, inputs[0]
 
 
 def _cosines(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.float64]:
-    """Row-wise cosine of `(N, D)` features (1.0 where both rows are zero)."""
-    a64, b64 = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    na, nb = np.linalg.norm(a64, axis=1), np.linalg.norm(b64, axis=1)
-    both_zero = (na == 0) & (nb == 0)
-    cos = (a64 * b64).sum(1) / np.maximum(na * nb, 1e-300)
-    return np.where(both_zero, 1.0, cos)
+    """Per-row cosine of `(N, D)` features (`fsdeploy.exporters.validate.cosine` of each row pair)."""
+    return np.array([cosine(x, y) for x, y in zip(a, b)], dtype=np.float64)
 
 
 def _features(onnx_path: Path, input_name: str, images: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -261,36 +256,3 @@ def int8_graph_path(bundle: Bundle, graph: str) -> Path:
             f"the int8 graph in {bundle.path} was made from an older {info['source_file']}; re-run `fsdeploy quantize {bundle.path} CALIB_DIR`"
         )
     return bundle.file(info["file"])
-
-
-def time_precisions(
-    bundle: Bundle,
-    image: NDArray[np.float32] | None = None,
-    *,
-    graph: str = "features",
-    iters: int = 10,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Batch-1 latency (LatencyStats) of the fp32 and int8 graphs, interleaved so machine noise hits both alike.
-
-    Args:
-        image: one preprocessed image `(1, C, H, W)`; default a crop of a shipped photo.
-    """
-    from fsdeploy.bench.measure import interleaved
-    from fsdeploy.data.samples import real_batch
-    from fsdeploy.engines import EngineOptions, open_engine
-
-    if image is None:
-        image = real_batch(bundle.manifest.preprocess, 1, np.random.default_rng(0))
-    if image.ndim != 4 or len(image) != 1:
-        raise InvalidInput(f"time_precisions takes one image (1, C, H, W); got shape {image.shape}")
-    if iters < 1:
-        raise InvalidInput(f"--iters must be >= 1, got {iters}")
-    input_name = next(iter(bundle.manifest.graphs[graph].inputs))
-    feeds = {input_name: np.ascontiguousarray(image, dtype=np.float32)}
-    engines = {p: open_engine(bundle, graph, "ort", EngineOptions(threads=threads, precision=p)) for p in ("fp32", "int8")}
-    try:
-        return interleaved({p: (lambda e=e: e.run(feeds)) for p, e in engines.items()}, warmup=3, iters=iters, rounds=min(5, iters))
-    finally:
-        for e in engines.values():
-            e.close()
