@@ -13,11 +13,24 @@ import pytest
 import torch
 
 from fsdeploy.backbones import save_checkpoint
-from fsdeploy.bench.cost_inputs import bundle_costs, count_bundle, measure_case, torch_model, transform_macs
+from fsdeploy.bench.cost_inputs import (
+    bundle_costs,
+    count_bundle,
+    measure_case,
+    torch_model,
+    transform_macs,
+)
 from fsdeploy.bench.costs import TaskShape
+from fsdeploy.bench.latency import LatencyStats
 from fsdeploy.bench.macs import count_macs
 from fsdeploy.bench.measure import interleaved, run_child
-from fsdeploy.bench.perf_measures import head_fit_ratio
+from fsdeploy.bench.perf_measures import (
+    _ceiling,
+    _mean_distinct,
+    _numpy_floor,
+    head_fit_ratio,
+    image_macs,
+)
 from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
 from fsdeploy.data.folders import list_images, scan_image_folder
 from fsdeploy.data.images import load_checked
@@ -90,10 +103,33 @@ def test_simpleshot_row_adds_cl2n_macs_and_the_support_mean(case_bundle, counts)
         assert rows[key].head_macs == make_head(rows[key].method.removeprefix("case-")).fit_macs(n, d, k)
 
 
+def test_ceiling_inputs_are_the_counted_macs_and_the_numpy_floor(case_bundle, counts, monkeypatch) -> None:
+    """Target 1's ceiling uses the query graph's counted MACs; target 2's numpy floor makes exactly two
+    products per step over the distinct drawn rows."""
+    assert image_macs(case_bundle) == counts.case.forward
+    assert _mean_distinct(np.array([[0, 0, 1, 1], [2, 3, 4, 2], [5, 5, 5, 5]])) == 2  # (2 + 3 + 1) / 3
+    from fsdeploy.heads import ops
+
+    macs: list[int] = []
+    real = ops.mm
+    monkeypatch.setattr(ops, "mm", lambda a, b, out=None: (macs.append(ops.mm_macs(*a.shape, b.shape[1])), real(a, b, out=out))[1])
+    feats = np.random.default_rng(0).random((9, 16), dtype=np.float32)
+    _numpy_floor(feats, k=4, steps=5, rows=7, weight_decay=1e-5)()
+    assert macs == [7 * 17 * 4] * 10
+
+
+def test_ceiling_columns_by_hand() -> None:
+    st = {"ort": LatencyStats((30.0, 50.0), 1), "torch": LatencyStats((100.0, 120.0), 1), "pre": LatencyStats((4.0, 6.0), 1)}
+    row = _ceiling(st, macs=2_000_000_000, peak_gmacs=50.0)  # 2 GMAC at 50 GMAC/s: 40 ms after 5 ms preprocessing
+    assert row["floor_ms"] == pytest.approx(45.0)
+    assert row["ceiling"] == pytest.approx(110.0 / 45.0)
+    assert row["ort_gmacs_s"] == pytest.approx(2.0 / 0.035)  # 2 GMAC in 40 - 5 ms
+
+
 def test_numpy_linear_head_equals_the_pytorch_loop() -> None:
     row = head_fit_ratio(12, 24, 3, repeats=1, seed=3)
     assert row["max_abs_dweight"] <= 1e-5 and row["max_abs_dbias"] <= 1e-5
-    assert row["numpy_median_ms"] > 0 and row["torch_median_ms"] > 0
+    assert row["numpy_median_ms"] > 0 and row["torch_median_ms"] > 0 and row["floor_ms"] > 0
 
 
 def test_deployed_upper_case_agrees_with_pytorch_eager(case_bundle, tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import fsdeploy.engines.base as base
+from fsdeploy.engines import base
 from fsdeploy.engines.base import Engine, TensorSpec
 from fsdeploy.errors import EngineError
 

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from fsdeploy.bench import perf_measures as pm
-from fsdeploy.bench.workspace import Weights, glyph_corpus, photo_folder, pick_weights, prepare_bundle, split_classes
+from fsdeploy.bench.workspace import (
+    Weights,
+    glyph_corpus,
+    photo_folder,
+    pick_weights,
+    prepare_bundle,
+    split_classes,
+)
 from fsdeploy.errors import InvalidInput
 
 Say = Callable[[str], None]
@@ -196,13 +203,20 @@ def _run_1(run: _Run) -> TargetResult:
     cfg, images = run.cfg, run.photos()
     bundles = {m: run.bundle(m) for m in cfg.models}
     bundles[f"CaSE {cfg.case_model}"] = run.bundle(cfg.case_model, "case")
+    peak = pm.fp32_peak_gmacs(cfg.threads)
+    run.report.notes.append(f"FP32 peak for target 1's ceilings: {peak:.1f} GMAC/s (best 1024^3 float32 matmul, "
+                            f"{cfg.threads} threads)")
     rows = []
     for label, b in bundles.items():
         rows += pm.query_throughput(b, label, images, batches=cfg.batches, threads=run.threads(b), iters=cfg.iters,
-                                    rounds=cfg.rounds)
+                                    rounds=cfg.rounds, peak_gmacs=peak)
     run.report.tables["1: query throughput, ORT vs PyTorch eager (decode + preprocess + features)"] = rows
     worst = min(rows, key=lambda r: r["ratio"])
+    capped = [r for r in rows if r["ceiling"] < TARGETS[1].threshold]
     measured = f"FP32 min {worst['ratio']:.2f}x ({worst['model']}, batch {worst['batch']})"
+    if capped:
+        measured += "; out of reach at the FP32 peak: " + ", ".join(
+            f"{r['model']} batch {r['batch']} (ceiling {r['ceiling']:.2f}x)" for r in capped)
     if cfg.int8:  # the closest real thing where FP32 is at the FMA peak: static INT8 (not the same numerics)
         from fsdeploy.exporters.bundle import load_bundle
         from fsdeploy.exporters.quantize import quantize_bundle
@@ -230,7 +244,9 @@ def _run_2(run: _Run) -> TargetResult:
     equal = all(r["max_abs_dweight"] <= WEIGHT_ATOL and r["max_abs_dbias"] <= WEIGHT_ATOL for r in rows)
     fast = [n for (n, _, _), r in zip(cfg.head_tasks, rows) if r["ratio"] >= TARGETS[2].threshold]
     where = f">= {TARGETS[2].threshold:g}x for N in {fast}; " if fast else ""
-    return _result(2, f"{where}min {worst['ratio']:.1f}x ({worst['task']}); weights within {WEIGHT_ATOL:g}: {equal}",
+    slow = [r for r in rows if r["ratio"] < TARGETS[2].threshold]
+    bounds = ("; ceiling of a numpy fit (products + Adam only) where missed: " + ", ".join(f"{r['task']} {r['ceiling']:.1f}x" for r in slow)) if slow else ""
+    return _result(2, f"{where}min {worst['ratio']:.1f}x ({worst['task']}){bounds}; weights within {WEIGHT_ATOL:g}: {equal}",
                    worst["ratio"], _status(worst["ratio"] >= TARGETS[2].threshold and equal))
 
 

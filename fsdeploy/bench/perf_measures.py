@@ -85,6 +85,39 @@ def pick_threads(bundle: Any, images: np.ndarray, most: int, *, calls: int = 3) 
     return {"ort": min(ort_ms, key=ort_ms.get), "torch": min(torch_ms, key=torch_ms.get)}  # type: ignore[arg-type]
 
 
+# ---- ceilings: the best ratio any engine doing the same multiply-accumulates could reach on this CPU
+
+
+def fp32_peak_gmacs(threads: int, *, size: int = 1024, calls: int = 5) -> float:
+    """This CPU's practical FP32 rate in GMAC/s: the best of `calls` square float32 matmuls of `size`
+    through numpy's BLAS (hand-tuned kernels that run near the FMA peak) on `threads` threads."""
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    out = np.empty_like(a)
+    best = float("inf")
+    with threads_for(threads, threads):
+        np.matmul(a, a, out=out)
+        for _ in range(calls):
+            start = time.perf_counter()
+            np.matmul(a, a, out=out)
+            best = min(best, time.perf_counter() - start)
+    return size**3 / best / 1e9
+
+
+def image_macs(bundle: Any) -> int:
+    """MACs per image of the graph the query path runs, counted on its eager module (direct convolution)."""
+    import torch
+
+    from fsdeploy.bench.macs import count_macs
+    from fsdeploy.exporters.rebuild import torch_graphs
+
+    graphs = torch_graphs(bundle)
+    x = torch.zeros(1, *bundle.manifest.preprocess.input_size)
+    if "query" in graphs:
+        gamma = torch.ones(int(bundle.manifest.extra["gamma_size"]))
+        return count_macs(graphs["query"].eager, (x, gamma)).total
+    return count_macs(graphs["features"].eager, x).total
+
+
 def _spread(prefix: str, s: LatencyStats) -> dict[str, float]:
     return {f"{prefix}_mean_ms": s.mean, f"{prefix}_std_ms": s.std, f"{prefix}_p90_ms": s.p90, f"{prefix}_ips": s.throughput}
 
@@ -94,16 +127,25 @@ def _spread(prefix: str, s: LatencyStats) -> dict[str, float]:
 
 def query_throughput(
     bundle: Any, label: str, images: Sequence[Path], *, batches: Sequence[int], threads: dict[str, int],
-    iters: int, rounds: int, precision: str = "fp32",
+    iters: int, rounds: int, precision: str = "fp32", peak_gmacs: float | None = None,
 ) -> list[dict[str, Any]]:
     """ORT (fsdeploy's query path: PIL/numpy preprocessing + engine) vs PyTorch eager (timm transform + module).
 
     Both timed calls decode and preprocess the same real image files, then compute features. `precision`
     int8 times the bundle's `fsdeploy quantize` graph on the ORT side (PyTorch stays FP32).
+
+    With `peak_gmacs` (`fp32_peak_gmacs`), fsdeploy's preprocessing alone is timed in the same rounds and
+    each row gets the ceiling of an FP32 engine that performs the model's MACs at that rate:
+    `floor_ms` = preprocessing + batch x MACs / peak, `ceiling` = PyTorch's time / floor_ms. A ratio
+    target above the ceiling is out of reach for any engine computing the same products on this CPU.
     """
     import torch
 
-    from fsdeploy.bench.reference import load_images_torch, timm_transform, torch_features
+    from fsdeploy.bench.reference import (
+        load_images_torch,
+        timm_transform,
+        torch_features,
+    )
     from fsdeploy.data.images import load_checked
     from fsdeploy.exporters.rebuild import torch_graphs
     from fsdeploy.runtime import feature_path
@@ -111,6 +153,7 @@ def query_throughput(
     pre = bundle.manifest.preprocess
     graphs, transform = torch_graphs(bundle), timm_transform(pre)
     path = feature_path(bundle, "ort", EngineOptions(threads=threads["ort"], precision=precision))
+    macs = image_macs(bundle) if peak_gmacs else 0
     rows = []
     try:
         state = path.support([load_checked(list(images[:8]), pre)])[1]
@@ -121,14 +164,30 @@ def query_throughput(
                 "ort": lambda files=files: path.query(load_checked(files, pre, workers=threads["ort"]), state),
                 "torch": lambda files=files: torch_features(graphs, load_images_torch(files, transform), gamma),
             }
+            if peak_gmacs:
+                fns["pre"] = lambda files=files: load_checked(files, pre, workers=threads["ort"])
             with threads_for(threads["torch"]):
                 st = interleaved(fns, warmup=2, iters=iters, rounds=rounds, batch=b)
-            rows.append({"model": label, "batch": b, "ort_threads": threads["ort"], "torch_threads": threads["torch"],
-                         **_spread("ort", st["ort"]), **_spread("torch", st["torch"]),
-                         "ratio": st["ort"].throughput / st["torch"].throughput})
+            row = {"model": label, "batch": b, "ort_threads": threads["ort"], "torch_threads": threads["torch"],
+                   **_spread("ort", st["ort"]), **_spread("torch", st["torch"]),
+                   "ratio": st["ort"].throughput / st["torch"].throughput}
+            if peak_gmacs:
+                row.update(_ceiling(st, b * macs, peak_gmacs))
+            rows.append(row)
     finally:
         path.close()
     return rows
+
+
+def _ceiling(st: dict[str, LatencyStats], macs: int, peak_gmacs: float) -> dict[str, float]:
+    """Columns comparing both sides with an FP32 engine that does `macs` at `peak_gmacs` after the same
+    preprocessing (mean times, as the ratio uses)."""
+    pre_ms = st["pre"].mean
+    compute_ms = macs / peak_gmacs / 1e6
+    floor_ms = pre_ms + compute_ms
+    return {"pre_ms": pre_ms, "gmacs": macs / 1e9, "peak_gmacs_s": peak_gmacs, "floor_ms": floor_ms,
+            "ort_gmacs_s": macs / 1e6 / max(st["ort"].mean - pre_ms, 1e-9),
+            "ceiling": st["torch"].mean / floor_ms}
 
 
 # ---- 2: head fit
@@ -148,6 +207,7 @@ def head_fit_ratio(n: int, dim: int, k: int, *, repeats: int, seed: int = 0) -> 
     fns = {
         "numpy": lambda: head.fit(feats, labels, rng=np.random.default_rng(seed + 1)),
         "torch": lambda: torch_linear_head(feats, labels, k, batches, lrs, weight_decay=decay),
+        "floor": _numpy_floor(feats, k, len(batches), _mean_distinct(batches), decay),
     }
     st = interleaved(fns, warmup=1, iters=repeats, rounds=repeats)
     head.fit(feats, labels, rng=np.random.default_rng(seed + 1))
@@ -156,7 +216,36 @@ def head_fit_ratio(n: int, dim: int, k: int, *, repeats: int, seed: int = 0) -> 
     db = float(np.abs(head.bias_ - lin.bias.detach().numpy()).max())  # type: ignore[attr-defined]
     return {"task": f"N={n} D={dim} K={k}", "numpy_median_ms": st["numpy"].median, "numpy_std_ms": st["numpy"].std,
             "torch_median_ms": st["torch"].median, "torch_std_ms": st["torch"].std,
-            "ratio": st["torch"].median / st["numpy"].median, "max_abs_dweight": dw, "max_abs_dbias": db}
+            "ratio": st["torch"].median / st["numpy"].median, "max_abs_dweight": dw, "max_abs_dbias": db,
+            "floor_ms": st["floor"].median, "ceiling": st["torch"].median / st["floor"].median}
+
+
+def _mean_distinct(batches: np.ndarray) -> int:
+    """Distinct rows per drawn batch, on average (rounded): what an exact step must at least touch."""
+    return max(1, round(float(np.mean([np.unique(b).size for b in batches]))))
+
+
+def _numpy_floor(feats: np.ndarray, k: int, steps: int, rows: int, weight_decay: float) -> Callable[[], None]:
+    """What every step of any exact numpy fit must do, and nothing else: the two matrix products (logits of
+    the `rows` distinct drawn rows, then the weight gradient) and the Adam update of the (K, D+1) weights,
+    `steps` times. No softmax, no loss, no batch weights: `torch time / this` bounds what a numpy head gains."""
+    from fsdeploy.heads import ops
+    from fsdeploy.heads.linear import augment
+    from fsdeploy.heads.optim import Adam
+
+    x = augment(feats[:rows])
+    theta = np.zeros((k, x.shape[1]), np.float32)
+    logits = np.empty((rows, k), np.float32)
+    grad = np.empty_like(theta)
+
+    def run() -> None:
+        opt = Adam(weight_decay=weight_decay)
+        for _ in range(steps):
+            ops.mm(x, theta.T, out=logits)
+            ops.mm(logits.T, x, out=grad)
+            opt.step({"theta": theta}, {"theta": grad}, 1e-3)
+
+    return run
 
 
 # ---- 3: one task end to end
