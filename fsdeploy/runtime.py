@@ -80,7 +80,7 @@ class CasePath:
         # The stage graphs run back to back and are released when the pass ends, so their ORT workers may
         # busy-wait between runs without stealing the cores from later work (10-15% faster, 100 images).
         stages = bundle.manifest.extra.get("chunked", {}).get("stages", [])
-        self.engines.overrides = {name: replace(options, spinning=True if options.spinning is None else options.spinning) for name in stages}
+        self.engines.overrides = {name: replace(options, spinning=options.spinning or "always") for name in stages}
         self.extra = bundle.manifest.extra
         self.chunked = chunked
 

@@ -69,6 +69,13 @@ def test_run_into_writes_the_callers_buffer(exported, backend: str) -> None:
             eng.run_into({"images": x}, {"logits": buf})
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_torch_backend_refuses_other_precisions(exported, precision: str) -> None:
+    _, _, bundle, _ = exported
+    with pytest.raises(UnknownName, match=f"torch backend runs .* fp32; got --precision {precision}"):
+        open_engine(bundle, "features", "torch", EngineOptions(device="cpu", precision=precision))
+
+
 def test_manifest_records_what_devices_need(exported) -> None:
     name, ckpt, bundle, _ = exported
     m = json.loads((bundle.path / "manifest.json").read_text())

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fsdeploy.engines.ort import OrtEngine, OrtOptions
-from fsdeploy.engines.ort_cache import ENV, cache_dir
+from fsdeploy.engines.ort_cache import DEFAULT_MAX_MB, ENV, MAX_ENV, cache_dir, cache_limit_bytes, evict
+from fsdeploy.errors import InvalidInput
 
 CPU = ("CPUExecutionProvider",)
 
@@ -59,10 +60,12 @@ def test_warm_open_loads_the_saved_graph_and_matches(tmp_path: Path, x: np.ndarr
     assert len(saved) == 1 and not list(cache.glob(".*tmp"))
     ops = {n.op_type for n in onnx.load(saved[0]).graph.node}
     assert "ReorderInput" in ops or "ReorderOutput" in ops  # really ORT's optimised graph, not a copy
-    stamp = saved[0].stat().st_mtime_ns
+    content = saved[0].read_bytes()
+    os.utime(saved[0], ns=(1, 1))
     warm = OrtEngine(src, OrtOptions(providers=CPU, cache_dir=cache))
     assert Path(warm.session._model_path) == saved[0]  # loaded from the cache ...
-    assert saved[0].stat().st_mtime_ns == stamp  # ... without rewriting it
+    assert saved[0].read_bytes() == content  # ... without rewriting it,
+    assert saved[0].stat().st_mtime_ns > 1  # but marked as used
     np.testing.assert_array_equal(_run(cold, x), plain)
     np.testing.assert_array_equal(_run(warm, x), plain)
 
@@ -131,3 +134,43 @@ def test_bundle_engines_use_the_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     assert Path(warm.session._model_path).parent == tmp_path / "cache"  # type: ignore[attr-defined]
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.testing.assert_array_equal(warm.run({"images": x})["features"], cold.run({"images": x})["features"])
+
+
+def test_least_recently_used_entries_leave_past_the_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    srcs = [_conv_net(tmp_path / f"net{i}.onnx", seed=i) for i in range(3)]
+    OrtEngine(srcs[0], OrtOptions(providers=CPU, cache_dir=cache))
+    OrtEngine(srcs[1], OrtOptions(providers=CPU, cache_dir=cache))
+    (e0,), (e1,) = cache.glob("net0-*.onnx"), cache.glob("net1-*.onnx")
+    os.utime(e0, ns=(10**9, 10**9))  # net0 used first, net1 later ...
+    os.utime(e1, ns=(2 * 10**9, 2 * 10**9))
+    OrtEngine(srcs[0], OrtOptions(providers=CPU, cache_dir=cache))  # ... then net0 again: net1 is now the oldest
+    room = e0.stat().st_size + e1.stat().st_size + 1000  # two entries fit, three do not
+    monkeypatch.setenv(MAX_ENV, str(room / 2**20))
+    OrtEngine(srcs[2], OrtOptions(providers=CPU, cache_dir=cache))
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.onnx")) == ["net0", "net2"]
+
+
+def test_evict_keeps_the_new_entry_and_stops_under_the_limit(tmp_path: Path) -> None:
+    files = []
+    for i, size in enumerate((100, 200, 300)):
+        f = tmp_path / f"g{i}.onnx"
+        f.write_bytes(b"x" * size)
+        os.utime(f, ns=(i * 10**9, i * 10**9))
+        files.append(f)
+    assert evict(tmp_path, 600) == []
+    assert evict(tmp_path, 500) == [files[0]]  # 600 -> 500 bytes: only the oldest goes
+    assert evict(tmp_path, 0, keep=files[1]) == [files[2]]  # never the kept one, even over the limit
+    assert [f.exists() for f in files] == [False, True, False]
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "nan"])
+def test_a_bad_size_limit_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(MAX_ENV, value)
+    with pytest.raises(InvalidInput, match=f"{MAX_ENV}=.*set it to e.g. 2048"):
+        cache_limit_bytes()
+
+
+def test_default_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(MAX_ENV, raising=False)
+    assert cache_limit_bytes() == DEFAULT_MAX_MB * 2**20

@@ -23,10 +23,11 @@ class EngineOptions:
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers
     precision: str = "fp32"  # trt: which engine to pick; ort: fp32, or int8 (the graph from `fsdeploy quantize`)
     device: str | None = None  # torch device
-    # ONNX Runtime workers busy-wait between runs (see OrtOptions). None: only for graphs that run back to
-    # back and are closed right after (the CaSE stage chain). Measured: a spinning session left open slows
-    # the next 100 ms of other work on a 2-core machine 1.4-3x, so query sessions never spin by default.
-    spinning: bool | None = None
+    # When ONNX Runtime's workers busy-wait (OrtOptions.spinning: off | run | always). None: "always" for
+    # graphs that run back to back and are closed right after (the CaSE stage chain), "run" otherwise.
+    # Measured: a session left spinning between runs slows the next 100 ms of other work on a 2-core
+    # machine 1.4-3x, so no other session spins once its run has returned.
+    spinning: str | None = None
     cpu_arena: bool = True  # ONNX Runtime's CPU memory arena: keeps peak buffers of a session for reuse
 
 
@@ -52,7 +53,7 @@ def _open_ort(bundle: Any, graph: str, options: EngineOptions) -> Engine:
     from fsdeploy.engines.ort_cache import cache_dir
 
     ort_options = OrtOptions(
-        providers=options.providers, threads=options.threads, spinning=bool(options.spinning),
+        providers=options.providers, threads=options.threads, spinning=options.spinning or "run",
         cpu_arena=options.cpu_arena, cache_dir=cache_dir(),
     )
     return OrtEngine(_ort_graph_file(bundle, graph, options.precision), ort_options)
@@ -74,6 +75,11 @@ def _open_torch(bundle: Any, graph: str, options: EngineOptions) -> Engine:
     from fsdeploy.engines.torch_engine import TorchEngine
     from fsdeploy.exporters.rebuild import torch_graphs
 
+    if options.precision != "fp32":
+        raise UnknownName(
+            f"the torch backend runs the bundle's reference module in fp32; got --precision {options.precision} "
+            "(fp16 runs on --backend trt, int8 on --backend ort after `fsdeploy quantize`)"
+        )
     g = torch_graphs(bundle)[graph]
     info = bundle.manifest.graphs[graph]
     # positional order comes from the export spec: the manifest's JSON keeps its keys sorted

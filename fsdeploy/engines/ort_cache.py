@@ -9,9 +9,13 @@ medians of 8, env switch on/off), with bit-identical features.
 The saved graph holds choices made for this CPU (the NCHWc block width follows its vector width), so the key
 names ONNX Runtime's version, the machine and the CPU's feature flags as well as the source file (resolved path,
 size, modification time; bundle files are replaced, never edited, so a re-export gets a new key). A cached
-file that fails to load is rebuilt; a cache folder that cannot be written is skipped. Nothing is evicted:
-delete the folder to reclaim it. `FSDEPLOY_ORT_CACHE=off` turns the cache off, any other value is the folder
-to use (default `$XDG_CACHE_HOME/fsdeploy/ort`, else `~/.cache/fsdeploy/ort`).
+file that fails to load is rebuilt; a cache folder that cannot be written is skipped. `FSDEPLOY_ORT_CACHE=off`
+turns the cache off, any other value is the folder to use (default `$XDG_CACHE_HOME/fsdeploy/ort`, else
+`~/.cache/fsdeploy/ort`).
+
+Size: each load marks its entry used (modification time), and after each new entry the least recently used
+others are deleted until the folder holds at most `FSDEPLOY_ORT_CACHE_MAX_MB` (default 2048 MB; a CaSE
+efficientnet_b0 bundle at 224 px takes about 70 MB), so re-exports and old ONNX Runtime versions do not pile up.
 """
 from __future__ import annotations
 
@@ -24,7 +28,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fsdeploy.errors import InvalidInput
+
 ENV = "FSDEPLOY_ORT_CACHE"
+MAX_ENV = "FSDEPLOY_ORT_CACHE_MAX_MB"
+DEFAULT_MAX_MB = 2048
 OFF = {"0", "off", "no", "false", "none", ""}
 
 
@@ -35,6 +43,22 @@ def cache_dir() -> Path | None:
         return None if value.strip().lower() in OFF else Path(value).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fsdeploy" / "ort"
+
+
+def cache_limit_bytes() -> int:
+    """Most bytes the cache folder keeps (`FSDEPLOY_ORT_CACHE_MAX_MB`, default 2048).
+
+    Raises:
+        InvalidInput: the variable is not a non-negative number of megabytes.
+    """
+    value = os.environ.get(MAX_ENV, "").strip() or str(DEFAULT_MAX_MB)
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise InvalidInput(f"{MAX_ENV}={value!r} is not a size in MB; set it to e.g. 2048 (or unset it for the default)")
+    return int(mb * 2**20)
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,12 +87,17 @@ def open_cached(
     `make_options(optimise)` returns fresh SessionOptions: with every optimiser on (to build and save the
     cached graph) or all off (to load a graph that is already optimised).
     """
+    limit = cache_limit_bytes()
     target = folder / f"{source.stem}-{cache_key(source, ort.__version__)}.onnx"
     if target.is_file():
         try:
-            return ort.InferenceSession(str(target), sess_options=make_options(False), providers=list(providers))
+            session = ort.InferenceSession(str(target), sess_options=make_options(False), providers=list(providers))
         except Exception:  # noqa: BLE001 - ORT raises its own types (InvalidProtobuf, Fail, ...); rebuild below
             _remove(target)
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(target)  # marks it used: eviction removes the least recently used first
+            return session
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -76,10 +105,32 @@ def open_cached(
         so.optimized_model_filepath = str(tmp)
         session = ort.InferenceSession(str(source), sess_options=so, providers=list(providers))
         os.replace(tmp, target)
+        evict(folder, limit, keep=target)
         return session
     except Exception:  # noqa: BLE001 - cannot write the cache; a bad graph fails again below with its own message
         _remove(tmp)
     return ort.InferenceSession(str(source), sess_options=make_options(True), providers=list(providers))
+
+
+def evict(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used cached graphs (oldest modification time first, never `keep`) until
+    the folder's graphs take at most `limit` bytes; returns what was deleted."""
+    entries = []
+    for path in folder.glob("*.onnx"):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            entries.append((st.st_mtime_ns, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        _remove(path)
+        total -= size
+        removed.append(path)
+    return removed
 
 
 def _remove(path: Path) -> None:
