@@ -30,6 +30,7 @@ from fsdeploy.bench.perf_measures import (
     _numpy_floor,
     head_fit_ratio,
     image_macs,
+    rescale_ceiling,
 )
 from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
 from fsdeploy.data.folders import list_images, scan_image_folder
@@ -124,6 +125,8 @@ def test_ceiling_columns_by_hand() -> None:
     assert row["floor_ms"] == pytest.approx(45.0)
     assert row["ceiling"] == pytest.approx(110.0 / 45.0)
     assert row["ort_gmacs_s"] == pytest.approx(2.0 / 0.035)  # 2 GMAC in 40 - 5 ms
+    faster = rescale_ceiling({**row, "torch_mean_ms": 110.0}, 100.0)  # a higher peak seen later in the run
+    assert faster == pytest.approx({"peak_gmacs_s": 100.0, "floor_ms": 25.0, "ceiling": 110.0 / 25.0})
 
 
 def test_numpy_linear_head_equals_the_pytorch_loop() -> None:

@@ -203,13 +203,19 @@ def _run_1(run: _Run) -> TargetResult:
     cfg, images = run.cfg, run.photos()
     bundles = {m: run.bundle(m) for m in cfg.models}
     bundles[f"CaSE {cfg.case_model}"] = run.bundle(cfg.case_model, "case")
-    peak = pm.fp32_peak_gmacs(cfg.threads)
-    run.report.notes.append(f"FP32 peak for target 1's ceilings: {peak:.1f} GMAC/s (best 1024^3 float32 matmul, "
-                            f"{cfg.threads} threads)")
+    # the machine's clock wanders by 20-30% within minutes: the fastest matmul seen before each model is
+    # the peak, so a ceiling is never lowered by a slow moment
+    peak = 0.0
     rows = []
     for label, b in bundles.items():
+        peak = max(peak, pm.fp32_peak_gmacs(cfg.threads))
         rows += pm.query_throughput(b, label, images, batches=cfg.batches, threads=run.threads(b), iters=cfg.iters,
                                     rounds=cfg.rounds, peak_gmacs=peak)
+    peak = max(peak, pm.fp32_peak_gmacs(cfg.threads))
+    for r in rows:  # every row against the highest peak of the run
+        r.update(pm.rescale_ceiling(r, peak))
+    run.report.notes.append(f"FP32 peak for target 1's ceilings: {peak:.1f} GMAC/s (fastest 1024^3 float32 matmul "
+                            f"seen in the run, {cfg.threads} threads)")
     run.report.tables["1: query throughput, ORT vs PyTorch eager (decode + preprocess + features)"] = rows
     worst = min(rows, key=lambda r: r["ratio"])
     capped = [r for r in rows if r["ceiling"] < TARGETS[1].threshold]

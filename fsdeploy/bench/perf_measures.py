@@ -182,12 +182,15 @@ def query_throughput(
 def _ceiling(st: dict[str, LatencyStats], macs: int, peak_gmacs: float) -> dict[str, float]:
     """Columns comparing both sides with an FP32 engine that does `macs` at `peak_gmacs` after the same
     preprocessing (mean times, as the ratio uses)."""
-    pre_ms = st["pre"].mean
-    compute_ms = macs / peak_gmacs / 1e6
-    floor_ms = pre_ms + compute_ms
-    return {"pre_ms": pre_ms, "gmacs": macs / 1e9, "peak_gmacs_s": peak_gmacs, "floor_ms": floor_ms,
-            "ort_gmacs_s": macs / 1e6 / max(st["ort"].mean - pre_ms, 1e-9),
-            "ceiling": st["torch"].mean / floor_ms}
+    row = {"pre_ms": st["pre"].mean, "gmacs": macs / 1e9,
+           "ort_gmacs_s": macs / 1e6 / max(st["ort"].mean - st["pre"].mean, 1e-9)}
+    return {**row, **rescale_ceiling({**row, "torch_mean_ms": st["torch"].mean}, peak_gmacs)}
+
+
+def rescale_ceiling(row: dict[str, Any], peak_gmacs: float) -> dict[str, float]:
+    """`peak_gmacs_s`, `floor_ms` and `ceiling` of a row (with pre_ms, gmacs, torch_mean_ms) at this peak."""
+    floor_ms = row["pre_ms"] + row["gmacs"] / peak_gmacs * 1e3
+    return {"peak_gmacs_s": peak_gmacs, "floor_ms": floor_ms, "ceiling": row["torch_mean_ms"] / floor_ms}
 
 
 # ---- 2: head fit
