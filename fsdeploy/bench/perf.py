@@ -16,6 +16,10 @@ Targets (2-core CPU, the embedded default):
 Shared machines are noisy: both sides of a ratio are timed interleaved (round-robin) in one process, and the
 ratios, with raw timings and spreads beside them, are the claims.
 
+Ceilings: target 1 rows also give the ratio an FP32 engine would reach doing the model's MACs at the fastest
+float32 matmul seen in the run after the same preprocessing, and target 2 rows the ratio of a numpy fit that does
+only each step's two products and Adam update; a target above its ceiling is out of reach on this machine.
+
 Threads: each side gets the faster of 1 and `threads` threads, probed per model (see
 `fsdeploy.bench.perf_measures`); head fits run on one thread on both sides.
 """

@@ -75,11 +75,17 @@ class Engine(ABC):
         """
         key = _call_signature(feeds, outputs)
         seen = self.__dict__.setdefault("_checked_calls", set())
-        if key is not None and key in seen:  # same names, dtypes, shapes and layouts as a checked call
-            start = time.perf_counter()
-            self._run_into(dict(feeds), dict(outputs))
-            self.last_run_ms = (time.perf_counter() - start) * 1e3
-            return
+        checked = dict(feeds)
+        if key is None or key not in seen:  # a signature checked before needs no second check
+            checked = self._check_into(feeds, outputs)
+            if key is not None and len(seen) < MAX_CHECKED_CALLS and all(checked[n] is feeds[n] for n in checked):
+                seen.add(key)  # the feeds passed unchanged: the same signature will pass again
+        start = time.perf_counter()
+        self._run_into(checked, dict(outputs))
+        self.last_run_ms = (time.perf_counter() - start) * 1e3
+
+    def _check_into(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run_into`'s checks: the feeds as `run` checks them, and every output buffer against its spec."""
         checked = check_feeds(self.name, self.input_specs(), feeds)
         specs = self.output_specs()
         for name, arr in outputs.items():
@@ -94,11 +100,7 @@ class Engine(ABC):
                     f"{self.name}: buffer for output {name!r} is {arr.dtype}{arr.shape}; "
                     f"expected a C-contiguous {spec.dtype}{tuple(spec.shape)}"
                 )
-        if key is not None and len(seen) < MAX_CHECKED_CALLS and all(checked[n] is feeds[n] for n in checked):
-            seen.add(key)  # the feeds passed unchanged, so a call with this signature needs no check again
-        start = time.perf_counter()
-        self._run_into(checked, dict(outputs))
-        self.last_run_ms = (time.perf_counter() - start) * 1e3
+        return checked
 
     def _run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Backend hook for `run_into`; this default runs and copies (ONNX Runtime binds the buffers)."""
