@@ -258,6 +258,10 @@ def perf(
     agreement); 4 peak memory of `fsdeploy adapt` on 500 images and time vs support size; 5 linear-newton vs
     the Adam linear head (accuracy and MACs). Both sides of each ratio run interleaved in this process.
 
+    Targets 1 and 2 also print a ceiling: the ratio an FP32 engine doing the model's MACs at this machine's
+    fastest measured matmul would reach (1), and that of a numpy fit doing only each step's two products and
+    Adam update (2). A target above its ceiling cannot be met on this machine, whatever the tuning.
+
     Example: fsdeploy bench perf --quick; fsdeploy bench perf --data glyphs/ --out perf.json
     """
     from fsdeploy.atomic import write_text
