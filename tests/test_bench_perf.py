@@ -13,25 +13,12 @@ import pytest
 import torch
 
 from fsdeploy.backbones import save_checkpoint
-from fsdeploy.bench.cost_inputs import (
-    bundle_costs,
-    count_bundle,
-    measure_case,
-    torch_model,
-    transform_macs,
-)
+from fsdeploy.bench.cost_inputs import bundle_costs, count_bundle, measure_case, torch_model, transform_macs
 from fsdeploy.bench.costs import TaskShape
 from fsdeploy.bench.latency import LatencyStats
 from fsdeploy.bench.macs import count_macs
 from fsdeploy.bench.measure import interleaved, run_child
-from fsdeploy.bench.perf_measures import (
-    _ceiling,
-    _mean_distinct,
-    _numpy_floor,
-    head_fit_ratio,
-    image_macs,
-    rescale_ceiling,
-)
+from fsdeploy.bench.perf_measures import _compute_columns, _mean_distinct, _numpy_floor, ceiling_columns, head_fit_ratio, image_macs
 from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
 from fsdeploy.data.folders import list_images, scan_image_folder
 from fsdeploy.data.images import load_checked
@@ -121,11 +108,12 @@ def test_ceiling_inputs_are_the_counted_macs_and_the_numpy_floor(case_bundle, co
 
 def test_ceiling_columns_by_hand() -> None:
     st = {"ort": LatencyStats((30.0, 50.0), 1), "torch": LatencyStats((100.0, 120.0), 1), "pre": LatencyStats((4.0, 6.0), 1)}
-    row = _ceiling(st, macs=2_000_000_000, peak_gmacs=50.0)  # 2 GMAC at 50 GMAC/s: 40 ms after 5 ms preprocessing
+    row = {"torch_mean_ms": st["torch"].mean, **_compute_columns(st, macs=2_000_000_000)}
+    row.update(ceiling_columns(row, 50.0))  # 2 GMAC at 50 GMAC/s: 40 ms after 5 ms preprocessing
     assert row["floor_ms"] == pytest.approx(45.0)
     assert row["ceiling"] == pytest.approx(110.0 / 45.0)
     assert row["ort_gmacs_s"] == pytest.approx(2.0 / 0.035)  # 2 GMAC in 40 - 5 ms
-    faster = rescale_ceiling({**row, "torch_mean_ms": 110.0}, 100.0)  # a higher peak seen later in the run
+    faster = ceiling_columns(row, 100.0)  # a higher peak seen later in the run
     assert faster == pytest.approx({"peak_gmacs_s": 100.0, "floor_ms": 25.0, "ceiling": 110.0 / 25.0})
 
 

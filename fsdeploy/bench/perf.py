@@ -32,14 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fsdeploy.bench import perf_measures as pm
-from fsdeploy.bench.workspace import (
-    Weights,
-    glyph_corpus,
-    photo_folder,
-    pick_weights,
-    prepare_bundle,
-    split_classes,
-)
+from fsdeploy.bench.workspace import Weights, glyph_corpus, photo_folder, pick_weights, prepare_bundle, split_classes
 from fsdeploy.errors import InvalidInput
 
 Say = Callable[[str], None]
@@ -207,17 +200,16 @@ def _run_1(run: _Run) -> TargetResult:
     cfg, images = run.cfg, run.photos()
     bundles = {m: run.bundle(m) for m in cfg.models}
     bundles[f"CaSE {cfg.case_model}"] = run.bundle(cfg.case_model, "case")
-    # the machine's clock wanders by 20-30% within minutes: the fastest matmul seen before each model is
-    # the peak, so a ceiling is never lowered by a slow moment
-    peak = 0.0
-    rows = []
+    # the machine's clock wanders by 20-30% within minutes: the peak is the fastest matmul seen before each
+    # model and at the end, so a ceiling is never lowered by a slow moment
+    peaks, rows = [], []
     for label, b in bundles.items():
-        peak = max(peak, pm.fp32_peak_gmacs(cfg.threads))
+        peaks.append(pm.fp32_peak_gmacs(cfg.threads))
         rows += pm.query_throughput(b, label, images, batches=cfg.batches, threads=run.threads(b), iters=cfg.iters,
-                                    rounds=cfg.rounds, peak_gmacs=peak)
-    peak = max(peak, pm.fp32_peak_gmacs(cfg.threads))
-    for r in rows:  # every row against the highest peak of the run
-        r.update(pm.rescale_ceiling(r, peak))
+                                    rounds=cfg.rounds, ceiling=True)
+    peak = max(*peaks, pm.fp32_peak_gmacs(cfg.threads))
+    for r in rows:
+        r.update(pm.ceiling_columns(r, peak))
     run.report.notes.append(f"FP32 peak for target 1's ceilings: {peak:.1f} GMAC/s (fastest 1024^3 float32 matmul "
                             f"seen in the run, {cfg.threads} threads)")
     run.report.tables["1: query throughput, ORT vs PyTorch eager (decode + preprocess + features)"] = rows

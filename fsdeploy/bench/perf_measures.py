@@ -127,17 +127,16 @@ def _spread(prefix: str, s: LatencyStats) -> dict[str, float]:
 
 def query_throughput(
     bundle: Any, label: str, images: Sequence[Path], *, batches: Sequence[int], threads: dict[str, int],
-    iters: int, rounds: int, precision: str = "fp32", peak_gmacs: float | None = None,
+    iters: int, rounds: int, precision: str = "fp32", ceiling: bool = False,
 ) -> list[dict[str, Any]]:
     """ORT (fsdeploy's query path: PIL/numpy preprocessing + engine) vs PyTorch eager (timm transform + module).
 
     Both timed calls decode and preprocess the same real image files, then compute features. `precision`
     int8 times the bundle's `fsdeploy quantize` graph on the ORT side (PyTorch stays FP32).
 
-    With `peak_gmacs` (`fp32_peak_gmacs`), fsdeploy's preprocessing alone is timed in the same rounds and
-    each row gets the ceiling of an FP32 engine that performs the model's MACs at that rate:
-    `floor_ms` = preprocessing + batch x MACs / peak, `ceiling` = PyTorch's time / floor_ms. A ratio
-    target above the ceiling is out of reach for any engine computing the same products on this CPU.
+    With `ceiling`, fsdeploy's preprocessing alone is timed in the same rounds and each row also gets
+    `pre_ms`, the batch's MACs (`gmacs`) and ONNX Runtime's rate after preprocessing (`ort_gmacs_s`): what
+    `ceiling_columns` needs to bound the ratio at a measured peak (`fp32_peak_gmacs`).
     """
     import torch
 
@@ -153,7 +152,7 @@ def query_throughput(
     pre = bundle.manifest.preprocess
     graphs, transform = torch_graphs(bundle), timm_transform(pre)
     path = feature_path(bundle, "ort", EngineOptions(threads=threads["ort"], precision=precision))
-    macs = image_macs(bundle) if peak_gmacs else 0
+    macs = image_macs(bundle) if ceiling else 0
     rows = []
     try:
         state = path.support([load_checked(list(images[:8]), pre)])[1]
@@ -164,31 +163,32 @@ def query_throughput(
                 "ort": lambda files=files: path.query(load_checked(files, pre, workers=threads["ort"]), state),
                 "torch": lambda files=files: torch_features(graphs, load_images_torch(files, transform), gamma),
             }
-            if peak_gmacs:
+            if ceiling:
                 fns["pre"] = lambda files=files: load_checked(files, pre, workers=threads["ort"])
             with threads_for(threads["torch"]):
                 st = interleaved(fns, warmup=2, iters=iters, rounds=rounds, batch=b)
             row = {"model": label, "batch": b, "ort_threads": threads["ort"], "torch_threads": threads["torch"],
                    **_spread("ort", st["ort"]), **_spread("torch", st["torch"]),
                    "ratio": st["ort"].throughput / st["torch"].throughput}
-            if peak_gmacs:
-                row.update(_ceiling(st, b * macs, peak_gmacs))
+            if ceiling:
+                row.update(_compute_columns(st, b * macs))
             rows.append(row)
     finally:
         path.close()
     return rows
 
 
-def _ceiling(st: dict[str, LatencyStats], macs: int, peak_gmacs: float) -> dict[str, float]:
-    """Columns comparing both sides with an FP32 engine that does `macs` at `peak_gmacs` after the same
-    preprocessing (mean times, as the ratio uses)."""
-    row = {"pre_ms": st["pre"].mean, "gmacs": macs / 1e9,
-           "ort_gmacs_s": macs / 1e6 / max(st["ort"].mean - st["pre"].mean, 1e-9)}
-    return {**row, **rescale_ceiling({**row, "torch_mean_ms": st["torch"].mean}, peak_gmacs)}
+def _compute_columns(st: dict[str, LatencyStats], macs: int) -> dict[str, float]:
+    """Preprocessing time, the batch's GMACs and ONNX Runtime's GMAC/s after preprocessing (mean times, as
+    the ratio uses)."""
+    return {"pre_ms": st["pre"].mean, "gmacs": macs / 1e9,
+            "ort_gmacs_s": macs / 1e6 / max(st["ort"].mean - st["pre"].mean, 1e-9)}
 
 
-def rescale_ceiling(row: dict[str, Any], peak_gmacs: float) -> dict[str, float]:
-    """`peak_gmacs_s`, `floor_ms` and `ceiling` of a row (with pre_ms, gmacs, torch_mean_ms) at this peak."""
+def ceiling_columns(row: dict[str, Any], peak_gmacs: float) -> dict[str, float]:
+    """An FP32 engine doing the row's MACs at `peak_gmacs` after the same preprocessing: its time
+    (`floor_ms` = pre_ms + gmacs / peak) and the ratio it would reach over PyTorch (`ceiling`). A ratio
+    target above the ceiling is out of reach for any engine computing the same products on this CPU."""
     floor_ms = row["pre_ms"] + row["gmacs"] / peak_gmacs * 1e3
     return {"peak_gmacs_s": peak_gmacs, "floor_ms": floor_ms, "ceiling": row["torch_mean_ms"] / floor_ms}
 

@@ -32,14 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from PIL import __version__ as PIL_VERSION
 
 from fsdeploy.atomic import atomic_dir, sha256_file
-from fsdeploy.data.typefaces import (
-    DEFAULT_FONT_DIRS,
-    FONT_PACKAGES,
-    Typeface,
-    find_typefaces,
-    is_class_character,
-    script_table,
-)
+from fsdeploy.data.typefaces import DEFAULT_FONT_DIRS, FONT_PACKAGES, Typeface, find_typefaces, is_class_character, script_table
 from fsdeploy.errors import InvalidInput
 
 GENERATOR_VERSION = 1

@@ -24,11 +24,7 @@ from typing import Any
 from fsdeploy.atomic import sha256_file, write_bytes
 from fsdeploy.deps import require
 from fsdeploy.engines.trt_backend import TrtBackend, gpu_present, load_backend
-from fsdeploy.engines.trt_precision import (
-    check_label,
-    inspect_precisions,
-    network_precisions,
-)
+from fsdeploy.engines.trt_precision import check_label, inspect_precisions, network_precisions
 from fsdeploy.engines.trt_records import (
     BATCH_AXIS,
     ENGINE_DIR,
@@ -40,16 +36,12 @@ from fsdeploy.engines.trt_records import (
     engine_records,
 )
 from fsdeploy.errors import EngineError, InvalidInput
-from fsdeploy.exporters.bundle import (
-    Bundle,
-    checked_sha256,
-    load_bundle,
-    write_manifest,
-)
+from fsdeploy.exporters.bundle import Bundle, checked_sha256, load_bundle, write_manifest
 from fsdeploy.exporters.precision import fp16_onnx
 
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"  # shared by every build of the bundle; not a listed artefact
 Progress = Callable[[str], None]
+
 
 def input_shapes(onnx_path: str | Path, batch: BatchProfile) -> dict[str, dict[str, list[int]]]:
     """min/opt/max shape of every graph input: `batch` axes from the profile, all others static.

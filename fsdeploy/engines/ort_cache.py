@@ -15,7 +15,8 @@ turns the cache off, any other value is the folder to use (default `$XDG_CACHE_H
 
 Size: each load marks its entry used (modification time), and after each new entry the least recently used
 others are deleted until the folder holds at most `FSDEPLOY_ORT_CACHE_MAX_MB` (default 2048 MB; a CaSE
-efficientnet_b0 bundle at 224 px takes about 50 MB), so re-exports, re-quantized graphs and old ONNX Runtime versions do not pile up.
+efficientnet_b0 bundle at 224 px takes about 50 MB), so re-exports, re-quantized graphs and old ONNX Runtime
+versions do not pile up.
 """
 from __future__ import annotations
 

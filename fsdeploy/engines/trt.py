@@ -18,18 +18,8 @@ import numpy as np
 from fsdeploy.engines import EngineOptions, register_engine
 from fsdeploy.engines.base import Engine, TensorSpec
 from fsdeploy.engines.build import polygraphy_quiet
-from fsdeploy.engines.trt_backend import (
-    TrtBackend,
-    deserialize,
-    gpu_present,
-    load_backend,
-)
-from fsdeploy.engines.trt_records import (
-    BATCH_AXIS,
-    EngineRecord,
-    batch_range_error,
-    select_engine,
-)
+from fsdeploy.engines.trt_backend import TrtBackend, deserialize, gpu_present, load_backend
+from fsdeploy.engines.trt_records import BATCH_AXIS, EngineRecord, batch_range_error, select_engine
 from fsdeploy.errors import BundleError, EngineError
 from fsdeploy.exporters.validate import compare_outputs
 

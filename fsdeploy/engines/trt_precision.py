@@ -3,8 +3,7 @@
 TensorRT 11 (and TensorRT-RTX) take precision from the network's own types (strongly typed), not from a
 builder flag, so a label such as `fp16` is only true if the layers say so: `network_precisions` counts the
 parsed network before the build, `inspect_precisions` the built engine (with a GPU, read back through
-`trt_backend.deserialize`), and `check_label`
-refuses an engine whose counts contradict its label.
+`trt_backend.deserialize`), and `check_label` refuses an engine whose counts contradict its label.
 """
 from __future__ import annotations
 

@@ -25,11 +25,11 @@ so stage k+1 does not re-read the site's activation for it (`fsdeploy.modules.sc
 
 Memory: the manifest records the floats per image held at each cut (`chunked.state_floats_per_image`).
 efficientnet_b0 at 224 px peaks at cut 3 (after blocks.1.1's depthwise activation, plus the block's
-shortcut and the site's mean) with 527,136 floats = 2.1 MB per image, so 500 support images hold 0.98 GiB of state at the
-worst cut; a chunk's buffer is reused by the next chunk as soon as its new state exists (`StateStore`),
-so two cuts never coexist in full. Measured peak RSS of `fsdeploy adapt` on 500 images at 224 px (chunks
-of 8, ONNX Runtime CPU with its arena, each stage engine released after use through `release`):
-1,470 MiB (`fsdeploy bench perf --targets 4`).
+shortcut and the site's mean) with 527,136 floats = 2.1 MB per image, so 500 support images hold
+0.98 GiB of state at the worst cut; a chunk's buffer is reused by the next chunk as soon as its new state
+exists (`StateStore`), so two cuts never coexist in full. Measured peak RSS of `fsdeploy adapt` on 500
+images at 224 px (chunks of `STAGE_CHUNK` = 4, ONNX Runtime CPU with its arena, each stage engine released
+after use through `release`): 1,436-1,445 MiB over three runs of `fsdeploy bench perf --targets 4`.
 """
 from __future__ import annotations
 

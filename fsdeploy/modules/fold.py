@@ -27,11 +27,7 @@ from torch import nn
 
 from fsdeploy.atomic import atomic_path
 from fsdeploy.errors import BundleError, InvalidInput
-from fsdeploy.modules.adapters import (
-    ResidualAdapterConv,
-    adapters_of,
-    centre_tap_problem,
-)
+from fsdeploy.modules.adapters import ResidualAdapterConv, adapters_of, centre_tap_problem
 
 F32 = NDArray[np.float32]
 _FORMAT_KEY = "fsdeploy_task_weights"

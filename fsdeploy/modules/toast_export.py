@@ -6,21 +6,9 @@ TOAST: Shi, Darrell, Wang, "TOAST: Transfer Learning via Attention Steering". Th
 from __future__ import annotations
 
 from fsdeploy.backbones import Preprocess, create_backbone, read_checkpoint
-from fsdeploy.exporters.graphs import (
-    AdaptedModel,
-    BuildRequest,
-    GraphExport,
-    images_only,
-    register_adapter,
-)
+from fsdeploy.exporters.graphs import AdaptedModel, BuildRequest, GraphExport, images_only, register_adapter
 from fsdeploy.exporters.spec import ExportSpec
-from fsdeploy.modules.topdown import (
-    TopDownViT,
-    load_toast,
-    toast_macs,
-    toast_metadata,
-    vit_macs,
-)
+from fsdeploy.modules.topdown import TopDownViT, load_toast, toast_macs, toast_metadata, vit_macs
 
 # Attention re-runs with an extra value term: float rounding grows a little over two passes.
 TOAST_SPEC = ExportSpec(atol=1e-4)

@@ -30,12 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsdeploy.backbones import (
-    Preprocess,
-    create_backbone,
-    read_checkpoint,
-    save_checkpoint,
-)
+from fsdeploy.backbones import Preprocess, create_backbone, read_checkpoint, save_checkpoint
 from fsdeploy.errors import InvalidInput
 
 CHECKPOINT_FORMAT = 1  # bump when the key layout of a TOAST checkpoint changes
@@ -164,7 +159,7 @@ class TopDownViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch + position embedding, shared by both passes: `(B, 3, H, W) -> (B, N, D)`."""
         bb = self.backbone
-        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))  # timm's own embedding step
 
     def run_blocks(
         self, tokens: torch.Tensor, value_terms: list[torch.Tensor] | None = None, *, streams: list[Any] | None = None
