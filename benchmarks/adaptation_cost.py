@@ -37,7 +37,7 @@ from fsdeploy.bench.cost_inputs import (
 )
 from fsdeploy.bench.costs import TASK_PRESETS, TaskShape, adaptation_costs
 from fsdeploy.bench.finetune_accuracy import finetune_accuracy
-from fsdeploy.bench.methods import DEFAULT_HEADS, accuracy_methods, join_accuracy, method_label
+from fsdeploy.bench.methods import accuracy_methods, default_heads, join_accuracy, method_label
 from fsdeploy.bench.perf_measures import threads_for as torch_threads
 from fsdeploy.bench.render import accuracy_table, cost_table, plot_accuracy_vs_macs, write_rows
 from fsdeploy.bench.workspace import pick_weights, prepare_bundle, split_classes
@@ -90,8 +90,8 @@ def main() -> None:
         acc = []
         for k in shots:
             common = dict(ways=args.ways, shots=k, queries=args.queries, episodes=args.episodes, seed=k, options=options)
-            acc += evaluate(plain, data, accuracy_methods(DEFAULT_HEADS["none"], "none"), label=model, **common)
-            acc += evaluate(case, data, accuracy_methods(DEFAULT_HEADS["case"], "case"), label=f"{model}+CaSE", **common)
+            acc += evaluate(plain, data, accuracy_methods(default_heads("none"), "none"), label=model, **common)
+            acc += evaluate(case, data, accuracy_methods(default_heads("case"), "case"), label=f"{model}+CaSE", **common)
             if args.finetune_episodes:
                 methods = ["bn-affine"] + (["tsa"] if plain.manifest.family == "resnet" else [])
                 with torch_threads(args.threads or 1):  # see fsdeploy.bench.perf_measures on threads

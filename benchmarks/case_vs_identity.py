@@ -5,8 +5,9 @@ each task in one forward pass over the support set. Identity CaSE (every block a
 exactly the plain backbone, so the difference between the rows is what meta-training the CaSE blocks buys.
 
 Both rows use the same backbone weights, the same seeded episodes from the held-out (novel) classes and
-the same head (default: fsdeploy's numpy UpperCaSE linear head). Features come from the torch CaseNet:
-support images in context mode give the support features and γ; query images in query mode under that γ.
+the same head (default: fsdeploy's numpy UpperCaSE linear head). Each CaSE network is exported to a bundle and
+runs on ONNX Runtime through the episode loop of `fsdeploy bench accuracy` (the deployed path): the context pass
+over the support set gives the support features and γ; the query graph runs under that γ.
 The table reports mean accuracy with its 95% CI per row, and the paired per-episode difference with its CI.
 
 Usage:
@@ -17,6 +18,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,33 +27,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fsdeploy.backbones import BuildRequest
+from fsdeploy.bench.accuracy import Method, evaluate
 from fsdeploy.bench.stats import mean_ci95
-from fsdeploy.data.episodes import sample_episode
 from fsdeploy.data.folders import scan_image_folder
-from fsdeploy.data.images import load_batch
-from fsdeploy.exporters.graphs import BuildRequest
-from fsdeploy.heads import make_head
-from fsdeploy.modules.case_export import build_casenet
-from fsdeploy.modules.casenet import CaseNet
+from fsdeploy.modules.case_checkpoint import build_casenet
+from fsdeploy.pipeline.export import export_bundle
 from fsdeploy.train.metatrain import HeadRecipe, TaskStats, episode_classes, metatrain
 from fsdeploy.weights import DEFAULT_MODEL, default_checkpoint
-
-
-def episode_accuracies(
-    net: CaseNet, images: np.ndarray, labels: np.ndarray, *, head: str, ways: int, shots: int, queries: int,
-    episodes: int, seed: int,
-) -> list[float]:
-    """Accuracy of each seeded episode: context pass on the support set, query pass under its γ, head fit."""
-    rng = np.random.default_rng(seed)
-    accs = []
-    with torch.inference_mode():
-        for _ in range(episodes):
-            ep = sample_episode(labels, ways, shots, queries, rng)
-            support, gamma = net(torch.from_numpy(images[ep.support]))
-            query = net.query(torch.from_numpy(images[ep.query]), gamma)
-            model = make_head(head).fit(support.numpy(), ep.support_labels, np.random.default_rng(seed))
-            accs.append(float((model.predict_proba(query.numpy()).argmax(1) == ep.query_labels).mean()))
-    return accs
 
 
 def main() -> None:
@@ -103,7 +86,6 @@ def main() -> None:
             raise SystemExit(f"{case_ckpt} holds a different backbone than {backbone_ckpt} ({k}); pass the matching --checkpoint")
 
     files = scan_image_folder(args.data, classes=episode_classes(args.data, args.split))
-    images = load_batch(list(files.paths), pre)
     size = pre.input_size[-1]
     shots = [int(s) for s in args.shots.split(",")]
     table = Table(title=f"{args.ways}-way accuracy (%) on {args.split} classes of {args.data}: {len(files.classes)} classes, "
@@ -112,14 +94,17 @@ def main() -> None:
     for s in shots:
         table.add_column(f"{s}-shot", justify="right")
     results: dict[str, dict[int, list[float]]] = {}
-    for label, net in (("identity (γ = 1, plain backbone)", identity), (f"meta-trained ({case_ckpt.name})", trained)):
-        results[label] = {}
-        for s in shots:
-            results[label][s] = episode_accuracies(
-                net, images, files.labels, head=args.head, ways=args.ways, shots=s, queries=args.queries,
-                episodes=args.episodes, seed=args.seed + s,
-            )
-        table.add_row(label, *(f"{100 * m:.2f} ± {100 * h:.2f}" for m, h in (mean_ci95(results[label][s]) for s in shots)))
+    method = Method(args.head, args.head)
+    with tempfile.TemporaryDirectory(prefix="fsdeploy-case-") as tmp:
+        for label, ckpt in (("identity (γ = 1, plain backbone)", backbone_ckpt), (f"meta-trained ({case_ckpt.name})", case_ckpt)):
+            bundle, _ = export_bundle(args.model, Path(tmp) / f"b{len(results)}", adapter="case", checkpoint=ckpt, img_size=size)
+            results[label] = {}
+            for s in shots:
+                per: dict[str, list[float]] = {}
+                evaluate(bundle, files, [method], ways=args.ways, shots=s, queries=args.queries, episodes=args.episodes,
+                         seed=args.seed + s, per_episode=per)
+                results[label][s] = [a / 100 for a in per[method.label]]
+            table.add_row(label, *(f"{100 * m:.2f} ± {100 * h:.2f}" for m, h in (mean_ci95(results[label][s]) for s in shots)))
     a, b = list(results.values())
     diffs = [mean_ci95(np.subtract(b[s], a[s])) for s in shots]
     table.add_row("difference (paired)", *(f"{100 * m:+.2f} ± {100 * h:.2f}" for m, h in diffs))

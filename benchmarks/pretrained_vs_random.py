@@ -1,7 +1,7 @@
 """Novel-class few-shot accuracy: the shipped glyph-pretrained backbone vs the same network at random init.
 
-Features come straight from PyTorch (`create_backbone` + the checkpoint's own preprocessing through
-`fsdeploy.data.images`), are L2-normalised, and go to fsdeploy's numpy NCC head (ProtoNet rule, Snell et al.
+Each backbone is exported to a bundle and runs on ONNX Runtime (the deployed path) through the episode loop of
+`fsdeploy bench accuracy`; features are L2-normalised and go to fsdeploy's numpy NCC head (ProtoNet rule, Snell et al.
 2017; normalising first as in SimpleShot, Wang et al. 2019). Every backbone sees the same seeded episodes from
 the corpus's novel split (scripts never seen in pretraining). The random baseline is timm's initialisation as
 is (eval-mode BatchNorm with initial statistics shrinks its features to ~1e-6; normalising keeps their
@@ -18,40 +18,20 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
+import tempfile
+
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from fsdeploy.backbones import create_backbone
-from fsdeploy.bench.stats import mean_ci95
-from fsdeploy.data.episodes import sample_episode
+from fsdeploy.backbones import create_backbone, save_checkpoint
+from fsdeploy.bench.accuracy import Method, evaluate
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.data.glyphs import load_splits
-from fsdeploy.data.images import iter_batches
-from fsdeploy.heads.base import l2_normalise
-from fsdeploy.heads.ncc import NCCHead
+from fsdeploy.pipeline.export import export_bundle
 from fsdeploy.weights import DEFAULT_MODEL, default_checkpoint
 
-
-def features(model: torch.nn.Module, paths: list[Path], preprocess, batch: int = 256) -> np.ndarray:
-    """Pooled backbone features `(N, D)` of every image, preprocessed as the checkpoint says."""
-    out = []
-    with torch.no_grad():
-        for x in iter_batches(paths, preprocess, batch):
-            out.append(model(torch.from_numpy(x)).numpy())
-    return l2_normalise(np.concatenate(out).astype(np.float64)).astype(np.float32)
-
-
-def episode_accuracies(feats: np.ndarray, labels: np.ndarray, *, ways: int, shots: int, queries: int, episodes: int, seed: int) -> list[float]:
-    """NCC accuracy of each of `episodes` seeded N-way K-shot episodes."""
-    rng = np.random.default_rng(seed)
-    accs = []
-    for _ in range(episodes):
-        ep = sample_episode(labels, ways, shots, queries, rng)
-        head = NCCHead().fit(feats[ep.support], ep.support_labels)
-        accs.append(float((head.predict_proba(feats[ep.query]).argmax(1) == ep.query_labels).mean()))
-    return accs
+NCC_L2 = Method("NCC (L2-normalised)", "ncc", "l2")
 
 
 def main() -> None:
@@ -80,22 +60,23 @@ def main() -> None:
     table.add_column("backbone")
     for shots in (1, 5):
         table.add_column(f"{shots}-shot", justify="right")
-    table.add_column("features s", justify="right")
-    rows = (
-        (f"{args.model} glyph-pretrained ({checkpoint.name})", pretrained),
-        (f"{args.model} random init", random_init),
-    )
-    for label, model in rows:
-        t0 = time.perf_counter()
-        feats = features(model, list(files.paths), preprocess)
-        seconds = time.perf_counter() - t0
-        cells = []
-        for shots in (1, 5):
-            accs = episode_accuracies(feats, files.labels, ways=args.ways, shots=shots, queries=args.queries,
-                                      episodes=args.episodes, seed=args.seed + shots)
-            mean, half = mean_ci95(accs)
-            cells.append(f"{100 * mean:.2f} ± {100 * half:.2f}")
-        table.add_row(label, *cells, f"{seconds:.1f}")
+    table.add_column("run s", justify="right")
+    with tempfile.TemporaryDirectory(prefix="fsdeploy-pvr-") as tmp:
+        random_ckpt = save_checkpoint(random_init.state_dict(), Path(tmp) / "random.safetensors", name=args.model, preprocess=preprocess)
+        rows = (
+            (f"{args.model} glyph-pretrained ({checkpoint.name})", checkpoint),
+            (f"{args.model} random init", random_ckpt),
+        )
+        for label, ckpt in rows:
+            # the deployed path: an exported bundle on ONNX Runtime, the one episode loop of `bench accuracy`
+            bundle, _ = export_bundle(args.model, Path(tmp) / label.split()[1], checkpoint=ckpt, img_size=size)
+            t0 = time.perf_counter()
+            cells = []
+            for shots in (1, 5):
+                (row,) = evaluate(bundle, files, [NCC_L2], ways=args.ways, shots=shots, queries=args.queries,
+                                  episodes=args.episodes, seed=args.seed + shots)
+                cells.append(f"{row.accuracy:.2f} ± {row.ci95:.2f}")
+            table.add_row(label, *cells, f"{time.perf_counter() - t0:.1f}")
     console.print(table)
     console.print(f"chance: {100 / args.ways:.1f}%; same episodes for both backbones (seed {args.seed})")
 

@@ -14,37 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fsdeploy.atomic import write_text
+from fsdeploy.backbones import save_checkpoint
+from fsdeploy.bench.accuracy import Method, evaluate
 from fsdeploy.bench.stats import accuracy_row, mean_ci95
-from fsdeploy.data.episodes import sample_episode
-from fsdeploy.data.folders import LabelledFiles, scan_image_folder
-from fsdeploy.data.images import iter_batches
-from fsdeploy.heads.base import prototypes
-from fsdeploy.modules.topdown import TopDownViT, toast_macs, vit_macs
+from fsdeploy.data.folders import scan_image_folder
+from fsdeploy.pipeline.export import export_bundle
+from fsdeploy.modules.toast import TopDownViT, toast_macs, vit_macs
 from fsdeploy.train.toast import tune_toast
-
-
-def features(model: torch.nn.Module, files: LabelledFiles, preprocess, batch: int) -> np.ndarray:
-    """`(N, D)` float32 features of every file, in order."""
-    out = []
-    with torch.no_grad():
-        for images in iter_batches(files.paths, preprocess, batch):
-            out.append(model(torch.from_numpy(images)).numpy())
-    return np.concatenate(out).astype(np.float32)
-
-
-def ncc_accuracy(feats: np.ndarray, episode) -> float:
-    """Nearest-centroid (squared Euclidean) accuracy on one episode's queries."""
-    protos = prototypes(feats[episode.support], episode.support_labels, episode.ways)
-    query = feats[episode.query]
-    dists = (query**2).sum(1, keepdims=True) - 2.0 * query @ protos.T + (protos**2).sum(1)
-    return float((dists.argmin(1) == episode.query_labels).mean())
 
 
 def main() -> None:
@@ -95,21 +78,28 @@ def main() -> None:
     plain = toast.backbone
     preprocess = result.preprocess
     eval_files = scan_image_folder(eval_root, classes=list(eval_classes) if eval_classes else None)
-    feats = {
-        "plain ViT + NCC": features(plain, eval_files, preprocess, 64),
-        "TOAST + NCC": features(toast, eval_files, preprocess, 64),
-    }
     macs = {"plain ViT + NCC": vit_macs(plain, args.img_size), "TOAST + NCC": toast_macs(toast, args.img_size)}
-
+    ncc = Method("NCC", "ncc")  # nearest centroid, squared Euclidean (ProtoNet's rule)
     rows, deltas = [], []
-    for shots in args.shots:
-        rng = np.random.default_rng(args.seed)
-        episodes = [sample_episode(eval_files.labels, args.ways, shots, args.queries, rng) for _ in range(args.episodes)]
-        accs = {label: np.array([ncc_accuracy(f, e) for e in episodes]) for label, f in feats.items()}
-        for label, a in accs.items():
-            rows.append(accuracy_row(label, a.tolist(), ways=args.ways, shots=shots, macs_per_image=macs[label]))
-        delta, half = mean_ci95(accs["TOAST + NCC"] - accs["plain ViT + NCC"])  # paired: same episodes
-        deltas.append({"ways": args.ways, "shots": shots, "toast_minus_plain": 100 * delta, "ci95": 100 * half})
+    with tempfile.TemporaryDirectory(prefix="fsdeploy-toast-") as tmp:
+        # both rows run exported bundles on ONNX Runtime through `bench accuracy`'s episode loop (the deployed path),
+        # on the same frozen backbone weights
+        backbone = save_checkpoint(plain.state_dict(), Path(tmp) / "backbone.safetensors", name=args.model, preprocess=preprocess)
+        bundles = {
+            "plain ViT + NCC": export_bundle(args.model, Path(tmp) / "plain", checkpoint=backbone, img_size=args.img_size)[0],
+            "TOAST + NCC": export_bundle(args.model, Path(tmp) / "toast", adapter="toast", checkpoint=args.out.with_suffix(".safetensors"),
+                                         img_size=args.img_size, options={"backbone_checkpoint": str(backbone)})[0],
+        }
+        for shots in args.shots:
+            accs = {}
+            for label, bundle in bundles.items():
+                per: dict[str, list[float]] = {}
+                evaluate(bundle, eval_files, [ncc], ways=args.ways, shots=shots, queries=args.queries, episodes=args.episodes,
+                         seed=args.seed, per_episode=per)
+                accs[label] = np.array(per["NCC"]) / 100
+                rows.append(accuracy_row(label, accs[label].tolist(), ways=args.ways, shots=shots, macs_per_image=macs[label]))
+            delta, half = mean_ci95(accs["TOAST + NCC"] - accs["plain ViT + NCC"])  # paired: same episodes
+            deltas.append({"ways": args.ways, "shots": shots, "toast_minus_plain": 100 * delta, "ci95": 100 * half})
     report = {
         "model": args.model, "img_size": args.img_size, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "tune_classes": len(result.classes), "tune_images": result.train_images,

@@ -83,3 +83,13 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def save_npz(target: str | os.PathLike[str], arrays: dict[str, object]) -> Path:
+    """Atomically write an uncompressed `.npz` of plain arrays (no pickles): the one writer of task files."""
+    import numpy as np
+
+    target = Path(target)
+    with atomic_path(target, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return target

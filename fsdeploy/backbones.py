@@ -7,7 +7,7 @@ features `(B, D)`. Checkpoints written by fsdeploy carry their preprocessing in 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,21 @@ class Preprocess:
             crop_pct=float(d.get("crop_pct", 0.875)),
             interpolation=str(d.get("interpolation", "bicubic")),
         )
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Where the weights come from and at what resolution."""
+
+    model: str
+    checkpoint: Path | None = None
+    pretrained: bool = False
+    img_size: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # adapter-specific structure (e.g. TOAST LoRA rank)
+
+
+# timm families whose position embeddings are sized at construction: they take `img_size=` (CNNs do not)
+SIZED_AT_BUILD = frozenset({"vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit"})
 
 
 def family_of(name: str) -> str:
@@ -113,7 +128,7 @@ def create_backbone(
         raise InvalidInput(f"checkpoint {checkpoint} was trained for {meta['model']}, not {name}; pass --model {meta['model']}")
     kwargs: dict[str, Any] = {"num_classes": 0}
     size = img_size or (meta.get("input_size") or [None, None, None])[-1]
-    if size and family_of(name) == "vision_transformer":
+    if size and family_of(name) in SIZED_AT_BUILD:
         kwargs["img_size"] = int(size)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)

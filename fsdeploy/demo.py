@@ -12,23 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
-from fsdeploy.bench.accuracy import AccuracyRow, Method, evaluate
+from fsdeploy.bench.accuracy import AccuracyRow, evaluate
+from fsdeploy.bench.methods import accuracy_methods, default_heads
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.data.glyphs import generate_glyphs, load_splits
 from fsdeploy.engines import EngineOptions
 from fsdeploy.atomic import sha256_file
 from fsdeploy.errors import FsdeployError, InvalidInput
-from fsdeploy.exporters.bundle import Bundle, load_bundle
-from fsdeploy.exporters.export import export_bundle
+from fsdeploy.bundle import Bundle, load_bundle
+from fsdeploy.pipeline.export import export_bundle
 from fsdeploy.weights import DEFAULT_IMG_SIZE, DEFAULT_MODEL, default_checkpoint
 
-HEAD_METHODS = (
-    Method("NCC/ProtoNet", "ncc"),
-    Method("SimpleShot", "ncc", "cl2n"),
-    Method("linear (UpperCaSE head)", "linear"),
-    Method("linear-newton", "linear-newton"),
-)  # LT+NCC (a 1280x1280 map, 40 Adadelta steps) takes seconds per task here: see `fsdeploy bench accuracy --heads`
-CASE_METHODS = (Method("UpperCaSE (CaSE+linear)", "linear"),)
+# the adapter kinds' default head methods, under the cost table's labels (`fsdeploy.bench.methods`); LT+NCC
+# (a 1280x1280 map, 40 Adadelta steps) takes seconds per task here: see `fsdeploy bench accuracy --heads`
+HEAD_METHODS = tuple(accuracy_methods(default_heads("none"), "none"))
+CASE_METHODS = tuple(accuracy_methods(default_heads("case"), "case"))
+
 
 
 @dataclass(frozen=True)

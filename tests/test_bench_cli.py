@@ -17,7 +17,7 @@ from fsdeploy.bench.methods import accuracy_methods
 from fsdeploy.bench.render import format_macs, read_rows
 from fsdeploy.cli import app
 from fsdeploy.data.folders import scan_image_folder
-from fsdeploy.exporters.export import export_bundle
+from fsdeploy.pipeline.export import export_bundle
 from fsdeploy.heads import make_head
 from tests.helpers import glyph_folder, make_checkpoint
 
@@ -48,7 +48,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(work):
-    from fsdeploy.exporters.bundle import load_bundle
+    from fsdeploy.bundle import load_bundle
 
     return load_bundle(work / "resnet18-none-32px")
 

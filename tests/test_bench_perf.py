@@ -22,13 +22,13 @@ from fsdeploy.bench.perf_measures import _compute_columns, _mean_distinct, _nump
 from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
 from fsdeploy.data.folders import list_images, scan_image_folder
 from fsdeploy.data.images import load_checked
-from fsdeploy.exporters.export import export_bundle
-from fsdeploy.exporters.graphs import BuildRequest
+from fsdeploy.pipeline.export import export_bundle
+from fsdeploy.backbones import BuildRequest
 from fsdeploy.exporters.rebuild import torch_graphs
 from fsdeploy.heads import make_head
 from fsdeploy.modules.case import case_hidden
-from fsdeploy.modules.case_export import build_casenet, case_checkpoint_state
-from fsdeploy.task import adapt_task, predict_images
+from fsdeploy.modules.case_checkpoint import build_casenet, case_checkpoint_state
+from fsdeploy.runtime import adapt_task, predict_images
 from fsdeploy.train.tsa import bn_affine_adapt_macs, tsa_adapt_macs
 from tests.helpers import glyph_folder, make_checkpoint
 

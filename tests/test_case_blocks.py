@@ -11,7 +11,7 @@ from fsdeploy.backbones import family_of
 from fsdeploy.errors import UnknownName
 from fsdeploy.modules.case import CaseBlock, case_hidden, case_param_count
 from fsdeploy.modules.casenet import CaseNet, run_stages_torch
-from fsdeploy.modules.placement import CASE_PLACEMENT, placement_for
+from fsdeploy.modules.placement import families, placement_for
 from tests.helpers import realistic_
 
 # one test model per placement rule, with the block count the issue specifies (P14: follows the registry)
@@ -19,7 +19,7 @@ RULE_CASES = {"efficientnet": ("efficientnet_b0", 19), "resnet": ("resnet18", 17
 
 
 def test_every_rule_has_a_test_case() -> None:
-    assert set(RULE_CASES) == set(CASE_PLACEMENT)
+    assert set(RULE_CASES) == set(families("case"))
 
 
 def _net(name: str, seed: int = 0, random_case: bool = True) -> CaseNet:
@@ -106,7 +106,7 @@ def test_rules_cover_other_models_of_the_family(name: str, blocks: int) -> None:
 
 def test_unknown_family_is_refused() -> None:
     with pytest.raises(UnknownName, match="no CaSE placement rule for timm family 'vision_transformer'"):
-        placement_for("vision_transformer")
+        placement_for("case", "vision_transformer")
 
 
 def test_block_matches_the_formula() -> None:

@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 from fsdeploy.backbones import create_backbone, family_of, save_checkpoint
 from fsdeploy.engines.ort import OrtEngine
 from fsdeploy.errors import BundleError, InvalidInput
-from fsdeploy.exporters.bundle import TORCH_WEIGHTS
-from fsdeploy.exporters.export import export_bundle
-from fsdeploy.exporters.graphs import BuildRequest, build_adapted
-from fsdeploy.modules.case_context import batches_of, context_pass, query_pass
-from fsdeploy.modules.case_export import case_checkpoint_state
+from fsdeploy.bundle import TORCH_WEIGHTS
+from fsdeploy.pipeline.export import export_bundle
+from fsdeploy.adapters import build_adapted
+from fsdeploy.backbones import BuildRequest
+from fsdeploy.runtime.case_pass import batches_of, context_pass, query_pass
+from fsdeploy.modules.case_checkpoint import case_checkpoint_state
 from fsdeploy.modules.casenet import CaseNet
 from tests.helpers import realistic_
 
@@ -118,7 +119,7 @@ def test_chunked_context_is_exact(bundle, chunk: int) -> None:
 
 
 def test_stage_chunks_split_batches_and_reuse_state_buffers(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fsdeploy.modules.case_context import StateStore
+    from fsdeploy.runtime.case_pass import StateStore
 
     _, b, _, _, open_graph = bundle
     x = _images(5, seed=5)

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from fsdeploy.backbones import create_backbone, read_checkpoint
 from fsdeploy.errors import InvalidInput
-from fsdeploy.exporters.graphs import BuildRequest, build_adapted
+from fsdeploy.adapters import build_adapted
+from fsdeploy.backbones import BuildRequest
 from fsdeploy.train.metatrain import (
     HeadRecipe,
     episode_classes,

@@ -10,11 +10,13 @@ import torch
 
 from fsdeploy.backbones import create_backbone
 from fsdeploy.data.samples import real_batch
-from fsdeploy.engines import EngineOptions, open_engine
+from fsdeploy.engines import EngineOptions
+from fsdeploy.runtime import open_graph
 from fsdeploy.errors import BundleError, EngineError, InvalidInput, UnknownName, ValidationFailed
+from fsdeploy.adapters import ADAPTERS
 from fsdeploy.exporters import graphs
-from fsdeploy.exporters.bundle import load_bundle
-from fsdeploy.exporters.export import export_bundle
+from fsdeploy.bundle import load_bundle
+from fsdeploy.pipeline.export import export_bundle
 from tests.helpers import make_checkpoint
 
 MODELS = ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224"]
@@ -38,7 +40,7 @@ def test_ort_matches_pytorch_fp32(exported) -> None:
     with torch.no_grad():
         ref = model(torch.from_numpy(images)).numpy()
     assert np.abs(ref).mean() > 1e-2, "features too small for a max-abs check to mean anything"
-    with open_engine(bundle, "features", "ort") as eng:
+    with open_graph(bundle, "features", "ort") as eng:
         got = eng.run({"images": images})["features"]
     assert got.shape == ref.shape == (5, bundle.manifest.feature_dim)
     assert np.abs(got - ref).max() <= 1e-4
@@ -49,7 +51,7 @@ def test_ort_matches_pytorch_fp32(exported) -> None:
 def test_torch_engine_rebuilds_exported_weights(exported) -> None:
     _, _, bundle, _ = exported
     x = np.random.default_rng(2).standard_normal((3, *bundle.manifest.preprocess.input_size)).astype(np.float32)
-    with open_engine(bundle, "features", "ort") as a, open_engine(bundle, "features", "torch", EngineOptions(device="cpu")) as b:
+    with open_graph(bundle, "features", "ort") as a, open_graph(bundle, "features", "torch", EngineOptions(device="cpu")) as b:
         np.testing.assert_allclose(a.run({"images": x})["features"], b.run({"images": x})["features"], atol=1e-4)
 
 
@@ -58,7 +60,7 @@ def test_run_into_writes_the_callers_buffer(exported, backend: str) -> None:
     """ONNX Runtime binds the buffer (IOBinding); other engines fall back to run + copy. Both equal `run`."""
     _, _, bundle, _ = exported
     x = np.random.default_rng(3).standard_normal((2, *bundle.manifest.preprocess.input_size)).astype(np.float32)
-    with open_engine(bundle, "features", backend, EngineOptions(device="cpu")) as eng:
+    with open_graph(bundle, "features", backend, EngineOptions(device="cpu")) as eng:
         want = eng.run({"images": x})["features"]
         buf = np.full((2, bundle.manifest.feature_dim), np.nan, dtype=np.float32)
         eng.run_into({"images": x}, {"features": buf})
@@ -73,7 +75,7 @@ def test_run_into_writes_the_callers_buffer(exported, backend: str) -> None:
 def test_torch_backend_refuses_other_precisions(exported, precision: str) -> None:
     _, _, bundle, _ = exported
     with pytest.raises(UnknownName, match=f"torch backend runs .* fp32; got --precision {precision}"):
-        open_engine(bundle, "features", "torch", EngineOptions(device="cpu", precision=precision))
+        open_graph(bundle, "features", "torch", EngineOptions(device="cpu", precision=precision))
 
 
 def test_manifest_records_what_devices_need(exported) -> None:
@@ -99,10 +101,9 @@ def test_tampered_bundle_is_refused(tmp_path) -> None:
 
 def test_failed_validation_writes_nothing(tmp_path, monkeypatch) -> None:
     strict = graphs.ExportSpec(atol=-1.0)  # every output fails
-    monkeypatch.setitem(
-        graphs.ADAPTERS, "none", lambda req: replace(graphs.build_plain(req), graphs=tuple(
-            replace(g, spec=strict) for g in graphs.build_plain(req).graphs))
-    )
+    plain = ADAPTERS.get("none")
+    monkeypatch.setitem(ADAPTERS._entries, "none", replace(plain, build=lambda req: replace(plain.build(req), graphs=tuple(
+        replace(g, spec=strict) for g in plain.build(req).graphs))))
     with pytest.raises(ValidationFailed, match="nothing was written"):
         export_bundle("resnet18", tmp_path / "b", img_size=32)
     assert not (tmp_path / "b").exists()
@@ -125,16 +126,16 @@ def test_bad_model_and_checkpoint_errors(tmp_path) -> None:
 
 
 def test_validation_tolerance_scales_with_the_output() -> None:
-    from fsdeploy.exporters.validate import OutputCheck, ValidationReport, compare_outputs
+    from fsdeploy.compare import CompareReport, OutputCheck, Tolerance, compare
 
     ref = np.array([[3.0e6, -1.0], [2.0, 0.5]])
     got = ref + np.array([[25.0, 0.0], [0.0, 2e-5]])
-    (check,) = compare_outputs("stage_15", "real", {"state": got}, {"state": ref})
+    (check,) = compare("stage_15", "real", {"state": got}, {"state": ref})
     assert check.max_abs == pytest.approx(25.0) and check.ref_max_abs == pytest.approx(3.0e6)
-    assert ValidationReport((check,), atol=1e-4, rtol=1e-5).passed  # 25 <= 1e-4 + 30
-    assert not ValidationReport((check,), atol=1e-4, rtol=1e-6).passed  # 25 > 3
+    assert CompareReport((check,), Tolerance(atol=1e-4, rtol=1e-5)).passed  # 25 <= 1e-4 + 30
+    assert not CompareReport((check,), Tolerance(atol=1e-4, rtol=1e-6)).passed  # 25 > 3
     small = OutputCheck("features", "real", "features", True, 2e-3, 1.0, 1.0)
-    assert not ValidationReport((small,), atol=1e-4, rtol=1e-5).passed  # relative part is only 1e-5 here
+    assert not CompareReport((small,), Tolerance(atol=1e-4, rtol=1e-5)).passed  # relative part is only 1e-5 here
     old = {"atol": 1e-4, "checks": [{"graph": "g", "inputs": "random", "name": "f", "shape_ok": True, "max_abs": 5e-5, "cosine": 1.0}]}
-    restored = ValidationReport.from_dict(old)  # reports written before rtol existed
-    assert restored.rtol == 0.0 and restored.passed
+    restored = CompareReport.from_dict(old)  # reports written before rtol existed
+    assert restored.default.rtol == 0.0 and restored.passed

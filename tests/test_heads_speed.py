@@ -10,25 +10,14 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from fsdeploy.bench.reference import torch_linear_head
 from fsdeploy.heads import make_head
 from fsdeploy.heads.linear import draw_batches
 
 
 def torch_loop(xs, ys, k, batches, lrs):
-    x, y = torch.from_numpy(xs), torch.from_numpy(ys)
-    lin = torch.nn.Linear(xs.shape[1], k)
-    torch.nn.init.zeros_(lin.weight)
-    torch.nn.init.zeros_(lin.bias)
-    opt = torch.optim.Adam(lin.parameters(), lr=float(lrs[0]), weight_decay=1e-5)
-    for t, rows in enumerate(batches):
-        opt.param_groups[0]["lr"] = float(lrs[t])
-        opt.zero_grad()
-        idx = torch.from_numpy(rows)
-        F.cross_entropy(lin(x[idx]), y[idx]).backward()
-        opt.step()
-    return lin
+    return torch_linear_head(xs, ys, k, batches, lrs)
 
 
 @pytest.mark.slow

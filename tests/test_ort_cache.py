@@ -123,13 +123,14 @@ def test_default_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_bundle_engines_use_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fsdeploy.engines import EngineOptions, open_engine
-    from fsdeploy.exporters.export import export_bundle
+    from fsdeploy.engines import EngineOptions
+    from fsdeploy.runtime import open_graph
+    from fsdeploy.pipeline.export import export_bundle
 
     bundle, _ = export_bundle("resnet18", tmp_path / "b", img_size=32)
     monkeypatch.setenv(ENV, str(tmp_path / "cache"))
-    cold = open_engine(bundle, "features", "ort", EngineOptions(providers=CPU))
-    warm = open_engine(bundle, "features", "ort", EngineOptions(providers=CPU))
+    cold = open_graph(bundle, "features", "ort", EngineOptions(providers=CPU))
+    warm = open_graph(bundle, "features", "ort", EngineOptions(providers=CPU))
     assert len(list((tmp_path / "cache").glob("features-*.onnx"))) == 1
     assert Path(warm.session._model_path).parent == tmp_path / "cache"  # type: ignore[attr-defined]
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)

@@ -13,12 +13,13 @@ import pytest
 from fsdeploy.bench.measure import write_photo_folder
 from fsdeploy.data.folders import list_images
 from fsdeploy.data.images import load_checked
-from fsdeploy.engines import EngineOptions, open_engine
+from fsdeploy.engines import EngineOptions
+from fsdeploy.runtime import open_graph
 from fsdeploy.errors import BundleError, InvalidInput, UnknownName
-from fsdeploy.exporters.bundle import Bundle, load_bundle
-from fsdeploy.exporters.export import export_bundle
-from fsdeploy.exporters.quantize import quantize_bundle, split_images
-from fsdeploy.task import TaskArtefact
+from fsdeploy.bundle import Bundle, load_bundle
+from fsdeploy.pipeline.export import export_bundle
+from fsdeploy.pipeline.quantize import quantize_bundle, split_images
+from fsdeploy.runtime import TaskArtefact
 from tests.helpers import glyph_folder, make_checkpoint
 
 # Tiny resnet18 at 32 px reaches per-image cosine ~0.997 (min over held-out crops); the bench's resnet18
@@ -71,6 +72,12 @@ def ws(tmp_path_factory):
     return SimpleNamespace(tmp=tmp, fresh=fresh, photos=photos, before=before, report=report, bundle=load_bundle(tmp / "quantized"))
 
 
+def _int8(manifest) -> dict:
+    """The int8 variant's record (the quantization report) of the features graph."""
+    (variant,) = manifest.find_variants("features", kind="onnx", precision="int8")
+    return variant.info
+
+
 def _copy(bundle: Bundle, dst: Path) -> Path:
     shutil.copytree(bundle.path, dst)
     return dst
@@ -79,7 +86,7 @@ def _copy(bundle: Bundle, dst: Path) -> Path:
 def test_int8_graph_is_qdq_with_int8_weights(ws) -> None:
     import onnx
 
-    info = ws.bundle.manifest.extra["int8"]
+    info = _int8(ws.bundle.manifest)
     model = onnx.load(str(ws.bundle.file(info["file"])))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
@@ -96,7 +103,7 @@ def test_int8_features_follow_fp32(ws) -> None:
     ref = _ort_features(ws.bundle.graph_path("features"), images)
     int8_file = ws.bundle.file(ws.report.file)
     got = _ort_features(int8_file, images)
-    with open_engine(ws.bundle, "features", "ort", EngineOptions(precision="int8")) as eng:
+    with open_graph(ws.bundle, "features", "ort", EngineOptions(precision="int8")) as eng:
         np.testing.assert_allclose(eng.run({"images": images})["features"], got, rtol=1e-5, atol=1e-5)
     assert np.abs(got - ref).max() > 0, "the int8 engine must not be the fp32 graph"
     assert _row_cosine(got, ref).min() >= MIN_COSINE
@@ -115,7 +122,7 @@ def test_int8_features_follow_fp32(ws) -> None:
 def test_bundle_id_kept_and_int8_file_hash_checked(ws) -> None:
     m, old = ws.bundle.manifest, ws.before.manifest
     assert m.bundle_id == old.bundle_id and m.graphs == old.graphs
-    info = m.extra["int8"]
+    info = _int8(m)
     assert info == ws.report.to_dict()
     assert info["source_file"] == "features.onnx" and info["onnxruntime"] and info["reduce_range"] is True
     assert m.files[info["file"]] and set(m.files) == set(old.files) | {info["file"]}
@@ -139,17 +146,17 @@ def test_requantizing_replaces_the_int8_graph(ws, tmp_path) -> None:
     folder = _copy(ws.bundle, tmp_path / "b")
     report = quantize_bundle(load_bundle(folder), [ws.photos], max_images=8, reduce_range=False)
     b = load_bundle(folder)
-    assert b.manifest.extra["int8"]["reduce_range"] is False and report.calibration_images == 8
+    assert _int8(b.manifest)["reduce_range"] is False and report.calibration_images == 8
     assert sorted(p.name for p in folder.glob("*.int8.*")) == [report.file] != [ws.report.file]
     assert b.manifest.bundle_id == ws.before.manifest.bundle_id
 
 
 def test_precision_errors_are_one_line(ws) -> None:
     with pytest.raises(BundleError, match=r"no int8 graph; make one with `fsdeploy quantize .* CALIB_DIR`") as exc:
-        open_engine(ws.fresh, "features", "ort", EngineOptions(precision="int8"))
+        open_graph(ws.fresh, "features", "ort", EngineOptions(precision="int8"))
     assert "\n" not in str(exc.value)
     with pytest.raises(UnknownName, match="fp16 engines run on --backend trt"):
-        open_engine(ws.bundle, "features", "ort", EngineOptions(precision="fp16"))
+        open_graph(ws.bundle, "features", "ort", EngineOptions(precision="fp16"))
     from fsdeploy.runtime import feature_path
 
     with pytest.raises(UnknownName, match="own fp32 graph; drop --precision int8"):  # folded TSA / BN-affine tasks
@@ -190,7 +197,7 @@ def test_failure_leaves_bundle_untouched(ws, tmp_path, monkeypatch, start) -> No
 def test_failed_manifest_write_removes_the_new_file(ws, tmp_path, monkeypatch) -> None:
     folder = _copy(ws.bundle, tmp_path / "b")
     before = _snapshot(folder)
-    monkeypatch.setattr("fsdeploy.exporters.quantize.write_manifest", _fail)
+    monkeypatch.setattr("fsdeploy.bundle.folder.write_manifest", _fail)
     with pytest.raises(RuntimeError):
         quantize_bundle(load_bundle(folder), [ws.photos], reduce_range=False)  # other bytes, so another file name
     assert _snapshot(folder) == before
@@ -214,7 +221,7 @@ def test_cli_quantize_then_serve_int8(ws, tmp_path) -> None:
 
     b = load_bundle(folder)
     images = load_checked(list_images([query]), b.manifest.preprocess)
-    want = TaskModel.from_state(TaskArtefact.load(task).model_state).predict_proba(_ort_features(b.file(b.manifest.extra["int8"]["file"]), images))
+    want = TaskModel.from_state(TaskArtefact.load(task).model_state).predict_proba(_ort_features(b.file(_int8(b.manifest)["file"]), images))
     np.testing.assert_allclose(probs, want.max(axis=1), rtol=1e-5)
 
 

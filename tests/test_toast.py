@@ -13,15 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fsdeploy.backbones import create_backbone, save_checkpoint
 from fsdeploy.errors import InvalidInput
-from fsdeploy.modules.topdown import (
-    TopDownViT,
-    attend_with_value_term,
-    count_toast_parameters,
-    load_toast,
-    toast_macs,
-    toast_metadata,
-    vit_macs,
-)
+from fsdeploy.modules.toast import TopDownViT, attend_with_value_term, count_toast_parameters, toast_macs, vit_macs
+from fsdeploy.modules.toast_checkpoint import load_toast, toast_metadata
 from fsdeploy.train.toast import tune_toast
 
 MODEL = "vit_tiny_patch16_224"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fsdeploy.engines import open_engine
-from fsdeploy.exporters.export import export_bundle
-from fsdeploy.modules.topdown import load_toast
+from fsdeploy.runtime import open_graph
+from fsdeploy.pipeline.export import export_bundle
+from fsdeploy.modules.toast_checkpoint import load_toast
 from fsdeploy.train.toast import tune_toast
 from tests.helpers import glyph_folder, make_checkpoint
 
@@ -29,6 +29,6 @@ def test_toast_checkpoint_exports_and_matches_pytorch(tmp_path) -> None:
         want = ref(torch.from_numpy(x)).numpy()
     assert np.abs(want).mean() > 1e-2
     for backend in ("ort", "torch"):
-        with open_engine(bundle, "features", backend) as eng:
+        with open_graph(bundle, "features", backend) as eng:
             got = eng.run({"images": x})["features"]
         assert np.abs(got - want).max() <= 1e-4, backend

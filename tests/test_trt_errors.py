@@ -12,14 +12,16 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from fsdeploy.cli import app
-from fsdeploy.engines import EngineOptions, open_engine
+from fsdeploy.engines import EngineOptions
+from fsdeploy.runtime import open_graph
 from fsdeploy.engines.build import build_bundle, build_engine
-from fsdeploy.engines.trt import TrtEngine, check_batch, compare_bundle
+from fsdeploy.engines.trt import TrtEngine, check_batch
+from fsdeploy.pipeline.trt_compare import compare_bundle
 from fsdeploy.engines.trt_backend import gpu_present, load_backend
 from fsdeploy.engines.trt_records import BatchProfile, engine_records, select_engine
 from fsdeploy.errors import BundleError, EngineError, InvalidInput, MissingDependency
-from fsdeploy.exporters.bundle import MANIFEST, load_bundle
-from fsdeploy.exporters.export import export_bundle
+from fsdeploy.bundle import MANIFEST, load_bundle
+from fsdeploy.pipeline.export import export_bundle
 from tests.trt_cases import needs_trt
 
 pytestmark = needs_trt
@@ -50,8 +52,9 @@ def _only_record(path: Path):
 
 def _edit_record(path: Path, **changes: object) -> None:
     data = json.loads((path / MANIFEST).read_text())
-    (rel,) = data["engines"]
-    data["engines"][rel].update(changes)
+    (rel,) = [k for k, v in data["variants"].items() if v["kind"] == "trt"]
+    data["variants"][rel]["info"].update(changes)  # the TensorRT record a plan variant carries
+    data["variants"][rel].update({k: v for k, v in changes.items() if k in data["variants"][rel]})
     (path / MANIFEST).write_text(json.dumps(data))
 
 
@@ -139,7 +142,7 @@ def test_cpu_only_paths_say_a_gpu_is_needed(bundle: Path, tmp_path: Path) -> Non
     with pytest.raises(EngineError, match="needs a CUDA GPU"):
         TrtEngine(bundle / rel, record=rec)
     with pytest.raises(EngineError, match="needs a CUDA GPU"):
-        open_engine(load_bundle(bundle), "features", "trt", EngineOptions(precision="fp32"))
+        open_graph(load_bundle(bundle), "features", "trt", EngineOptions(precision="fp32"))
     with pytest.raises(EngineError, match="needs a CUDA GPU"):
         compare_bundle(load_bundle(bundle))
     weight = onnx.load(str(bundle / "features.onnx"), load_external_data=False).graph.initializer[0].name

@@ -15,18 +15,20 @@ from typer.testing import CliRunner
 
 from fsdeploy.cli import app
 from fsdeploy.data.samples import real_batch
-from fsdeploy.engines import EngineOptions, open_engine
+from fsdeploy.engines import EngineOptions
+from fsdeploy.runtime import open_graph
 from fsdeploy.engines.base import TensorSpec
 from fsdeploy.engines.build import build_bundle, build_engine
 from fsdeploy.engines.ort import OrtEngine, OrtOptions
-from fsdeploy.engines.trt import TrtEngine, compare_bundle
+from fsdeploy.engines.trt import TrtEngine
+from fsdeploy.pipeline.trt_compare import compare_bundle
 from fsdeploy.engines.trt_backend import deserialize, load_backend
 from fsdeploy.engines.trt_precision import inspect_precisions
 from fsdeploy.engines.trt_records import PRECISIONS, BatchProfile, engine_records
 from fsdeploy.errors import EngineError
-from fsdeploy.exporters.bundle import Bundle, load_bundle
-from fsdeploy.exporters.export import export_bundle
-from fsdeploy.exporters.validate import cosine
+from fsdeploy.bundle import Bundle, load_bundle
+from fsdeploy.pipeline.export import export_bundle
+from fsdeploy.compare import cosine
 from tests.helpers import make_checkpoint
 from tests.trt_cases import needs_trt
 
@@ -57,7 +59,7 @@ def _ort(path: Path, images: np.ndarray) -> np.ndarray:
 
 def test_fp32_engine_matches_onnx_runtime(bundle: Bundle, images: np.ndarray) -> None:
     want = _ort(bundle.graph_path("features"), images)
-    with open_engine(bundle, "features", "trt", EngineOptions(precision="fp32")) as eng:
+    with open_graph(bundle, "features", "trt", EngineOptions(precision="fp32")) as eng:
         assert eng.input_specs() == {"images": TensorSpec(("batch", 3, 32, 32), "float32")}
         assert eng.batch_profile == {"images": (1, 2, 4)}
         got = eng.run({"images": images})["features"]
@@ -70,14 +72,14 @@ def test_fp32_engine_matches_onnx_runtime(bundle: Bundle, images: np.ndarray) ->
 
 def test_fp16_engine_is_close_to_onnx_runtime(bundle: Bundle, images: np.ndarray) -> None:
     want = _ort(bundle.graph_path("features"), images)
-    with open_engine(bundle, "features", "trt", EngineOptions(precision="fp16")) as eng:
+    with open_graph(bundle, "features", "trt", EngineOptions(precision="fp16")) as eng:
         got = eng.run({"images": images})["features"]
     assert cosine(got, want) >= 0.999
     assert float(np.abs(got - want).max()) <= 1e-2 + 1e-2 * float(np.abs(want).max())
 
 
 def test_batch_outside_profile_is_refused(bundle: Bundle) -> None:
-    with open_engine(bundle, "features", "trt", EngineOptions(precision="fp32")) as eng:
+    with open_graph(bundle, "features", "trt", EngineOptions(precision="fp32")) as eng:
         with pytest.raises(EngineError, match=r"has batch 5, outside this engine's profile \(min 1, max 4, opt 2\)"):
             eng.run({"images": np.zeros((5, 3, 32, 32), np.float32)})
 

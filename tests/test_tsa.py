@@ -14,19 +14,12 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from torch import nn
 
 from fsdeploy.errors import BundleError, InvalidInput, UnknownName
-from fsdeploy.modules.adapters import (
-    TSA_PLACEMENT,
-    ResidualAdapterConv,
-    adapters_of,
-    placement_for,
-    reset_adapters,
-    with_adapters,
-)
+from fsdeploy.modules.adapters import ResidualAdapterConv, adapters_of, reset_adapters, with_adapters
+from fsdeploy.modules.placement import families, placement_for
 from fsdeploy.modules.fold import TaskWeights, check_foldable, fold_centre_tap, folded_state, task_weights
 from fsdeploy.train.tsa import bn_affine_adapt_macs, fit_bn_affine, fit_tsa, tsa_adapt_macs
 
@@ -95,7 +88,7 @@ def resnet18() -> nn.Module:
 
 
 def test_every_family_has_a_case() -> None:
-    assert set(TSA_PLACEMENT) <= set(FAMILY_CASES)
+    assert set(families("tsa")) <= set(FAMILY_CASES)
 
 
 def test_resnet18_placement_is_every_block_3x3_conv(resnet18: nn.Module) -> None:
@@ -109,7 +102,7 @@ def test_refusals(resnet18: nn.Module) -> None:
     with pytest.raises(InvalidInput, match="already holds"):
         with_adapters(with_adapters(resnet18))
     with pytest.raises(UnknownName, match="no TSA adapter placement"):
-        placement_for("vision_transformer")
+        placement_for("tsa", "vision_transformer")
     with pytest.raises(InvalidInput, match="padding"):
         ResidualAdapterConv(nn.Conv2d(4, 4, 3, padding=0))
     with pytest.raises(InvalidInput, match="even kernel"):

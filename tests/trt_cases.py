@@ -20,11 +20,11 @@ from fsdeploy.engines.build import build_bundle
 from fsdeploy.engines.ort import OrtEngine, OrtOptions
 from fsdeploy.engines.trt_backend import load_backend
 from fsdeploy.engines.trt_records import PRECISIONS, BatchProfile, EngineRecord, engine_records
-from fsdeploy.exporters.bundle import Bundle, load_bundle
-from fsdeploy.exporters.export import export_bundle
-from fsdeploy.exporters.graphs import ADAPTERS, load_builtin_adapters
+from fsdeploy.bundle import Bundle, load_bundle
+from fsdeploy.pipeline.export import export_bundle
+from fsdeploy.adapters import ADAPTERS
 from fsdeploy.exporters.rebuild import torch_graphs
-from fsdeploy.exporters.validate import cosine
+from fsdeploy.compare import cosine
 from tests.helpers import make_checkpoint
 
 # Skips only off CI: on CI (CI=true) a missing TensorRT must fail, not hide every build test.
@@ -60,7 +60,6 @@ class Built:
 
 def build_case(model: str, adapter: str, root: Path) -> Built:
     """Export `model` with `adapter` (realistic random weights, 32 px) and build its graphs FP32 and FP16."""
-    load_builtin_adapters()
     if adapter not in ADAPTERS:
         pytest.skip(f"adapter {adapter!r} is not registered yet; its engine builds run once it is")
     ckpt = make_checkpoint(model, root / "weights.safetensors", img_size=32)

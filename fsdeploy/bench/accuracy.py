@@ -1,7 +1,10 @@
-"""Few-shot accuracy through the deployed path: engine features, then numpy heads, per seeded episode.
+"""Few-shot accuracy through the deployed path, per seeded episode: the one episode loop of fsdeploy.
 
-Every method in one run sees the same episodes and the same engine features, so differences between
-rows are differences between heads, not between samples.
+Every method in one run sees the same episodes (paired rows). Head methods share the episode's engine
+features (the bundle's feature path: CaSE's context pass gives γ per episode), so their differences are
+differences between heads. Per-task fine-tuners (`Method(adapter="tsa")`, `"bn-affine"`) adapt each
+episode through `fsdeploy.runtime.TaskAdapter`: fit, fold, re-export, and the queries run through the
+folded graph on the engine, exactly as `fsdeploy adapt` and `predict` deploy them.
 """
 from __future__ import annotations
 
@@ -15,21 +18,28 @@ import numpy as np
 from fsdeploy.bench.stats import mean_ci95
 from fsdeploy.data.episodes import Episode, sample_episode, sample_variable_episode
 from fsdeploy.data.folders import LabelledFiles
-from fsdeploy.data.images import load_checked
+from fsdeploy.data.cache import ImageCache
 from fsdeploy.engines import EngineOptions
-from fsdeploy.exporters.bundle import Bundle
+from fsdeploy.bundle import Bundle
 from fsdeploy.heads.pipeline import TaskModel
-from fsdeploy.runtime import feature_path
+from fsdeploy.runtime import TaskAdapter
 
 
 @dataclass(frozen=True)
 class Method:
-    """A head plus a feature transform, under a display label."""
+    """A head plus a feature transform, under a display label; or a per-task fine-tuner (`adapter`).
+
+    Attributes:
+        adapter: a per-task fine-tuner kind (tsa, bn-affine); it stores its own head, `head` is ignored.
+        steps: the fine-tuner's optimiser steps.
+    """
 
     label: str
-    head: str
+    head: str = "linear"
     transform: str = "none"
     opts: dict[str, Any] = field(default_factory=dict)
+    adapter: str = ""
+    steps: int = 40
 
 
 DEFAULT_METHODS = (
@@ -58,22 +68,6 @@ class AccuracyRow:
         return asdict(self)
 
 
-class _ImageCache:
-    """Decode and preprocess each dataset image at most once."""
-
-    def __init__(self, data: LabelledFiles, bundle: Bundle) -> None:
-        self.data = data
-        self.cfg = bundle.manifest.preprocess
-        self.cache: dict[int, np.ndarray] = {}
-
-    def get(self, index: np.ndarray) -> np.ndarray:
-        todo = [int(i) for i in index if int(i) not in self.cache]
-        if todo:
-            arrs = load_checked([self.data.paths[i] for i in todo], self.cfg)
-            self.cache.update(zip(todo, arrs))
-        return np.stack([self.cache[int(i)] for i in index])
-
-
 def evaluate(
     bundle: Bundle,
     data: LabelledFiles,
@@ -91,21 +85,27 @@ def evaluate(
     batch: int = 64,
     label: str | None = None,
     progress: Callable[[int], None] | None = None,
+    per_episode: dict[str, list[float]] | None = None,
 ) -> list[AccuracyRow]:
     """Mean accuracy ± 95% CI of each method on `episodes` seeded episodes drawn from `classes`.
 
     Args:
         variable: Meta-Dataset-style variable ways/shots instead of fixed `ways`/`shots`.
         progress: called with 1 after each episode.
+        per_episode: filled with each method's accuracy (percent) per episode, by label, for paired
+            differences between rows of one run (the episodes are the same for every method).
     """
     rng = np.random.default_rng(seed)
-    images = _ImageCache(data, bundle)
-    path = feature_path(bundle, backend, options)
+    images = ImageCache(data.paths, bundle.manifest.preprocess)
+    heads = [m for m in methods if not m.adapter]
+    tuners = {m.label: TaskAdapter(bundle, adapter=m.adapter, backend=backend, options=options, steps=m.steps,
+                                   fit_opts=dict(m.opts), batch=batch) for m in methods if m.adapter}
+    shared = TaskAdapter(bundle, backend=backend, options=options, batch=batch)
     acc: dict[str, list[float]] = {m.label: [] for m in methods}
     fit_ms: dict[str, list[float]] = {m.label: [] for m in methods}
     head_ms: dict[str, list[float]] = {m.label: [] for m in methods}
-    feat_ms: list[float] = []
-    query_ms: list[float] = []
+    feat_ms: dict[str, list[float]] = {m.label: [] for m in methods}
+    query_ms: dict[str, list[float]] = {m.label: [] for m in methods}
     try:
         for _ in range(episodes):
             ep: Episode = (
@@ -115,28 +115,45 @@ def evaluate(
             )
             sup = images.get(ep.support)
             qry = images.get(ep.query)
-            t0 = time.perf_counter()
-            feats, state = path.support([sup[i : i + batch] for i in range(0, len(sup), batch)])
-            t1 = time.perf_counter()
-            qfeats = np.concatenate([path.query(qry[i : i + batch], state) for i in range(0, len(qry), batch)])
-            t2 = time.perf_counter()
-            feat_ms.append((t1 - t0) * 1e3)
-            query_ms.append((t2 - t1) * 1e3 / len(qry))
             head_rng_seed = int(rng.integers(0, 2**31 - 1))
-            for m in methods:
-                model = TaskModel.create(m.head, m.transform, **m.opts)
+            names = [str(c) for c in range(int(ep.support_labels.max()) + 1)]
+            if heads:
+                t0 = time.perf_counter()
+                path = shared.support_path()
+                feats, state = path.support([sup[i : i + batch] for i in range(0, len(sup), batch)])
+                t1 = time.perf_counter()
+                qfeats = np.concatenate([path.query(qry[i : i + batch], state) for i in range(0, len(qry), batch)])
+                t2 = time.perf_counter()
+                for m in heads:
+                    model = TaskModel.create(m.head, m.transform, **m.opts)
+                    s = time.perf_counter()
+                    model.fit(feats, ep.support_labels, rng=np.random.default_rng(head_rng_seed))
+                    e = time.perf_counter()
+                    pred = np.argmax(model.predict_proba(qfeats), axis=1)
+                    f = time.perf_counter()
+                    feat_ms[m.label].append((t1 - t0) * 1e3)
+                    query_ms[m.label].append((t2 - t1) * 1e3 / len(qry))
+                    fit_ms[m.label].append((e - s) * 1e3)
+                    head_ms[m.label].append((f - e) * 1e3 / len(qry))
+                    acc[m.label].append(float(np.mean(pred == ep.query_labels)) * 100.0)
+            for label, tuner in tuners.items():
+                adapted = tuner.adapt(sup, ep.support_labels, names, seed=head_rng_seed)
                 s = time.perf_counter()
-                model.fit(feats, ep.support_labels, rng=np.random.default_rng(head_rng_seed))
+                probs = tuner.predict_proba(adapted.task, qry)
                 e = time.perf_counter()
-                pred = np.argmax(model.predict_proba(qfeats), axis=1)
-                f = time.perf_counter()
-                fit_ms[m.label].append((e - s) * 1e3)
-                head_ms[m.label].append((f - e) * 1e3 / len(qry))
-                acc[m.label].append(float(np.mean(pred == ep.query_labels)) * 100.0)
+                feat_ms[label].append(adapted.features_ms)
+                fit_ms[label].append(adapted.fit_ms)
+                query_ms[label].append((e - s) * 1e3 / len(qry))
+                head_ms[label].append(0.0)
+                acc[label].append(float(np.mean(np.argmax(probs, axis=1) == ep.query_labels)) * 100.0)
             if progress:
                 progress(1)
     finally:
-        path.close()
+        shared.close()
+        for tuner in tuners.values():
+            tuner.close()
+    if per_episode is not None:
+        per_episode.update({label: list(values) for label, values in acc.items()})
     rows = []
     for m in methods:
         mean, half = mean_ci95(acc[m.label])
@@ -149,9 +166,9 @@ def evaluate(
                 episodes=episodes,
                 accuracy=mean,
                 ci95=half,
-                features_ms=float(np.median(feat_ms)),
+                features_ms=float(np.median(feat_ms[m.label])),
                 fit_ms=float(np.median(fit_ms[m.label])),
-                query_ms_per_image=float(np.median(query_ms) + np.median(head_ms[m.label])),
+                query_ms_per_image=float(np.median(query_ms[m.label]) + np.median(head_ms[m.label])),
             )
         )
     return rows

@@ -17,7 +17,7 @@ Feature transforms (SimpleShot's CL2N) are costed by the transforms' own `macs` 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +33,19 @@ from fsdeploy.bench.costs import (
     TaskShape,
     TrainedGraph,
     adaptation_costs,
-    measure_backbone,
     measure_trained,
     missing_counts,
 )
 from fsdeploy.bench.macs import count_macs
 from fsdeploy.errors import UnknownName
-from fsdeploy.exporters.bundle import TORCH_WEIGHTS, Bundle
+from fsdeploy.bundle import Bundle
 
-# What a method lacks, in words a user can act on (keys: the CountedMacs field it needs).
-WHY_MISSING = {
-    "case": "needs a CaSE bundle: fsdeploy export MODEL --adapter case",
-    "tsa": "TSA residual adapters are defined for ResNet backbones only",
-    "toast": "needs a TOAST bundle (ViT): fsdeploy export MODEL --adapter toast",
-}
+def why_missing() -> dict[str, str]:
+    """What a method lacks, in words a user can act on, keyed by the CountedMacs field it needs (from the
+    adapter kinds' `why_missing`)."""
+    from fsdeploy.adapters import ADAPTERS
+
+    return {k.name: k.why_missing for k in ADAPTERS.values() if k.why_missing}
 
 
 def transform_macs(name: str, rows: int, dim: int) -> int:
@@ -69,15 +68,9 @@ def torch_model(bundle: Bundle) -> nn.Module:
     `fsdeploy.exporters.rebuild.torch_graphs` returns the graphs cut from this module; counting the
     fine-tuning recipes needs the module itself (its block structure names the partial fine-tuning set).
     """
-    from safetensors.torch import load_file
+    from fsdeploy.exporters.rebuild import torch_model as rebuilt
 
-    from fsdeploy.exporters.graphs import BuildRequest, build_adapted
-
-    m = bundle.manifest
-    request = BuildRequest(m.model, img_size=m.preprocess.input_size[-1], options=dict(m.source.get("options") or {}))
-    built = build_adapted(m.adapter, request)
-    built.module.load_state_dict(load_file(str(bundle.file(TORCH_WEIGHTS))))
-    return built.module.eval()
+    return rebuilt(bundle)
 
 
 def measure_tsa(backbone: nn.Module, image_size: int) -> TrainedGraph | None:
@@ -103,21 +96,14 @@ def measure_case(net: Any, image_size: int) -> CaseCounts:
     return CaseCounts(forward=forward, mlp=mlp, gamma=g)
 
 
-def _plain(model: nn.Module, size: int) -> CountedMacs:
-    return replace(measure_backbone(model, size), tsa=measure_tsa(model, size))
+def _counter(adapter: str) -> Callable[[nn.Module, int], CountedMacs]:
+    """The adapter kind's counter of its rebuilt torch module (`AdapterKind.count`)."""
+    from fsdeploy.adapters import ADAPTERS
 
-
-def _case(model: nn.Module, size: int) -> CountedMacs:
-    return replace(_plain(model.backbone, size), case=measure_case(model, size))
-
-
-def _toast(model: nn.Module, size: int) -> CountedMacs:
-    x = torch.zeros(1, 3, size, size)
-    return replace(_plain(model.backbone, size), toast=count_macs(model, x).total)
-
-
-# adapter kind -> counter of its rebuilt torch module (STYLE P3: a table, not a branch per kind)
-COUNTERS: dict[str, Callable[[nn.Module, int], CountedMacs]] = {"none": _plain, "case": _case, "toast": _toast}
+    kind = ADAPTERS.get(adapter)
+    if kind.count is None:
+        raise UnknownName(f"cannot count MACs of adapter {adapter!r}; it has no counter (AdapterKind.count)")
+    return kind.count
 
 
 def count_bundle(bundle: Bundle) -> CountedMacs:
@@ -126,12 +112,10 @@ def count_bundle(bundle: Bundle) -> CountedMacs:
     Raises:
         UnknownName: an adapter kind this module cannot count.
     """
-    adapter = bundle.manifest.adapter
-    if adapter not in COUNTERS:
-        raise UnknownName(f"cannot count MACs of adapter {adapter!r}; known: {', '.join(sorted(COUNTERS))}")
+    counter = _counter(bundle.manifest.adapter)
     size = int(bundle.manifest.preprocess.input_size[-1])
     with torch.no_grad():
-        return COUNTERS[adapter](torch_model(bundle), size)
+        return counter(torch_model(bundle), size)
 
 
 def count_model(model: str, adapter: str = "none", *, img_size: int, checkpoint: str | Path | None = None,
@@ -141,13 +125,13 @@ def count_model(model: str, adapter: str = "none", *, img_size: int, checkpoint:
     Builds the adapter's torch module exactly as `fsdeploy export` would (same builder, same weights), without
     writing ONNX graphs.
     """
-    from fsdeploy.exporters.graphs import BuildRequest, build_adapted
+    from fsdeploy.adapters import build_adapted
+    from fsdeploy.backbones import BuildRequest
 
-    if adapter not in COUNTERS:
-        raise UnknownName(f"cannot count MACs of adapter {adapter!r}; known: {', '.join(sorted(COUNTERS))}")
+    counter = _counter(adapter)
     request = BuildRequest(model, Path(checkpoint) if checkpoint else None, img_size=img_size, options=dict(options or {}))
     with torch.no_grad():
-        return COUNTERS[adapter](build_adapted(adapter, request).module.eval(), img_size)
+        return counter(build_adapted(adapter, request).module.eval(), img_size)
 
 
 @dataclass(frozen=True)
@@ -174,7 +158,7 @@ def bundle_costs(
     skipped = {}
     for key, why in raw.items():
         field = why.split()[0].removeprefix("CountedMacs.")
-        skipped[key] = WHY_MISSING.get(field, why)
+        skipped[key] = why_missing().get(field, why)
     return CostTable(rows, skipped, counts)
 
 

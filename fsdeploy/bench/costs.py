@@ -43,7 +43,8 @@ from fsdeploy.bench.macs import (
     norm_affine_params,
     params_from,
 )
-from fsdeploy.errors import InvalidInput, UnknownName
+from fsdeploy.errors import InvalidInput
+from fsdeploy.registry import Registry
 
 
 class CountingHead(Protocol):
@@ -127,13 +128,17 @@ class CountedMacs:
     toast: int | None = None
 
 
+ADAPTER_FIELDS = ("case", "toast", "tsa")  # CountedMacs fields an adapter kind's counter fills
+TRANSFORM_KINDS = ("head", "toast", "case")  # method kinds whose features a transform may precede
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of the cost table: how the method adapts and with which head.
 
     `kind` picks the formula (module docstring): 'head', 'toast', 'case', 'finetune', 'tsa'.
     `transform` is a feature transform applied before the head (support and queries), as in
-    fsdeploy.task ('none', 'l2', 'cl2n', ...); its MACs come from the `transform_macs` callable.
+    fsdeploy.runtime.task ('none', 'l2', 'cl2n', ...); its MACs come from the `transform_macs` callable.
     `graph` names the CountedMacs field a finetune row trains ('full', 'partial', 'bn_affine').
     """
 
@@ -167,7 +172,7 @@ DEFAULT_METHODS: tuple[Method, ...] = (
            note="inner loop only, first-order; the outer loop is meta-training"),
 )
 
-_BACKWARD_TEXT = {
+BACKWARD_TEXT = {
     "head": "none",
     "toast": "none",
     "case": "none",
@@ -210,10 +215,10 @@ def missing_counts(
     counts: CountedMacs, methods: Sequence[Method] = DEFAULT_METHODS, *, transform_macs: TransformMacs | None = None
 ) -> dict[str, str]:
     """Methods that cannot be costed from `counts` (and `transform_macs`), with what each one lacks."""
-    need = {"case": "case", "toast": "toast", "tsa": "tsa"}
     out = {}
     for m in methods:
-        fld = m.graph if m.kind == "finetune" else need.get(m.kind)
+        # a finetune row trains `m.graph`; an adapter kind's own row (case, toast, tsa) reads its kind's field
+        fld = m.graph if m.kind == "finetune" else m.kind if m.kind in ADAPTER_FIELDS else None
         if fld and getattr(counts, fld) is None:
             out[m.key] = f"CountedMacs.{fld} not measured"
         elif m.transform != "none" and transform_macs is None:
@@ -252,60 +257,71 @@ def adaptation_costs(
     return [replace(r, params_adapted=r.params_adapted + extra.get(r.method, 0)) for r in rows]
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a cost formula returns for one method and task shape."""
+
+    adapt: int
+    query: int
+    params: int
+    head_part: int
+    recipe: str
+    backward: str
+
+
+# (method, counts, task, head, tf) -> Cost, where tf(rows) is the method's transform MACs on `rows` features
+Formula = Callable[[Method, CountedMacs, TaskShape, CountingHead, Callable[[int], int]], Cost]
+
+
+def _load_kind_formulas() -> None:
+    from fsdeploy.adapters import ADAPTERS
+
+    ADAPTERS.names()  # importing the adapter kinds registers their formulas (case, toast, tsa)
+
+
+FORMULAS: Registry[Formula] = Registry("cost formula (Method.kind)", _load_kind_formulas)
+
+
+def register_formula(kind: str) -> Callable[[Formula], Formula]:
+    """Decorator adding the cost formula of methods of `kind` (an adapter kind's file registers its own)."""
+    return FORMULAS.register(kind)
+
+
+@register_formula("head")
+def head_cost(m: Method, c: CountedMacs, task: TaskShape, head: CountingHead, tf: Callable[[int], int]) -> Cost:
+    """Head methods: one forward of the support set + the head's fit (module docstring)."""
+    n, k, d = task.n_support, task.ways, c.dim
+    head_part = tf(n) + head.fit_macs(n, d, k)
+    return Cost(n * c.backbone + head_part, c.backbone + tf(1) + head.predict_macs(1, d, k), head.n_params(d, k), head_part,
+                f"1 forward of the support set + {head_text(m)} fit", BACKWARD_TEXT["head"])
+
+
+@register_formula("finetune")
+def finetune_cost(m: Method, c: CountedMacs, task: TaskShape, head: CountingHead, tf: Callable[[int], int]) -> Cost:
+    """Fine-tuning recipes: S steps of batch B, forward + backward of the trained graph, joint classifier."""
+    n, k, d = task.n_support, task.ways, c.dim
+    g: TrainedGraph = getattr(c, m.graph)
+    b = n if m.batch is None else m.batch
+    s = m.steps or 0
+    head_part = s * 3 * head.predict_macs(b, d, k)
+    return Cost(s * b * (g.forward + g.backward) + head_part, g.forward + head.predict_macs(1, d, k), g.params + head.n_params(d, k),
+                head_part, f"{s} steps x batch {'= support' if m.batch is None else b}, forward+backward, {m.head} classifier",
+                BACKWARD_TEXT[m.graph])
+
+
 def _row(
     m: Method, c: CountedMacs, task: TaskShape, factory: HeadFactory, transform_macs: TransformMacs | None
 ) -> CostRow:
-    n, k, d = task.n_support, task.ways, c.dim
+    n, k = task.n_support, task.ways
     head = factory(m.head, **m.head_opts)
-    if m.transform != "none" and m.kind not in ("head", "toast", "case"):
+    if m.transform != "none" and m.kind not in TRANSFORM_KINDS:
         raise InvalidInput(f"method {m.key!r}: feature transforms apply to head methods only, not {m.kind!r}")
-    steps, batch = m.steps, m.batch
-    if m.kind in ("head", "toast"):
-        fwd = c.backbone if m.kind == "head" else c.toast
-        assert fwd is not None
-        head_part = _tf(m, transform_macs, n, d) + head.fit_macs(n, d, k)
-        adapt = n * fwd + head_part
-        query = fwd + _tf(m, transform_macs, 1, d) + head.predict_macs(1, d, k)
-        params = head.n_params(d, k)
-        recipe = f"1 forward of the support set + {_head_text(m)} fit"
-        backward = _BACKWARD_TEXT[m.kind]
-    elif m.kind == "case":
-        case = c.case
-        assert case is not None
-        head_part = _tf(m, transform_macs, n, d) + head.fit_macs(n, d, k)
-        adapt = n * case.forward + case.mlp + head_part
-        query = case.forward + _tf(m, transform_macs, 1, d) + head.predict_macs(1, d, k)
-        params = case.gamma + head.n_params(d, k)
-        recipe = f"1 context pass of the CaSE backbone on the support set + CaSE MLPs + {_head_text(m)} fit"
-        backward = _BACKWARD_TEXT["case"]
-    elif m.kind == "finetune":
-        g: TrainedGraph = getattr(c, m.graph)
-        b = n if batch is None else batch
-        s = steps or 0
-        head_part = s * 3 * head.predict_macs(b, d, k)
-        adapt = s * b * (g.forward + g.backward) + head_part
-        query = g.forward + head.predict_macs(1, d, k)
-        params = g.params + head.n_params(d, k)
-        recipe = f"{s} steps x batch {'= support' if batch is None else b}, forward+backward, {m.head} classifier"
-        backward = _BACKWARD_TEXT[m.graph]
-    elif m.kind == "tsa":
-        g = c.tsa
-        assert g is not None
-        s = steps or 0
-        loss = head.fit_macs(n, d, k) + head.predict_macs(n, d, k)
-        head_part = s * 3 * loss + head.fit_macs(n, d, k)
-        adapt = s * n * (g.forward + g.backward) + n * g.forward + head_part
-        query = g.forward + head.predict_macs(1, d, k)
-        params = g.params + head.n_params(d, k)
-        recipe = f"{s} steps x whole support, forward+backward, {m.head} loss; 1 final support pass"
-        backward = _BACKWARD_TEXT["tsa"]
-    else:
-        raise UnknownName(f"method {m.key!r} has unknown kind {m.kind!r}; use head, toast, case, finetune or tsa")
-    if m.note:
-        recipe += f" ({m.note})"
+    formula = FORMULAS.get(m.kind, f"method {m.key!r} has an unknown kind")
+    cost = formula(m, c, task, head, lambda rows: _tf(m, transform_macs, rows, c.dim))
+    recipe = cost.recipe + (f" ({m.note})" if m.note else "")
     return CostRow(
         m.key, m.label, task.name or f"{k}-way, {n} support", k, n, recipe,
-        steps, batch, backward, int(adapt), int(query), int(params), int(head_part),
+        m.steps, m.batch, cost.backward, int(cost.adapt), int(cost.query), int(cost.params), int(cost.head_part),
     )
 
 
@@ -316,7 +332,7 @@ def _tf(m: Method, transform_macs: TransformMacs | None, rows: int, dim: int) ->
     return int(transform_macs(m.transform, rows, dim))
 
 
-def _head_text(m: Method) -> str:
+def head_text(m: Method) -> str:
     return f"{m.head} head" if m.transform == "none" else f"{m.transform} transform + {m.head} head"
 
 

@@ -24,7 +24,7 @@ from fsdeploy.bench.latency import LatencyStats, time_callable
 from fsdeploy.data.images import load_checked
 from fsdeploy.engines import EngineOptions
 from fsdeploy.errors import InvalidInput
-from fsdeploy.exporters.bundle import Bundle
+from fsdeploy.bundle import Bundle
 from fsdeploy.runtime import feature_path
 
 # ---- real images on disk
@@ -130,7 +130,7 @@ def time_precisions(
         image: one preprocessed image `(1, C, H, W)`; default a crop of a shipped photo.
     """
     from fsdeploy.data.samples import real_batch
-    from fsdeploy.engines import open_engine
+    from fsdeploy.runtime import open_graph
 
     if image is None:
         image = real_batch(bundle.manifest.preprocess, 1, np.random.default_rng(0))
@@ -140,7 +140,7 @@ def time_precisions(
         raise InvalidInput(f"--iters must be >= 1, got {iters}")
     input_name = next(iter(bundle.manifest.graphs[graph].inputs))
     feeds = {input_name: np.ascontiguousarray(image, dtype=np.float32)}
-    engines = {p: open_engine(bundle, graph, "ort", EngineOptions(threads=threads, precision=p)) for p in ("fp32", "int8")}
+    engines = {p: open_graph(bundle, graph, "ort", EngineOptions(threads=threads, precision=p)) for p in ("fp32", "int8")}
     try:
         return interleaved({p: (lambda e=e: e.run(feeds)) for p, e in engines.items()}, warmup=3, iters=iters, rounds=min(5, iters))
     finally:
@@ -212,7 +212,10 @@ class AdaptRow:
         return asdict(self)
 
 
-FINETUNE_METHODS = ("tsa", "bn-affine")
+def _finetuners() -> list:
+    from fsdeploy.adapters import ADAPTERS
+
+    return [k for k in ADAPTERS.values() if k.finetuner]
 
 
 def adaptation_times(
@@ -229,11 +232,12 @@ def adaptation_times(
     """Adapt to the task in `support` with each method `repeats` times (interleaved); median of each part.
 
     Args:
-        methods: (key, head, transform, head options) per method; keys in FINETUNE_METHODS run
-            `fsdeploy.finetune_task.adapt_finetuned` (PyTorch fit, fold, re-export) instead of a head.
+        methods: (key, head, transform, head options) per method; keys of per-task fine-tuners (tsa,
+            bn-affine) adapt through their kind (PyTorch fit, fold, re-export) instead of a head.
     """
-    from fsdeploy.finetune_task import adapt_finetuned
-    from fsdeploy.task import adapt_task
+    from fsdeploy.runtime import adapt_task
+
+    tuners = {k.method: k.name for k in _finetuners()}
 
     parts: dict[str, list[tuple[float, float, float, float]]] = {m[0]: [] for m in methods}
     n = 0
@@ -241,17 +245,14 @@ def adaptation_times(
         out = Path(tmp) / "task.npz"
         for _ in range(repeats):
             for key, head, transform, opts in methods:
-                if key in FINETUNE_METHODS:
-                    task, t = adapt_finetuned(bundle, support, out, method=key, steps=steps)
-                else:
-                    task, t = adapt_task(bundle, support, out, head=head, transform=transform, head_opts=opts,
-                                         backend=backend, options=options, batch=batch)
+                task, t = adapt_task(bundle, support, out, adapter=tuners.get(key), head=head, transform=transform,
+                                     head_opts=opts, backend=backend, options=options, batch=batch, steps=steps)
                 n = int(task.info["support"])
                 parts[key].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
     rows = []
     for key, _, _, _ in methods:
         med = np.median(np.asarray(parts[key]), axis=0)
-        rows.append(AdaptRow(key, "ort" if key in FINETUNE_METHODS else backend, n, repeats,
+        rows.append(AdaptRow(key, backend, n, repeats,
                              *map(float, med), float(med.sum())))
     return rows
 

@@ -15,10 +15,22 @@ from fsdeploy.errors import UnknownName
 
 BY_KEY: dict[str, Method] = {m.key: m for m in DEFAULT_METHODS}
 HEAD_KEYS: tuple[str, ...] = tuple(m.key for m in DEFAULT_METHODS if m.kind == "head")
-# the method a head becomes on features of an adapted bundle (adapter kind -> {head method key: method key})
-ON_ADAPTER: dict[str, dict[str, str]] = {"case": {"linear": "case-linear"}, "toast": {"linear": "toast"}}
-DEFAULT_HEADS: dict[str, tuple[str, ...]] = {"none": ("ncc", "simpleshot", "linear", "linear-newton"),
-                                             "case": ("linear",), "toast": ("linear",)}
+
+
+def default_heads(adapter: str) -> tuple[str, ...]:
+    """The head methods `bench accuracy` runs on a bundle of this adapter kind by default."""
+    from fsdeploy.adapters import ADAPTERS
+
+    kind = ADAPTERS.get(adapter)
+    return kind.default_heads or ADAPTERS.get("none").default_heads
+
+
+def finetune_keys() -> tuple[str, ...]:
+    """Cost-table keys of the per-task fine-tuners (tsa, bn-affine), from the adapter registry."""
+    from fsdeploy.adapters import ADAPTERS
+
+    return tuple(k.method for k in ADAPTERS.values() if k.finetuner and k.method)
+
 
 
 def parse_keys(text: str | None, adapter: str) -> tuple[str, ...]:
@@ -28,17 +40,20 @@ def parse_keys(text: str | None, adapter: str) -> tuple[str, ...]:
         UnknownName: a key that is not a head method of the cost table.
     """
     if not text:
-        return DEFAULT_HEADS.get(adapter, DEFAULT_HEADS["none"])
+        return default_heads(adapter)
     keys = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in keys if k not in HEAD_KEYS]
+    known = (*HEAD_KEYS, *finetune_keys())
+    unknown = [k for k in keys if k not in known]
     if unknown:
-        raise UnknownName(f"unknown head method(s) {', '.join(unknown)}; choose from {', '.join(HEAD_KEYS)}")
+        raise UnknownName(f"unknown head method(s) or fine-tuner(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     return keys
 
 
 def method_key(key: str, adapter: str) -> str:
     """The cost-table key of head method `key` run on a bundle with this adapter kind."""
-    return ON_ADAPTER.get(adapter, {}).get(key, key if adapter == "none" else f"{adapter}-{key}")
+    from fsdeploy.adapters import ADAPTERS
+
+    return ADAPTERS.get(adapter).head_methods.get(key, key if adapter == "none" else f"{adapter}-{key}")
 
 
 def method_label(key: str, adapter: str) -> str:
@@ -50,22 +65,37 @@ def method_label(key: str, adapter: str) -> str:
 
 
 def accuracy_methods(keys: Sequence[str], adapter: str) -> list[AccuracyMethod]:
-    """accuracy.Method per head-method key, labelled as in the cost table for this adapter kind."""
-    return [AccuracyMethod(method_label(k, adapter), BY_KEY[k].head, BY_KEY[k].transform, dict(BY_KEY[k].head_opts))
-            for k in keys]
+    """accuracy.Method per method key, labelled as in the cost table for this adapter kind; a per-task
+    fine-tuner's key (tsa, bn-affine) becomes a fine-tuner method with the cost table's steps."""
+    tuners = _tuner_kinds()
+    out = []
+    for k in keys:
+        m = BY_KEY[k]
+        if k in tuners:
+            out.append(AccuracyMethod(m.label, adapter=tuners[k], steps=m.steps or 40))
+        else:
+            out.append(AccuracyMethod(method_label(k, adapter), m.head, m.transform, dict(m.head_opts)))
+    return out
+
+
+def _tuner_kinds() -> dict[str, str]:
+    """Cost-table key -> adapter kind name of each per-task fine-tuner."""
+    from fsdeploy.adapters import ADAPTERS
+
+    return {k.method: k.name for k in ADAPTERS.values() if k.finetuner and k.method}
 
 
 def adaptation_specs(keys: Sequence[str]) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(key, head, transform, head options) per method for `measure.adaptation_times`."""
     out = []
     for k in keys:
-        if k in ("tsa", "bn-affine"):
+        if k in finetune_keys():
             out.append((k, "", "none", {}))
         elif k in BY_KEY and BY_KEY[k].kind == "head":
             m = BY_KEY[k]
             out.append((k, m.head, m.transform, dict(m.head_opts)))
         else:
-            raise UnknownName(f"cannot time adaptation of {k!r}; choose from {', '.join((*HEAD_KEYS, 'tsa', 'bn-affine'))}")
+            raise UnknownName(f"cannot time adaptation of {k!r}; choose from {', '.join((*HEAD_KEYS, *finetune_keys()))}")
     return out
 
 

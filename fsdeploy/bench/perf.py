@@ -7,7 +7,7 @@ Targets (2-core CPU, the embedded default):
 2. UpperCaSE head fit: numpy `linear` >= 10x a plain PyTorch loop of the same recipe fed the same batch
    draws, weights within 1e-5;
 3. one task end to end (CaSE efficientnet_b0, 224 px, 100 support images, 10 ways: load, context pass +
-   γ, head fit, artefact write): `fsdeploy.task.adapt_task` >= 4x the same recipe in PyTorch eager, with
+   γ, head fit, artefact write): `fsdeploy.runtime.task.adapt_task` >= 4x the same recipe in PyTorch eager, with
    >= 99% prediction agreement on held-out queries;
 4. memory: peak RSS of the `fsdeploy adapt` command on 500 support images at 224 px <= 2 GiB, and
    adaptation time linear in the support size (50 / 100 / 200 / 500);
@@ -220,8 +220,8 @@ def _run_1(run: _Run) -> TargetResult:
         measured += "; out of reach at the FP32 peak: " + ", ".join(
             f"{r['model']} batch {r['batch']} (ceiling {r['ceiling']:.2f}x)" for r in capped)
     if cfg.int8:  # the closest real thing where FP32 is at the FMA peak: static INT8 (not the same numerics)
-        from fsdeploy.exporters.bundle import load_bundle
-        from fsdeploy.exporters.quantize import quantize_bundle
+        from fsdeploy.bundle import load_bundle
+        from fsdeploy.pipeline.quantize import quantize_bundle
 
         int8_rows = []
         for model in cfg.models:

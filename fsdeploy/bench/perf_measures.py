@@ -266,7 +266,7 @@ def adapt_ratio(
     from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
     from fsdeploy.data.folders import list_images, scan_image_folder
     from fsdeploy.exporters.rebuild import torch_graphs
-    from fsdeploy.task import adapt_task, predict_images
+    from fsdeploy.runtime import adapt_task, predict_images
 
     files = scan_image_folder(support)
     graphs, transform = torch_graphs(bundle), timm_transform(bundle.manifest.preprocess)
@@ -308,7 +308,7 @@ def memory_and_linearity(
     Returns the rows and the R^2 of a straight line through (support size, in-process adaptation time).
     """
     from fsdeploy.data.folders import scan_image_folder
-    from fsdeploy.task import adapt_task
+    from fsdeploy.runtime import adapt_task
 
     rows = []
     for folder in folders:

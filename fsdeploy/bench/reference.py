@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from fsdeploy.backbones import Preprocess
-from fsdeploy.task import AdaptTimings
+from fsdeploy.runtime import AdaptTimings
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -80,7 +80,7 @@ def torch_linear_head(
 def linear_recipe(n_support: int, seed: int, head_opts: Mapping[str, Any] | None = None) -> tuple[NDArray[np.int64], NDArray[np.float64], float]:
     """(batches, learning rates, weight decay) of fsdeploy's `linear` head fitted with `default_rng(seed)`.
 
-    `fsdeploy.task.adapt_task` passes `default_rng(seed)` to the head, whose first draw is every batch, so
+    `fsdeploy.runtime.task.adapt_task` passes `default_rng(seed)` to the head, whose first draw is every batch, so
     these are exactly the batches the deployed head trains on.
     """
     from fsdeploy.heads import make_head

@@ -12,7 +12,7 @@ from typing import Any
 
 from fsdeploy.atomic import sha256_file
 from fsdeploy.errors import BundleError, InvalidInput
-from fsdeploy.exporters.bundle import Bundle, load_bundle
+from fsdeploy.bundle import Bundle, load_bundle
 
 Say = Callable[[str], None]
 
@@ -101,7 +101,7 @@ def prepare_bundle(
     workdir: Path, model: str, *, adapter: str = "none", img_size: int, weights: Weights, say: Say = print
 ) -> Bundle:
     """The bundle `workdir/<model>-<adapter>-<img_size>px`, exported (and validated) only when missing or stale."""
-    from fsdeploy.exporters.export import export_bundle
+    from fsdeploy.pipeline.export import export_bundle
 
     folder = Path(workdir) / f"{model}-{adapter}-{img_size}px"
     digest = sha256_file(weights.path) if weights.path else None

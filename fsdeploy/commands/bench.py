@@ -80,7 +80,7 @@ def macs(
     """
     from fsdeploy.bench.cost_inputs import bundle_costs, count_bundle, task_shape
     from fsdeploy.bench.render import cost_table, write_rows
-    from fsdeploy.exporters.bundle import load_bundle
+    from fsdeploy.bundle import load_bundle
 
     if plot is not None and accuracy is None:
         raise InvalidInput("--plot needs --accuracy ROWS (from `fsdeploy bench accuracy --out`)")
@@ -118,7 +118,8 @@ def accuracy(
     episodes: Annotated[int, typer.Option(help="Episodes per setting (600 for paper-style 95% CIs).")] = 600,
     heads: Annotated[
         Optional[str],
-        typer.Option(help="Comma-separated methods: ncc, simpleshot, linear, linear-newton, baseline, baseline++, lt-ncc "
+        typer.Option(help="Comma-separated methods: head methods ncc, simpleshot, linear, linear-newton, baseline, baseline++, "
+                          "lt-ncc, and per-task fine-tuners tsa, bn-affine (fitted, folded and run on the engine per episode) "
                           "(default: ncc,simpleshot,linear,linear-newton; on a CaSE bundle: linear = UpperCaSE)."),
     ] = None,
     variable: Annotated[bool, typer.Option(help="Meta-Dataset-style variable ways and shots instead of --ways/--shots.")] = False,
@@ -140,7 +141,7 @@ def accuracy(
     from fsdeploy.bench.workspace import split_classes
     from fsdeploy.data.folders import scan_image_folder
     from fsdeploy.engines import EngineOptions
-    from fsdeploy.exporters.bundle import load_bundle
+    from fsdeploy.bundle import load_bundle
 
     b = load_bundle(bundle)
     methods = accuracy_methods(parse_keys(heads, b.manifest.adapter), b.manifest.adapter)
@@ -200,7 +201,7 @@ def latency(
     from fsdeploy.bench.render import compare_table, latency_table, rows_table, write_rows
     from fsdeploy.data.folders import list_images
     from fsdeploy.engines import EngineOptions
-    from fsdeploy.exporters.bundle import load_bundle
+    from fsdeploy.bundle import load_bundle
 
     b = load_bundle(bundle)
     backends = [s.strip() for s in compare.split(",")] if compare else [backend]

@@ -12,18 +12,32 @@ from rich.table import Table
 console = Console()
 err = Console(stderr=True)
 
+def _adapter_help(exported: bool) -> str:
+    """The adapter kinds of the registry, each with its one-line summary (for --help)."""
+    from fsdeploy.adapters import ADAPTERS
+
+    return "; ".join(f"{k.name}: {k.summary}" for k in ADAPTERS.values() if k.exported == exported)
+
+
+def _head_help() -> str:
+    from fsdeploy.heads import HEADS
+
+    return (f"Per-task head: {', '.join(HEADS.names())} (see `fsdeploy heads`). Default linear: UpperCaSE's zero-init "
+            "head, 500 Adam steps. Ignored by per-task fine-tuners, which store their own head.")
+
+
 PRECISION_HELP = (
     "Engine precision: fp32; int8 on --backend ort (the graph from `fsdeploy quantize`); fp16 on --backend trt "
     "(engines from `fsdeploy build --precision fp16`)."
 )
-HEAD_HELP = "Per-task head: linear (UpperCaSE zero-init, 500 Adam steps), ncc (prototypes), and the others in `fsdeploy heads`."
 
 
 def _validation_table(report: dict) -> Table:
     table = Table(title="validation: ONNX Runtime vs PyTorch")
-    from fsdeploy.exporters.validate import ValidationReport
 
-    parsed = ValidationReport.from_dict(report)
+    from fsdeploy.compare import CompareReport
+
+    parsed = CompareReport.from_dict(report)
     for col in ("graph", "inputs", "output", "max |diff|", "max |output|", "cosine", "ok"):
         table.add_column(col)
     for c in parsed.checks:
@@ -31,7 +45,9 @@ def _validation_table(report: dict) -> Table:
             c.graph, c.inputs, c.name, f"{c.max_abs:.2e}", f"{c.ref_max_abs:.3g}", f"{c.cosine:.6f}",
             "[green]✓[/green]" if parsed.ok(c) else "[red]✗[/red]",
         )
-    table.caption = f"tolerance max |diff| ≤ {parsed.atol:g} + {parsed.rtol:g}·max |output|"
+    tols = {t for t in (parsed.tolerance(g) for g in {c.graph for c in parsed.checks})}
+    table.caption = "tolerance " + ("; ".join(sorted(f"{g}: {parsed.tolerance(g).text('max|output|')}" for g in parsed.per_graph))
+                                    if len(tols) > 1 else parsed.default.text("max|output|"))
     return table
 
 
@@ -64,7 +80,7 @@ def register(app: typer.Typer) -> None:
     def export(
         model: Annotated[str, typer.Argument(help="timm model name, e.g. efficientnet_b0, resnet18, vit_small_patch16_224.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (replaced atomically).")],
-        adapter: Annotated[str, typer.Option(help="Adaptation module: none, case (UpperCaSE), toast (ViT).")] = "none",
+        adapter: Annotated[str, typer.Option(help="Adaptation module exported into the bundle. " + _adapter_help(True))] = "none",
         checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights (.pth or .safetensors).")] = None,
         pretrained: Annotated[bool, typer.Option(help="Download timm's pretrained weights (needs network).")] = False,
         img_size: Annotated[Optional[int], typer.Option(help="Input resolution (default: checkpoint's, then model's).")] = None,
@@ -79,7 +95,7 @@ def register(app: typer.Typer) -> None:
 
         Example: fsdeploy export efficientnet_b0 --checkpoint weights.safetensors --adapter case --out bundle/
         """
-        from fsdeploy.exporters.export import export_bundle
+        from fsdeploy.pipeline.export import export_bundle
 
         with console.status("exporting") as status:
             bundle, report = export_bundle(
@@ -100,7 +116,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
         """Show a bundle's model, graphs with their inputs/outputs, engines and validation."""
-        from fsdeploy.exporters.bundle import load_bundle
+        from fsdeploy.bundle import load_bundle
 
         b = load_bundle(bundle)
         m = b.manifest
@@ -115,15 +131,20 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         if m.validation.get("checks"):
             console.print(_validation_table(m.validation))
-        if m.engines:
-            console.print_json(json.dumps(m.engines))
+        if m.variants:
+            vt = Table(title="variants (INT8/FP16 graphs, TensorRT engines)")
+            for col in ("file", "graph", "kind", "precision", "sha256"):
+                vt.add_column(col)
+            for v in m.variants.values():
+                vt.add_row(v.file, v.graph, v.kind, v.precision, v.sha256[:12])
+            console.print(vt)
 
     @app.command()
     def adapt(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")],
         support: Annotated[Path, typer.Argument(help="Support images: one sub-folder per class.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz).")],
-        head: Annotated[str, typer.Option(help=HEAD_HELP)] = "linear",
+        head: Annotated[str, typer.Option(help=_head_help())] = "linear",
         transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n, ci.")] = "none",
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
@@ -132,41 +153,36 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
         adapter: Annotated[
             Optional[str],
-            typer.Option(help="Fine-tune per task through the backbone, then fold: tsa (ResNet residual adapters + β) or bn-affine."),
+            typer.Option(help="Fit per task through the backbone, then fold into the weights (default: the bundle's own kind). "
+                         + _adapter_help(False)),
         ] = None,
-        steps: Annotated[int, typer.Option(help="Optimiser steps for --adapter tsa / bn-affine (TSA recipe: 40).")] = 40,
+        steps: Annotated[int, typer.Option(help="Optimiser steps of a per-task --adapter (TSA recipe: 40).")] = 40,
         head_opt: Annotated[
             Optional[list[str]],
             typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=olor --head-opt distance=cosine."),
         ] = None,
     ) -> None:
-        """Fit a per-task head on the engine features of a support set and write a task artefact.
+        """Adapt to one task from a support set and write a task artefact.
 
         Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the
         adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph is stored in the task.
         """
+        from fsdeploy.bundle import load_bundle
         from fsdeploy.engines import EngineOptions
-        from fsdeploy.exporters.bundle import load_bundle
-        from fsdeploy.task import adapt_task
+        from fsdeploy.runtime import adapt_task
 
         b = load_bundle(bundle)
         with console.status("adapting"):
-            if adapter:
-                from fsdeploy.errors import InvalidInput
-                from fsdeploy.finetune_task import adapt_finetuned
-
-                if precision != "fp32":
-                    raise InvalidInput(f"--adapter {adapter} runs its own folded fp32 graph; drop --precision {precision}")
-                task, t = adapt_finetuned(b, support, out, method=adapter, steps=steps)
-                console.print(
-                    f"{adapter}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
-                    f"folded graph max |diff| {task.info['fold_max_abs']:.1e}"
-                )
-            else:
-                task, t = adapt_task(
-                    b, support, out, head=head, transform=transform, backend=backend, head_opts=parse_options(head_opt or []),
-                    options=EngineOptions(threads=threads, precision=precision), batch=batch, seed=seed,
-                )
+            task, t = adapt_task(
+                b, support, out, adapter=adapter, head=head, transform=transform, backend=backend,
+                head_opts=parse_options(head_opt or []), options=EngineOptions(threads=threads, precision=precision),
+                batch=batch, seed=seed, steps=steps,
+            )
+        if "adapt_macs" in task.info:
+            console.print(
+                f"{task.info['adapter']}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
+                f"folded graph max |diff| {task.info['fold_max_abs']:.1e}"
+            )
         console.print(
             f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={task.info['head']} | "
             f"load {t.load_ms:.0f} ms, features {t.features_ms:.0f} ms, fit {t.fit_ms:.0f} ms, write {t.write_ms:.0f} ms"
@@ -184,8 +200,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Classify images with a stored task: top-k labels with probabilities."""
         from fsdeploy.engines import EngineOptions
-        from fsdeploy.exporters.bundle import load_bundle
-        from fsdeploy.task import TaskArtefact, predict_images
+        from fsdeploy.bundle import load_bundle
+        from fsdeploy.runtime import TaskArtefact, predict_images
 
         b = load_bundle(bundle)
         t = TaskArtefact.load(task)

@@ -55,8 +55,8 @@ def register(app: typer.Typer) -> None:
         Example: fsdeploy quantize bundle/ photos/ then fsdeploy predict bundle/ task.npz img.jpg --precision int8
         """
         from fsdeploy.bench.measure import time_precisions
-        from fsdeploy.exporters.bundle import load_bundle
-        from fsdeploy.exporters.quantize import quantize_bundle
+        from fsdeploy.bundle import load_bundle
+        from fsdeploy.pipeline.quantize import quantize_bundle
 
         b = load_bundle(bundle)
         with console.status("quantizing") as status:

@@ -125,7 +125,8 @@ def load_batch(paths: Sequence[str | Path], cfg: Preprocess) -> NDArray[np.float
     return np.stack([preprocess_image(load_image(p), cfg) for p in paths])
 
 
-def iter_batches(paths: Sequence[str | Path], cfg: Preprocess, batch: int) -> Iterator[NDArray[np.float32]]:
-    """Yield preprocessed batches of at most `batch` images, in order."""
+def iter_batches(paths: Sequence[str | Path], cfg: Preprocess, batch: int, *, workers: int = 1) -> Iterator[NDArray[np.float32]]:
+    """Yield preprocessed batches of at most `batch` images, in order (each checked as `load_checked` does),
+    so a pass over a large support set holds one batch of decoded images at a time."""
     for start in range(0, len(paths), batch):
-        yield load_batch(paths[start : start + batch], cfg)
+        yield load_checked(paths[start : start + batch], cfg, workers=workers)

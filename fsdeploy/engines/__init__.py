@@ -1,18 +1,23 @@
 """Engines: one interface (`Engine.run(feeds) -> outputs`) over ONNX Runtime, PyTorch and TensorRT.
 
-`open_engine(bundle, graph, backend)` is the one place that maps a backend name to its class.
+An engine opens a *source* (`fsdeploy.bundle.GraphSource`: an ONNX file or bytes, TensorRT plans, a torch
+module), never a bundle: `open_engine(source, backend, options)`. Each backend registers one `Backend`
+record saying what it consumes and which precisions it runs; `fsdeploy.runtime.open_graph(bundle, graph,
+backend)` is the convenience that resolves a bundle graph for that backend first.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fsdeploy.engines.base import Engine, TensorSpec
-from fsdeploy.errors import RegistryError, UnknownName
+from fsdeploy.bundle.manifest import TensorSpec
+from fsdeploy.bundle.sources import GraphSource
+from fsdeploy.engines.base import Engine
+from fsdeploy.errors import InvalidInput, UnknownName
+from fsdeploy.registry import Registry, import_package_modules
 
-__all__ = ["ENGINES", "Engine", "EngineOptions", "TensorSpec", "open_engine", "register_engine"]
+__all__ = ["BACKENDS", "Backend", "Engine", "EngineOptions", "TensorSpec", "backend_info", "open_engine", "register_backend"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +26,7 @@ class EngineOptions:
 
     threads: int | None = None
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers
-    precision: str = "fp32"  # trt: which engine to pick; ort: fp32, or int8 (the graph from `fsdeploy quantize`)
+    precision: str = "fp32"  # which variant of a graph to run (fp32, int8 after `fsdeploy quantize`, fp16 on trt)
     device: str | None = None  # torch device
     # When ONNX Runtime's workers busy-wait (OrtOptions.spinning: off | run | always). None: "always" for
     # graphs that run back to back and are closed right after (the CaSE stage chain), "run" otherwise.
@@ -29,79 +34,73 @@ class EngineOptions:
     # machine 1.4-3x, so no other session spins once its run has returned.
     spinning: str | None = None
     cpu_arena: bool = True  # ONNX Runtime's CPU memory arena: keeps peak buffers of a session for reuse
+    batch: int | None = None  # TensorRT: pick an engine whose profile holds this batch
 
 
-Opener = Callable[[Any, str, EngineOptions], Engine]
-ENGINES: dict[str, Opener] = {}
+Opener = Callable[[GraphSource, EngineOptions], Engine]
 
 
-def register_engine(name: str) -> Callable[[Opener], Opener]:
-    """Decorator adding a backend opener `(bundle, graph_name, options) -> Engine`."""
+@dataclass(frozen=True)
+class Backend:
+    """One engine backend: what it opens (`kind` of `GraphSource`), at which precisions, and how."""
+
+    name: str
+    kind: str  # "onnx" | "trt" | "torch"
+    precisions: tuple[str, ...]
+    open: Opener
+    summary: str = ""
+    where: str = ""  # how to get it, for errors and `--help` (an extra to install, a GPU)
+
+
+def _load_backends() -> None:
+    # every module of the package: a backend whose optional package (tensorrt, polygraphy, ...) is missing
+    # is left out, and opening it names the extra to install
+    import_package_modules("fsdeploy.engines", skip=("build",), optional=True)
+
+
+BACKENDS: Registry[Backend] = Registry("engine backend", _load_backends)
+
+
+def register_backend(name: str, kind: str, precisions: tuple[str, ...], *, summary: str = "", where: str = "") -> Callable[[Opener], Opener]:
+    """Decorator adding a backend opener `(source, options) -> Engine`."""
 
     def add(fn: Opener) -> Opener:
-        if name in ENGINES:
-            raise RegistryError(f"engine backend {name!r} registered twice")
-        ENGINES[name] = fn
+        BACKENDS.add(name, Backend(name, kind, precisions, fn, summary, where))
         return fn
 
     return add
 
 
-@register_engine("ort")
-def _open_ort(bundle: Any, graph: str, options: EngineOptions) -> Engine:
-    from fsdeploy.engines.ort import OrtEngine, OrtOptions
-    from fsdeploy.engines.ort_cache import cache_dir
-
-    ort_options = OrtOptions(
-        providers=options.providers, threads=options.threads, spinning=options.spinning or "run",
-        cpu_arena=options.cpu_arena, cache_dir=cache_dir(),
-    )
-    return OrtEngine(_ort_graph_file(bundle, graph, options.precision), ort_options)
+def backend_info(name: str) -> Backend:
+    """The registered backend `name` (UnknownName lists the others)."""
+    return BACKENDS.get(name)
 
 
-def _ort_graph_file(bundle: Any, graph: str, precision: str) -> Path:
-    """The FP32 graph, or its INT8 version (kept outside `manifest.graphs` so the bundle id stays)."""
-    if precision == "fp32":
-        return bundle.graph_path(graph)
-    if precision == "int8":
-        from fsdeploy.exporters.quantize import int8_graph_path
+def check_precision(backend: Backend, precision: str) -> None:
+    """Refuse a precision the backend does not run, saying where it runs.
 
-        return int8_graph_path(bundle, graph)
-    raise UnknownName(f"ONNX Runtime runs precision fp32, or int8 after `fsdeploy quantize`; got {precision!r} (fp16 engines run on --backend trt)")
-
-
-@register_engine("torch")
-def _open_torch(bundle: Any, graph: str, options: EngineOptions) -> Engine:
-    from fsdeploy.engines.torch_engine import TorchEngine
-    from fsdeploy.exporters.rebuild import torch_graphs
-
-    if options.precision != "fp32":
-        raise UnknownName(
-            f"the torch backend runs the bundle's reference module in fp32; got --precision {options.precision} "
-            "(fp16 runs on --backend trt, int8 on --backend ort after `fsdeploy quantize`)"
-        )
-    g = torch_graphs(bundle)[graph]
-    info = bundle.manifest.graphs[graph]
-    # positional order comes from the export spec: the manifest's JSON keeps its keys sorted
-    inputs = {name: info.inputs[name] for name in g.spec.inputs}
-    return TorchEngine(g.module, inputs, tuple(g.spec.outputs), device=options.device, threads=options.threads)
+    Raises:
+        UnknownName: `precision` is not among the backend's.
+    """
+    if precision in backend.precisions:
+        return
+    elsewhere = [b.name for b in BACKENDS.values() if b is not backend and precision in b.precisions]
+    where = f"; {precision} engines run on --backend {', '.join(elsewhere)}" if elsewhere else ""
+    after = ", after `fsdeploy quantize`" if precision == "int8" and elsewhere else ""
+    raise UnknownName(f"the {backend.name} backend runs precision {', '.join(backend.precisions)}; got --precision {precision}{where}{after}")
 
 
-def _load_optional_backends() -> None:
-    import importlib
+def open_engine(source: GraphSource | str | Path | bytes, backend: str = "ort", options: EngineOptions | None = None) -> Engine:
+    """Open `source` (a GraphSource, an ONNX path or ONNX bytes) on `backend` ('ort', 'torch', 'trt', ...).
 
-    try:
-        importlib.import_module("fsdeploy.engines.trt")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fsdeploy.engines.trt":
-            raise
-
-
-def open_engine(bundle: Any, graph: str, backend: str = "ort", options: EngineOptions | None = None) -> Engine:
-    """Open one graph of a loaded bundle on `backend` ('ort', 'torch', 'trt')."""
-    if backend not in ENGINES:
-        _load_optional_backends()
-    if backend not in ENGINES:
-        raise UnknownName(f"unknown engine backend {backend!r}; known: {', '.join(sorted(ENGINES))}")
-    bundle.graph_path(graph)  # raises a clear error for an unknown graph name
-    return ENGINES[backend](bundle, graph, options or EngineOptions())
+    Raises:
+        UnknownName: an unknown backend or a precision it does not run.
+        InvalidInput: a source of a kind the backend does not open.
+    """
+    info = BACKENDS.get(backend)
+    src = GraphSource.of(source)
+    options = options or EngineOptions()
+    check_precision(info, options.precision)
+    if src.kind != info.kind:
+        raise InvalidInput(f"the {backend} backend opens {info.kind} sources; {src.describe()} is a {src.kind} source")
+    return info.open(src, options)

@@ -8,29 +8,14 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fsdeploy.bundle.manifest import TensorSpec
 from fsdeploy.errors import EngineError
 
 UNKNOWN_SHAPE = ("?",)  # an output whose shape the engine cannot tell before running (PyTorch modules)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape with named dynamic axes (str) and a numpy dtype name."""
-
-    shape: tuple[int | str, ...]
-    dtype: str = "float32"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
-        return cls(tuple(d["shape"]), str(d.get("dtype", "float32")))
 
 
 class Engine(ABC):

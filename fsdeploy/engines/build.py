@@ -4,7 +4,7 @@ The chain is Polygraphy's: `NetworkFromOnnxPath` (strongly typed where the API h
 the ONNX graph's own) -> `CreateConfig` / `CreateConfigRTX` (one optimisation profile: every input axis
 named `batch` gets MIN/OPT/MAX, every other axis stays static, e.g. CaSE's gamma `(G,)`) ->
 `EngineBytesFromNetwork` -> an atomic write. FP16 is not a builder flag here but an ONNX transform done
-first (`fsdeploy.exporters.precision`); after the build the layer precisions are counted and an engine
+first (`fsdeploy.engines.onnx_fp16`); after the build the layer precisions are counted and an engine
 whose counts contradict its label is refused.
 
 TF32 is switched off, so an `fp32` engine computes in FP32. With TensorRT-RTX the build runs ahead of
@@ -22,22 +22,24 @@ from pathlib import Path
 from typing import Any
 
 from fsdeploy.atomic import sha256_file, write_bytes
+from fsdeploy.bundle import Bundle, Variant, checked_sha256, load_bundle, record_variant
 from fsdeploy.deps import require
+from fsdeploy.engines.onnx_fp16 import fp16_onnx
 from fsdeploy.engines.trt_backend import TrtBackend, gpu_present, load_backend
 from fsdeploy.engines.trt_precision import check_label, inspect_precisions, network_precisions
 from fsdeploy.engines.trt_records import (
     BATCH_AXIS,
     ENGINE_DIR,
     PRECISIONS,
+    VARIANT_KIND,
     BatchProfile,
     EngineRecord,
+    as_variant,
     engine_filename,
     engine_problem,
     engine_records,
 )
 from fsdeploy.errors import EngineError, InvalidInput
-from fsdeploy.exporters.bundle import Bundle, checked_sha256, load_bundle, write_manifest
-from fsdeploy.exporters.precision import fp16_onnx
 
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"  # shared by every build of the bundle; not a listed artefact
 Progress = Callable[[str], None]
@@ -313,18 +315,10 @@ def _fp16_source(bundle: Bundle, graph: str, graph_rel: str, graph_sha: str, say
 
 def _record_engine(bundle: Bundle, record: EngineRecord) -> Bundle:
     """List `record` (and its source) in the manifest; delete engines built from an older version of its graph."""
-    m = bundle.manifest
-    engines = dict(m.engines)
-    files = dict(m.files)
-    for rel, old in engine_records(m).items():
-        if old.graph == record.graph and (old.graph_sha256 != record.graph_sha256 or rel == record.file):
-            engines.pop(rel, None)
-            files.pop(rel, None)
-            if rel != record.file:
-                bundle.file(rel).unlink(missing_ok=True)
-    engines[record.file] = record.to_dict()
-    files[record.file] = record.sha256
-    files[record.source_onnx] = record.source_sha256
-    manifest = replace(m, files=files, engines=engines)
-    write_manifest(bundle.path, manifest)
-    return Bundle(bundle.path, manifest)
+    def older(v: Variant) -> bool:
+        return v.kind == VARIANT_KIND and v.graph == record.graph and v.graph_sha256 != record.graph_sha256
+
+    b, dropped = record_variant(bundle, as_variant(record), supersedes=older, extra_files={record.source_onnx: record.source_sha256})
+    for rel in dropped:
+        bundle.file(rel).unlink(missing_ok=True)
+    return b

@@ -8,8 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from fsdeploy.bundle.manifest import TensorSpec
+from fsdeploy.bundle.sources import GraphSource
 from fsdeploy.deps import require
-from fsdeploy.engines.base import Engine, TensorSpec
+from fsdeploy.engines import EngineOptions, register_backend
+from fsdeploy.engines.base import Engine
 from fsdeploy.engines.ort_cache import open_cached
 from fsdeploy.errors import UnknownName
 
@@ -127,3 +130,14 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+
+
+@register_backend("ort", "onnx", ("fp32", "int8"), summary="ONNX Runtime (CPU; CUDA with onnxruntime-gpu)")
+def _open_ort(source: GraphSource, options: EngineOptions) -> Engine:
+    from fsdeploy.engines.ort_cache import cache_dir
+
+    ort_options = OrtOptions(
+        providers=options.providers, threads=options.threads, spinning=options.spinning or "run",
+        cpu_arena=options.cpu_arena, cache_dir=cache_dir(),
+    )
+    return OrtEngine(source.data if source.data is not None else source.path, ort_options)  # type: ignore[arg-type]

@@ -6,8 +6,12 @@ from typing import Any
 
 import numpy as np
 
+from fsdeploy.bundle.manifest import TensorSpec
+from fsdeploy.bundle.sources import GraphSource
 from fsdeploy.deps import require
-from fsdeploy.engines.base import UNKNOWN_SHAPE, Engine, TensorSpec
+from fsdeploy.engines import EngineOptions, register_backend
+from fsdeploy.engines.base import UNKNOWN_SHAPE, Engine
+from fsdeploy.errors import InvalidInput
 
 
 class TorchEngine(Engine):
@@ -45,3 +49,15 @@ class TorchEngine(Engine):
         if not isinstance(out, (tuple, list)):
             out = (out,)
         return {n: o.detach().float().cpu().numpy() for n, o in zip(self._output_names, out)}
+
+
+@register_backend("torch", "torch", ("fp32",), summary="PyTorch eager: the exported module itself, the numerical reference")
+def _open_torch(source: GraphSource, options: EngineOptions) -> Engine:
+    if source.torch is None:
+        raise InvalidInput(f"{source.describe()} carries no torch module; open bundle graphs with fsdeploy.runtime.open_graph")
+    module = source.torch.module
+    if not isinstance(module, require("torch").nn.Module) and callable(module):
+        module = module()  # a lazy loader (the runtime caches the rebuilt module per bundle)
+    inputs = {name: source.inputs[name] for name in source.torch.input_order} if source.inputs else {
+        name: TensorSpec(UNKNOWN_SHAPE) for name in source.torch.input_order}
+    return TorchEngine(module, inputs, source.torch.outputs, device=options.device, threads=options.threads)

@@ -8,20 +8,20 @@ with the profile's bounds before TensorRT sees it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fsdeploy.engines import EngineOptions, register_engine
-from fsdeploy.engines.base import Engine, TensorSpec
+from fsdeploy.bundle.sources import GraphSource
+from fsdeploy.engines import EngineOptions, register_backend
+from fsdeploy.bundle.manifest import TensorSpec
+from fsdeploy.engines.base import Engine
 from fsdeploy.engines.build import polygraphy_quiet
-from fsdeploy.engines.trt_backend import TrtBackend, deserialize, gpu_present, load_backend
+from fsdeploy.engines.trt_backend import TrtBackend, deserialize, load_backend
 from fsdeploy.engines.trt_records import BATCH_AXIS, EngineRecord, batch_range_error, select_engine
 from fsdeploy.errors import BundleError, EngineError
-from fsdeploy.exporters.validate import compare_outputs
 
 
 class TrtEngine(Engine):
@@ -165,100 +165,14 @@ def refit(engine: TrtEngine | Any, weights: Mapping[str, np.ndarray]) -> None:
         raise EngineError(f"TensorRT could not refit the engine (missing weights: {list(refitter.get_missing_weights())[:8]})")
 
 
-@register_engine("trt")
-def _open_trt(bundle: Any, graph: str, options: EngineOptions) -> Engine:
+@register_backend("trt", "trt", ("fp32", "fp16"), summary="TensorRT / TensorRT-RTX engines from `fsdeploy build` (CUDA GPU)",
+                  where="pip install fsdeploy[tensorrt]; a CUDA GPU to run")
+def _open_trt(source: GraphSource, options: EngineOptions) -> Engine:
     backend = load_backend()
-    path, record = select_engine(bundle, graph, options.precision, backend=backend.name, version=backend.version)
+    if source.path is not None:  # a plan file given directly
+        return TrtEngine(source.path, backend=backend)
+    if source.bundle is None:
+        raise EngineError(f"{source.describe()}: TensorRT opens plans listed in a bundle, or a plan file")
+    path, record = select_engine(source.bundle, source.name, source.precision, backend=backend.name, version=backend.version,
+                                 batch=options.batch)
     return TrtEngine(path, record=record, backend=backend)
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """An output agrees when max-abs <= atol + rtol * max|reference| and cosine >= min_cosine."""
-
-    atol: float
-    rtol: float
-    min_cosine: float
-
-
-# FP32: TF32 is off in fsdeploy's builds, so only summation order differs. FP16: ~3 decimal digits per value.
-TOLERANCES = {"fp32": Tolerance(1e-3, 0.0, 0.9999), "fp16": Tolerance(1e-2, 1e-2, 0.999)}
-
-
-@dataclass(frozen=True)
-class OutputAgreement:
-    """One output of one graph: TensorRT against ONNX Runtime on the same inputs."""
-
-    graph: str
-    name: str
-    shape_ok: bool
-    max_abs: float
-    ref_max_abs: float
-    cosine: float
-
-    def ok(self, tol: Tolerance) -> bool:
-        return self.shape_ok and self.max_abs <= tol.atol + tol.rtol * self.ref_max_abs and self.cosine >= tol.min_cosine
-
-
-@dataclass(frozen=True)
-class CompareReport:
-    """Every output of the compared graphs; `passed` when each is within `tolerance`."""
-
-    precision: str
-    tolerance: Tolerance
-    batch: int
-    checks: tuple[OutputAgreement, ...]
-
-    @property
-    def passed(self) -> bool:
-        return all(c.ok(self.tolerance) for c in self.checks)
-
-    def worst(self) -> OutputAgreement:
-        return max(self.checks, key=lambda c: (not c.ok(self.tolerance), c.max_abs - self.tolerance.rtol * c.ref_max_abs))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"precision": self.precision, "tolerance": asdict(self.tolerance), "batch": self.batch,
-                "passed": self.passed, "checks": [asdict(c) for c in self.checks]}
-
-
-def compare_bundle(
-    bundle: Any,
-    *,
-    precision: str = "fp32",
-    n: int = 8,
-    seed: int = 0,
-    graphs: Sequence[str] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> CompareReport:
-    """Run ONNX Runtime (FP32 graph) and TensorRT on the same real-image inputs and compare every output.
-
-    Inputs are `n` crops of the photos shipped with matplotlib; graphs with more inputs than images
-    (CaSE query, stages) get theirs from the bundle's PyTorch modules, as export validation does.
-
-    Raises:
-        EngineError / BundleError: as `open_engine(..., 'trt')` (no GPU, no engine, stale or corrupt engine).
-    """
-    from fsdeploy.data.samples import real_batch
-    from fsdeploy.engines.ort import OrtEngine, OrtOptions
-    from fsdeploy.exporters.rebuild import torch_graphs
-
-    say = progress or (lambda _msg: None)
-    backend = load_backend()
-    if not gpu_present():
-        raise EngineError("`compare` runs TensorRT engines and needs a CUDA GPU; none is visible here (engines can still be built)")
-    names = list(graphs) if graphs else list(bundle.manifest.graphs)
-    engines = {g: select_engine(bundle, g, precision, backend=backend.name, version=backend.version, batch=n) for g in names}
-    images = real_batch(bundle.manifest.preprocess, n, np.random.default_rng(seed))
-    modules = torch_graphs(bundle)
-    checks: list[OutputAgreement] = []
-    for g in names:
-        say(f"{g}: ONNX Runtime vs {backend.name} {precision}")
-        feeds = modules[g].feeds(images)
-        with OrtEngine(bundle.graph_path(g), OrtOptions(providers=("CPUExecutionProvider",))) as ort_engine:
-            want = ort_engine.run(feeds)
-        path, record = engines[g]
-        with TrtEngine(path, record=record, backend=backend) as trt_engine:
-            got = trt_engine.run(feeds)
-        for c in compare_outputs(g, "real", got, want):
-            checks.append(OutputAgreement(g, c.name, c.shape_ok, c.max_abs, c.ref_max_abs, c.cosine))
-    return CompareReport(precision, TOLERANCES[precision], n, tuple(checks))

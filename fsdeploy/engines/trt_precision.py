@@ -79,7 +79,7 @@ def check_label(precision: str, counts: dict[str, int], name: str) -> None:
     if precision == "fp16" and counts.get("fp16", 0) == 0:
         raise EngineError(
             f"{name}: asked for fp16 but the network has no FP16 layers; build from the FP16 transform "
-            "(fsdeploy.exporters.precision.fp16_onnx), as `fsdeploy build --precision fp16` does"
+            "(fsdeploy.engines.onnx_fp16.fp16_onnx), as `fsdeploy build --precision fp16` does"
         )
     if precision == "fp32" and any(counts.get(k, 0) for k in ("fp16", "bf16", "fp8", "int8")):
         raise EngineError(f"{name}: asked for fp32 but the network has reduced-precision layers {counts}; build from the FP32 graph")

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from fsdeploy.atomic import sha256_file
+from fsdeploy.bundle.manifest import Variant
 from fsdeploy.errors import BundleError, EngineError, InvalidInput
 
 PRECISIONS = ("fp32", "fp16")
 BATCH_AXIS = "batch"
 ENGINE_DIR = "engines"
+VARIANT_KIND = "trt"  # fsdeploy.bundle.Variant.kind of a TensorRT plan
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,16 @@ def engine_filename(graph: str, graph_sha256: str, backend_tag: str, precision: 
 
 
 def engine_records(manifest: Any) -> dict[str, EngineRecord]:
-    """The manifest's `engines` as records, keyed by engine path."""
+    """The manifest's TensorRT plan variants as engine records, keyed by engine path."""
     try:
-        return {rel: EngineRecord.from_dict(d) for rel, d in manifest.engines.items()}
+        return {v.file: EngineRecord.from_dict(v.info) for v in manifest.find_variants(kind=VARIANT_KIND)}
     except (KeyError, TypeError) as exc:
-        raise BundleError(f"the manifest's engines list is unreadable ({exc}); delete its `engines` entries and run `fsdeploy build`") from None
+        raise BundleError(f"the manifest's TensorRT variants are unreadable ({exc}); delete their entries and run `fsdeploy build`") from None
+
+
+def as_variant(record: EngineRecord) -> Variant:
+    """The manifest's one record type for a file derived from a graph (`fsdeploy.bundle.Variant`)."""
+    return Variant(record.file, record.graph, VARIANT_KIND, record.precision, record.graph_sha256, record.sha256, record.to_dict())
 
 
 @dataclass(frozen=True)

@@ -1,31 +1,18 @@
-"""What each adapter kind exports: a registry from adapter name to a builder of torch graphs.
+"""What an adapter kind's builder returns: the whole torch module and the graphs to export from it.
 
-A builder turns a build request (timm name, weights, image size) into the whole torch module plus the
-graphs to export from it. `none` lives here; CaSE and TOAST register their own builders.
+A builder (`fsdeploy.adapters.AdapterKind.build`) turns a `BuildRequest` (timm name, weights, image size)
+into an `AdaptedModel`; `fsdeploy.pipeline.export` exports and validates its graphs.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fsdeploy.backbones import Preprocess, create_backbone
-from fsdeploy.errors import RegistryError, UnknownName
+from fsdeploy.backbones import BuildRequest, Preprocess
 from fsdeploy.exporters.spec import ExportSpec
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    """Where the weights come from and at what resolution."""
-
-    model: str
-    checkpoint: Path | None = None
-    pretrained: bool = False
-    img_size: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # adapter-specific structure (e.g. TOAST LoRA rank)
 
 
 @dataclass(frozen=True)
@@ -66,50 +53,8 @@ class AdaptedModel:
 
 
 Builder = Callable[[BuildRequest], AdaptedModel]
-ADAPTERS: dict[str, Builder] = {}
-
-
-def register_adapter(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding an adapter builder under `name`."""
-
-    def add(fn: Builder) -> Builder:
-        if name in ADAPTERS:
-            raise RegistryError(f"adapter {name!r} registered twice")
-        ADAPTERS[name] = fn
-        return fn
-
-    return add
-
-
-def load_builtin_adapters() -> None:
-    """Import the modules that register adapter builders (kept lazy: they pull in torch blocks)."""
-    import importlib
-
-    for mod in ("fsdeploy.modules.case_export", "fsdeploy.modules.toast_export"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-
-
-def build_adapted(adapter: str, request: BuildRequest) -> AdaptedModel:
-    """Run the builder registered for `adapter`."""
-    load_builtin_adapters()
-    if adapter not in ADAPTERS:
-        raise UnknownName(f"unknown adapter {adapter!r}; known: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[adapter](request)
 
 
 def images_only(images: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds of a graph whose only input is `images`."""
     return {"images": images}
-
-
-@register_adapter("none")
-def build_plain(request: BuildRequest) -> AdaptedModel:
-    """The frozen backbone alone: images -> pooled features."""
-    model, pre = create_backbone(
-        request.model, checkpoint=request.checkpoint, pretrained=request.pretrained, img_size=request.img_size
-    )
-    return AdaptedModel(model, pre, (GraphExport("features", model, ExportSpec(), images_only),))

@@ -12,8 +12,9 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from fsdeploy.errors import InvalidInput, RegistryError, UnknownName
+from fsdeploy.errors import InvalidInput
 from fsdeploy.heads import ops
+from fsdeploy.registry import Registry
 
 F32 = NDArray[np.float32]
 I64 = NDArray[np.int64]
@@ -63,35 +64,24 @@ class Head(ABC):
 
 
 H = TypeVar("H", bound=type[Head])
-HEADS: dict[str, type[Head]] = {}
+
+
+HEADS: Registry[type[Head]] = Registry("head", stamp="name")
 
 
 def register_head(name: str) -> Callable[[H], H]:
     """Class decorator adding a head to HEADS under `name`."""
-
-    def add(cls: H) -> H:
-        if name in HEADS:
-            raise RegistryError(f"head {name!r} registered twice")
-        cls.name = name
-        HEADS[name] = cls
-        return cls
-
-    return add
+    return HEADS.register(name)
 
 
 def make_head(name: str, **opts: Any) -> Head:
     """Instantiate a registered head by name."""
-    if name not in HEADS:
-        raise UnknownName(f"unknown head {name!r}; known: {', '.join(sorted(HEADS))}")
-    return HEADS[name](**opts)
+    return HEADS.create(name, **opts)  # type: ignore[return-value]
 
 
 def head_from_state(state: dict[str, np.ndarray]) -> Head:
     """Rebuild any registered head from a state dict that carries its name under 'head'."""
-    name = str(state["head"])
-    if name not in HEADS:
-        raise UnknownName(f"task artefact holds unknown head {name!r}; known: {', '.join(sorted(HEADS))}")
-    return HEADS[name].from_state(state)
+    return HEADS.from_state(state, "head")  # type: ignore[return-value]
 
 
 def check_fit_inputs(feats: np.ndarray, labels: np.ndarray) -> tuple[F32, I64, int]:

@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fsdeploy.errors import InvalidInput, RegistryError, UnknownName
+from fsdeploy.errors import InvalidInput
 from fsdeploy.heads import ops
 from fsdeploy.heads.base import F32, l2_normalise
 from fsdeploy.heads.common import StateMixin, check_positive
+from fsdeploy.registry import Registry
 
 
 class Transform(StateMixin, ABC):
@@ -54,35 +55,24 @@ class Transform(StateMixin, ABC):
 
 
 X = TypeVar("X", bound=type[Transform])
-TRANSFORMS: dict[str, type[Transform]] = {}
+
+
+TRANSFORMS: Registry[type[Transform]] = Registry("transform", stamp="name")
 
 
 def register_transform(name: str) -> Callable[[X], X]:
     """Class decorator adding a transform to TRANSFORMS under `name`."""
-
-    def add(cls: X) -> X:
-        if name in TRANSFORMS:
-            raise RegistryError(f"transform {name!r} registered twice")
-        cls.name = name
-        TRANSFORMS[name] = cls
-        return cls
-
-    return add
+    return TRANSFORMS.register(name)
 
 
 def make_transform(name: str, **opts: Any) -> Transform:
     """Instantiate a registered transform by name."""
-    if name not in TRANSFORMS:
-        raise UnknownName(f"unknown transform {name!r}; known: {', '.join(sorted(TRANSFORMS))}")
-    return TRANSFORMS[name](**opts)
+    return TRANSFORMS.create(name, **opts)  # type: ignore[return-value]
 
 
 def transform_from_state(state: Mapping[str, np.ndarray]) -> Transform:
     """Rebuild any registered transform from a state dict that carries its name under 'transform'."""
-    name = str(state["transform"])
-    if name not in TRANSFORMS:
-        raise UnknownName(f"task artefact holds unknown transform {name!r}; known: {', '.join(sorted(TRANSFORMS))}")
-    return TRANSFORMS[name].from_state(state)
+    return TRANSFORMS.from_state(state, "transform")  # type: ignore[return-value]
 
 
 def _as_features(feats: np.ndarray) -> F32:

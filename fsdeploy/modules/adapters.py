@@ -11,19 +11,18 @@ Why a wrapper around the conv: a 1x1 conv with the same stride reads exactly the
 kernel's centre tap reads, so after fitting, alpha folds exactly into the conv weight
 (`fsdeploy.modules.fold`) and the deployed graph is the plain backbone's. The wrapper refuses convs where
 that alignment does not hold, and for grouped convs alpha is grouped the same way so the fold stays exact.
-Where adapters go is one `AdapterPlacement` per timm family (data), applied by `with_adapters`.
+Where adapters go is the ("tsa", family) rule of `fsdeploy.modules.placement`, applied by `with_adapters`.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
 
 from fsdeploy.backbones import family_of
-from fsdeploy.errors import InvalidInput, UnknownName
+from fsdeploy.errors import InvalidInput
+from fsdeploy.modules.placement import families, find_sites, placement_for
 
 ALPHA_INIT_SCALE = 1e-4  # TSA's residual-adapter init: 1e-4 x identity
 
@@ -91,57 +90,14 @@ class ResidualAdapterConv(nn.Module):
         return self.conv(x) + self.alpha(x)
 
 
-@dataclass(frozen=True)
-class AdapterPlacement:
-    """Which convs of a timm family get residual adapters.
-
-    Attributes:
-        family: timm family (module name in timm.models), e.g. "resnet".
-        patterns: dotted globs over `named_modules()` names, matched segment by segment
-            ("layer*.*.conv*" matches "layer1.0.conv2", not "conv1" or "layer2.0.downsample.0").
-        kernel_size: only convs with this kernel are adapted (TSA: the 3x3 convs).
-    """
-
-    family: str
-    patterns: tuple[str, ...]
-    kernel_size: tuple[int, int] = (3, 3)
-
-    def matches(self, name: str, module: nn.Module) -> bool:
-        return (
-            isinstance(module, nn.Conv2d)
-            and tuple(module.kernel_size) == self.kernel_size
-            and any(_glob_segments(name, p) for p in self.patterns)
-        )
-
-
-# timm's ResNet family names its residual-block convs layer{1..4}.{block}.conv{1,2[,3]}: BasicBlock has two
-# 3x3 convs, Bottleneck one (conv2); the stem ("conv1" or "conv1.N") and the 1x1 downsample never match.
-RESNET = AdapterPlacement("resnet", ("layer*.*.conv*",))
-TSA_PLACEMENT: dict[str, AdapterPlacement] = {p.family: p for p in (RESNET,)}
-
-
-def _glob_segments(name: str, pattern: str) -> bool:
-    parts, globs = name.split("."), pattern.split(".")
-    return len(parts) == len(globs) and all(fnmatchcase(n, g) for n, g in zip(parts, globs))
-
-
 def model_family(model: nn.Module) -> str:
     """timm family of a model object, from the architecture recorded in its pretrained_cfg."""
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not arch:
         raise InvalidInput(
-            f"cannot tell the timm family of this {type(model).__name__}; pass family= (one of {', '.join(sorted(TSA_PLACEMENT))})"
+            f"cannot tell the timm family of this {type(model).__name__}; pass family= (one of {', '.join(families('tsa'))})"
         )
     return family_of(arch)
-
-
-def placement_for(family: str) -> AdapterPlacement:
-    """The adapter placement rule of a timm family."""
-    if family not in TSA_PLACEMENT:
-        raise UnknownName(
-            f"no TSA adapter placement for timm family {family!r}; supported: {', '.join(sorted(TSA_PLACEMENT))}"
-        )
-    return TSA_PLACEMENT[family]
 
 
 def adapters_of(model: nn.Module) -> dict[str, ResidualAdapterConv]:
@@ -167,11 +123,9 @@ def with_adapters(
     """
     if adapters_of(backbone):
         raise InvalidInput("this backbone already holds residual adapters; pass the plain backbone")
-    rule = placement_for(family or model_family(backbone))
+    rule = placement_for("tsa", family or model_family(backbone))
     model = copy.deepcopy(backbone)
-    sites = [n for n, m in model.named_modules() if rule.matches(n, m)]
-    if not sites:
-        raise InvalidInput(f"placement rule {rule.patterns} for family {rule.family!r} selects no conv in this model")
+    sites = find_sites(model, rule)
     for name in sites:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -17,7 +17,7 @@ leaves), and every mode is a rewrite of that one graph, so no mode is a flag fli
   live state at cut k-1 (+ the whole γ, of which it reads γ_0..γ_{k-1}) to the live state at cut k plus
   `pooled`, the per-image spatial mean of site k's activation; the last stage ends in features. Chaining
   the stages with the right γ is the query graph; summing `pooled` over every chunk gives each site's
-  exact context mean (see `fsdeploy.modules.case_context`).
+  exact context mean (see `fsdeploy.runtime.case_pass`).
 - gamma: the concatenated per-site context means (G,) → γ (G,), every CaseBlock's MLP side by side.
 
 Weights live once, in `backbone` and `cases`; the graph modules reference the same submodules.
@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from fsdeploy.errors import InvalidInput
 from fsdeploy.modules.case import CaseBlock, apply_gamma, spatial_mean
-from fsdeploy.modules.placement import case_sites, placement_for
+from fsdeploy.modules.placement import find_sites, placement_for
 from fsdeploy.modules.scale_fusion import fuse_channel_scales, site_mean
 
 
@@ -95,7 +95,7 @@ class CaseNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.family = family
-        sites = case_sites(backbone, placement_for(family))
+        sites = find_sites(backbone, placement_for("case", family))
         graph = trace_backbone(backbone, sites)
         calls = [n for n in graph.nodes if n.op == "call_module" and n.target in set(sites)]
         repeated = sorted({str(n.target) for n in calls if sum(c.target == n.target for c in calls) > 1})

@@ -25,7 +25,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from fsdeploy.atomic import atomic_path
+from fsdeploy.atomic import save_npz
 from fsdeploy.errors import BundleError, InvalidInput
 from fsdeploy.modules.adapters import ResidualAdapterConv, adapters_of, centre_tap_problem
 
@@ -151,17 +151,26 @@ class TaskWeights:
             changed[key] = value.astype(np.float32, copy=True)
         return changed
 
-    def save(self, path: str | Path) -> Path:
-        """Atomically write an uncompressed `.npz` (keys "delta/NAME", "set/NAME", "beta")."""
-        arrays: dict[str, np.ndarray] = {_FORMAT_KEY: np.array(_FORMAT_VERSION)}
-        arrays.update({f"delta/{k}": v for k, v in self.centre_deltas.items()})
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays ("delta/NAME", "set/NAME", "beta"): the per-task weight format a task artefact stores."""
+        arrays: dict[str, np.ndarray] = {f"delta/{k}": v for k, v in self.centre_deltas.items()}
         arrays.update({f"set/{k}": v for k, v in self.replaced.items()})
         if self.beta is not None:
             arrays["beta"] = self.beta
-        path = Path(path)
-        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        return path
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TaskWeights:
+        """Read `to_arrays`' keys (other keys, e.g. the task's graph, are ignored)."""
+        return cls(
+            centre_deltas={k[6:]: np.asarray(v) for k, v in arrays.items() if k.startswith("delta/")},
+            replaced={k[4:]: np.asarray(v) for k, v in arrays.items() if k.startswith("set/")},
+            beta=None if arrays.get("beta") is None else np.asarray(arrays["beta"]),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Atomically write an uncompressed `.npz` of `to_arrays()` (plus a format version)."""
+        return save_npz(path, {_FORMAT_KEY: np.array(_FORMAT_VERSION), **self.to_arrays()})
 
     @classmethod
     def load(cls, path: str | Path) -> TaskWeights:
@@ -178,11 +187,7 @@ class TaskWeights:
             raise BundleError(f"cannot read task weights {path}: {exc}; re-run adapt to write them") from None
         if arrays.pop(_FORMAT_KEY, None) != _FORMAT_VERSION:
             raise BundleError(f"{path} is not a version-{_FORMAT_VERSION} fsdeploy task-weights file; re-run adapt")
-        return cls(
-            centre_deltas={k[6:]: v for k, v in arrays.items() if k.startswith("delta/")},
-            replaced={k[4:]: v for k, v in arrays.items() if k.startswith("set/")},
-            beta=arrays.get("beta"),
-        )
+        return cls.from_arrays(arrays)
 
 
 def task_weights(

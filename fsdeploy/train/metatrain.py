@@ -26,13 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsdeploy.backbones import Preprocess, save_checkpoint
+from fsdeploy.backbones import save_checkpoint
+from fsdeploy.data.cache import ImageCache
 from fsdeploy.data.episodes import sample_episode
-from fsdeploy.data.folders import LabelledFiles, scan_image_folder
-from fsdeploy.data.images import load_batch
+from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.errors import InvalidInput
-from fsdeploy.exporters.graphs import BuildRequest
-from fsdeploy.modules.case_export import build_casenet, case_checkpoint_state
+from fsdeploy.backbones import BuildRequest
+from fsdeploy.modules.case_checkpoint import build_casenet, case_checkpoint_state
 from fsdeploy.modules.casenet import CaseNet
 
 
@@ -117,27 +117,6 @@ def episode_classes(data_dir: Path, split: str | None) -> list[str] | None:
     return [str(c) for c in raw[split]]
 
 
-class _Images:
-    """Decoded, preprocessed images by row, kept while they fit in `max_bytes` (episodes revisit images)."""
-
-    def __init__(self, files: LabelledFiles, pre: Preprocess, max_bytes: int = 1 << 30) -> None:
-        self.files, self.pre, self.max_bytes = files, pre, max_bytes
-        self.cache: dict[int, np.ndarray] = {}
-        self.bytes = 0
-
-    def batch(self, rows: np.ndarray) -> np.ndarray:
-        missing = [int(r) for r in rows if int(r) not in self.cache]
-        if missing:
-            arrays = load_batch([self.files.paths[r] for r in missing], self.pre)
-            for r, a in zip(missing, arrays):
-                if self.bytes + a.nbytes <= self.max_bytes:
-                    self.cache[r] = a
-                    self.bytes += a.nbytes
-            fresh = dict(zip(missing, arrays))
-            return np.stack([self.cache.get(int(r), fresh.get(int(r))) for r in rows])  # type: ignore[arg-type]
-        return np.stack([self.cache[int(r)] for r in rows])
-
-
 def _on(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
     return torch.from_numpy(arr).to(dev)
 
@@ -208,7 +187,7 @@ def metatrain(
     for p in params:
         p.requires_grad_(True)
     files = scan_image_folder(data_dir, classes=episode_classes(data_dir, split))
-    images = _Images(files, pre)
+    images = ImageCache(files.paths, pre)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(params, lr=lr)
     opt.zero_grad(set_to_none=True)
@@ -216,7 +195,7 @@ def metatrain(
     for t in range(tasks):
         ep = sample_episode(files.labels, ways, shots, queries, rng)
         loss, acc = task_loss(
-            net, _on(images.batch(ep.support), dev), _on(ep.support_labels, dev), _on(images.batch(ep.query), dev),
+            net, _on(images.get(ep.support), dev), _on(ep.support_labels, dev), _on(images.get(ep.query), dev),
             _on(ep.query_labels, dev), ways, rng, head,
         )
         loss_value = float(loss.detach())

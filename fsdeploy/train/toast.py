@@ -19,19 +19,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fsdeploy.backbones import Preprocess, create_backbone
-from fsdeploy.data.folders import LabelledFiles, scan_image_folder
-from fsdeploy.data.images import load_batch
+from fsdeploy.data.cache import ImageCache
+from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.errors import InvalidInput
-from fsdeploy.modules.topdown import TopDownViT, backbone_fingerprint, save_toast
-
-# Above this many bytes of preprocessed images, batches are decoded from disk each epoch instead of cached.
-_CACHE_LIMIT_BYTES = 1 << 30
+from fsdeploy.modules.toast import TopDownViT
+from fsdeploy.modules.toast_checkpoint import backbone_fingerprint, save_toast
 
 Progress = Callable[[int, int, float], None]  # (step done, total steps, loss of that step)
 
@@ -52,19 +49,8 @@ class TuneResult:
     checkpoint: Path | None
 
 
-class _Images:
-    """Preprocessed images by index: cached in memory when small, decoded per batch otherwise."""
-
-    def __init__(self, files: LabelledFiles, preprocess: Preprocess) -> None:
-        self.files = files
-        self.preprocess = preprocess
-        size = len(files) * int(np.prod(preprocess.input_size)) * 4
-        self.cache = torch.from_numpy(load_batch(files.paths, preprocess)) if size <= _CACHE_LIMIT_BYTES else None
-
-    def batch(self, index: torch.Tensor) -> torch.Tensor:
-        if self.cache is not None:
-            return self.cache[index]
-        return torch.from_numpy(load_batch([self.files.paths[i] for i in index.tolist()], self.preprocess))
+def _batch(images: ImageCache, index: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(images.get(index.numpy()))
 
 
 def _cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -78,7 +64,7 @@ def _cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], 
 
 
 def _evaluate(
-    module: TopDownViT, head: nn.Linear, images: _Images, labels: torch.Tensor, batch_size: int, device: torch.device
+    module: TopDownViT, head: nn.Linear, images: ImageCache, labels: torch.Tensor, batch_size: int, device: torch.device
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) over every image, no gradients."""
     module.eval()
@@ -86,7 +72,7 @@ def _evaluate(
     with torch.no_grad():
         for start in range(0, len(labels), batch_size):
             index = torch.arange(start, min(start + batch_size, len(labels)))
-            logits = head(module(images.batch(index).to(device)))
+            logits = head(module(_batch(images, index).to(device)))
             target = labels[index].to(device)
             loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
             correct += int((logits.argmax(1) == target).sum())
@@ -162,7 +148,7 @@ def tune_toast(
     module.to(torch_device)
     head.to(torch_device)
 
-    images = _Images(files, preprocess)
+    images = ImageCache(files.paths, preprocess)
     labels = torch.from_numpy(files.labels)
     steps_per_epoch = math.ceil(len(files) / batch_size)
     total = min(epochs * steps_per_epoch, max_steps) if max_steps else epochs * steps_per_epoch
@@ -187,7 +173,7 @@ def tune_toast(
             if len(step_losses) >= total:
                 break
             index = order[start : start + batch_size]
-            feats, streams = module.forward_with_streams(images.batch(index).to(torch_device), keep_streams=recon_weight > 0)
+            feats, streams = module.forward_with_streams(_batch(images, index).to(torch_device), keep_streams=recon_weight > 0)
             loss = F.cross_entropy(head(feats), labels[index].to(torch_device))
             if recon_weight > 0:
                 loss = loss + recon_weight * module.reconstruction_loss(streams)

@@ -5,7 +5,7 @@ Efficient Integer-Arithmetic-Only Inference", CVPR 2018: weights int8 per output
 with ranges from min/max over real calibration images. The graph stores QuantizeLinear/DequantizeLinear
 pairs (QDQ), which ONNX Runtime fuses into integer kernels; ONNX Runtime's own quantizer does the work.
 
-The int8 file sits beside the FP32 graph and is recorded in `manifest.extra["int8"]`, not in
+The int8 file sits beside the FP32 graph and is recorded as the graph's int8 `Variant`, not in
 `manifest.graphs`, so the bundle id (and every task adapted on it) stays valid. Agreement with FP32 is
 measured on held-out images and recorded, never assumed: it depends on the model, and on the CPU that runs
 it, since int8 kernels differ (on AVX2 without VNNI, full-range int8 weights can saturate 16-bit sums;
@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ from fsdeploy.atomic import atomic_path, sha256_file
 from fsdeploy.data.folders import list_images
 from fsdeploy.data.images import load_checked
 from fsdeploy.deps import require
-from fsdeploy.errors import BundleError, InvalidInput
-from fsdeploy.exporters.bundle import Bundle, checked_sha256, write_manifest
-from fsdeploy.exporters.validate import cosine
+from fsdeploy.errors import InvalidInput
+from fsdeploy.bundle import Bundle, Variant, checked_sha256, record_variant, resolve
+from fsdeploy.compare import row_cosines
+from fsdeploy.engines import EngineOptions, open_engine
 
-INT8_KEY = "int8"  # manifest.extra key
 CALIB_BATCH = 8  # images per calibration run; ranges are min/max over all runs, so only memory depends on it
 MAX_HELD_OUT = 32
 MIN_HELD_OUT = 4  # fewer held-out images than this: validate on the calibration images and say so
@@ -105,21 +105,11 @@ def _check_quantizable(bundle: Bundle, graph: str) -> tuple[str, str]:
     return rel, inputs[0]
 
 
-def _cosines(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.float64]:
-    """Per-row cosine of `(N, D)` features (`fsdeploy.exporters.validate.cosine` of each row pair)."""
-    return np.array([cosine(x, y) for x, y in zip(a, b)], dtype=np.float64)
-
-
 def _features(onnx_path: Path, input_name: str, images: NDArray[np.float32]) -> NDArray[np.float32]:
     """The graph's (first) output for `images`, run in calibration-sized batches."""
-    from fsdeploy.engines.ort import OrtEngine, OrtOptions
-
-    engine = OrtEngine(onnx_path, OrtOptions(providers=("CPUExecutionProvider",), cpu_arena=False))
-    try:
+    with open_engine(onnx_path, "ort", EngineOptions(providers=("CPUExecutionProvider",), cpu_arena=False)) as engine:
         batches = [next(iter(engine.run({input_name: images[i : i + CALIB_BATCH]}).values())) for i in range(0, len(images), CALIB_BATCH)]
         return np.concatenate(batches)
-    finally:
-        engine.close()
 
 
 def _quantize_file(src: Path, dst: Path, images: NDArray[np.float32], input_name: str, *, reduce_range: bool, work: Path) -> None:
@@ -165,7 +155,7 @@ def quantize_bundle(
         say: progress messages.
 
     Returns:
-        The report, also stored in `manifest.extra["int8"]`.
+        The report, also stored as the int8 variant's `info`.
 
     Raises:
         InvalidInput: another adapter, no images, or unreadable images (all named).
@@ -193,7 +183,7 @@ def quantize_bundle(
         say(f"comparing INT8 with FP32 on {len(held)} {'held-out' if held_paths else 'calibration'} images")
         ref = _features(src, input_name, held)
         got = _features(quantized, input_name, held)
-        cos = _cosines(got, ref)
+        cos = row_cosines(got, ref)
         digest = sha256_file(quantized)
         report = QuantReport(
             graph=graph,
@@ -216,43 +206,32 @@ def quantize_bundle(
 
 
 def _commit(bundle: Bundle, quantized: Path, report: QuantReport, digest: str) -> None:
-    """Copy the int8 file in, then rewrite the manifest: the manifest's atomic replace is the commit point.
+    """Copy the int8 file in, then record it as the graph's int8 variant: the manifest's atomic replace is the
+    commit point.
 
     The file name carries its hash, so the new file never overwrites the one the old manifest lists; a
     failure before the manifest is written removes the new file, and the old one is deleted only after.
     """
-    m = bundle.manifest
-    old = m.extra.get(INT8_KEY, {}).get("file")
     target = bundle.file(report.file)
     with atomic_path(target, suffix=".onnx") as tmp:
         shutil.copyfile(quantized, tmp)
+    variant = Variant(report.file, report.graph, "onnx", "int8", report.source_sha256, digest, report.to_dict())
     try:
-        files = {k: v for k, v in m.files.items() if k != old}
-        files[report.file] = digest
-        write_manifest(bundle.path, replace(m, files=files, extra={**m.extra, INT8_KEY: report.to_dict()}))
+        _, dropped = record_variant(bundle, variant, supersedes=lambda v: v.kind == "onnx" and v.precision == "int8")
     except BaseException:
-        if report.file != old:
+        if not bundle.manifest.variants.get(report.file):
             target.unlink(missing_ok=True)
         raise
-    if old and old != report.file:
-        bundle.file(old).unlink(missing_ok=True)
+    for rel in dropped:
+        bundle.file(rel).unlink(missing_ok=True)
 
 
 def int8_graph_path(bundle: Bundle, graph: str) -> Path:
-    """The int8 file of `graph`, for engines opened with precision int8.
+    """The int8 file of `graph` (see `fsdeploy.bundle.resolve`).
 
     Raises:
         BundleError: the bundle has no int8 graph for `graph`, or it was made from another FP32 graph.
     """
-    info = bundle.manifest.extra.get(INT8_KEY)
-    if not info:
-        raise BundleError(
-            f"bundle {bundle.path} has no int8 graph; make one with `fsdeploy quantize {bundle.path} CALIB_DIR` (a folder of real images)"
-        )
-    if info["graph"] != graph:
-        raise BundleError(f"bundle {bundle.path} has an int8 graph for {info['graph']!r} only, not {graph!r}; run {graph!r} at fp32")
-    if bundle.manifest.files.get(info["source_file"]) != info["source_sha256"]:
-        raise BundleError(
-            f"the int8 graph in {bundle.path} was made from an older {info['source_file']}; re-run `fsdeploy quantize {bundle.path} CALIB_DIR`"
-        )
-    return bundle.file(info["file"])
+    source = resolve(bundle, graph, "int8", "onnx")
+    assert source.path is not None
+    return source.path

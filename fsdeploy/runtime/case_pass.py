@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fsdeploy.bundle.manifest import CaseLayout
 from fsdeploy.engines.base import Engine
 from fsdeploy.errors import BundleError, InvalidInput
 
@@ -64,19 +65,16 @@ def _lookup(graphs: Mapping[str, Engine], name: str) -> Engine:
     return graphs[name]
 
 
-def _chunked_info(extra: Mapping[str, Any]) -> tuple[list[str], str]:
-    info = extra.get("chunked")
-    if not info or "stages" not in info:
+def _case_layout(layout: CaseLayout | Mapping[str, Any]) -> CaseLayout:
+    return layout if isinstance(layout, CaseLayout) else CaseLayout.from_extra(layout, "this CaSE bundle")
+
+
+def _chunked_info(layout: CaseLayout) -> tuple[list[str], str]:
+    if not layout.chunked:
         raise BundleError(
             "this CaSE bundle has no chunked context graphs; re-export it with `fsdeploy export MODEL --adapter case`"
         )
-    return list(info["stages"]), str(info.get("gamma_graph", "case_gamma"))
-
-
-def _layout(extra: Mapping[str, Any]) -> list[tuple[int, int]]:
-    if "gamma_layout" not in extra:
-        raise BundleError("manifest extra has no gamma_layout; is this a CaSE bundle? re-export with --adapter case")
-    return [(int(s["offset"]), int(s["offset"]) + int(s["length"])) for s in extra["gamma_layout"]]
+    return list(layout.stages), layout.gamma_graph
 
 
 def _check_images(images: np.ndarray) -> NDArray[np.float32]:
@@ -89,7 +87,7 @@ def _check_images(images: np.ndarray) -> NDArray[np.float32]:
 def context_pass(
     graphs: OpenGraph | Mapping[str, Engine],
     image_batches: Iterable[np.ndarray],
-    manifest_extra: Mapping[str, Any],
+    manifest_extra: CaseLayout | Mapping[str, Any],
     *,
     chunked: bool | None = None,
     release: Callable[[str], None] | None = None,
@@ -101,7 +99,7 @@ def context_pass(
         graphs: `open_graph(name) -> Engine` (e.g. the runtime's engine cache) or engines by graph name.
         image_batches: preprocessed support images `(n, 3, H, W)` per batch, each at most one engine batch;
             consumed once, so a generator reading from disk keeps memory flat.
-        manifest_extra: the bundle manifest's `extra` (γ layout and chunked-scheme graphs).
+        manifest_extra: the bundle's `CaseLayout` (or its manifest `extra`, read as one).
         chunked: None = the one-batch `context` graph when there is a single batch, the chunked stages
             otherwise; True = always chunked; False = concatenate every batch into one `context` run.
         release: called with a graph name once the chunked pass no longer needs it, so a caller that
@@ -155,12 +153,13 @@ def _chunked_context(
     extra: Mapping[str, Any],
     release: Callable[[str], None] | None,
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    stages, gamma_graph = _chunked_info(extra)
-    slots = _layout(extra)
+    layout = _case_layout(extra)
+    stages, gamma_graph = _chunked_info(layout)
+    slots = [(s.offset, s.stop) for s in layout.slices]
     size = slots[-1][1]
     means = np.zeros(size, dtype=np.float32)
     gamma = np.ones(size, dtype=np.float32)  # slices become final one site at a time
-    store = StateStore(max(extra["chunked"].get("state_floats_per_image") or [0]))
+    store = StateStore(max(layout.state_floats_per_image or (0,)))
     chunks: list[tuple[int, dict[str, np.ndarray], mmap.mmap | None]] = []  # (images, state, its buffer)
     feats: NDArray[np.float32] | None = None
     n_images = 0
@@ -293,7 +292,7 @@ def query_pass(
     engine: Engine,
     images: np.ndarray,
     gamma: np.ndarray,
-    manifest_extra: Mapping[str, Any] | None = None,
+    manifest_extra: CaseLayout | Mapping[str, Any] | None = None,
 ) -> NDArray[np.float32]:
     """Features `(B, D)` of query `images` under the task's γ, through the `query` graph.
 
@@ -302,7 +301,9 @@ def query_pass(
     """
     g = np.asarray(gamma, dtype=np.float32)
     want = engine.input_specs()["gamma"].shape[0] if "gamma" in engine.input_specs() else None
-    if manifest_extra is not None and "gamma_size" in manifest_extra:
+    if isinstance(manifest_extra, CaseLayout):
+        want = manifest_extra.gamma_size
+    elif manifest_extra is not None and "gamma_size" in manifest_extra:
         want = int(manifest_extra["gamma_size"])
     if g.ndim != 1 or (isinstance(want, int) and g.shape[0] != want):
         raise InvalidInput(

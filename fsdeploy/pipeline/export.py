@@ -1,4 +1,5 @@
-"""`export_bundle`: build the adapted torch module, export each graph, validate, write the bundle atomically."""
+"""`export_bundle`: build the adapted torch module, export each graph, validate it on ONNX Runtime against
+PyTorch (each graph at its own tolerance), write the bundle atomically."""
 from __future__ import annotations
 
 import platform
@@ -16,9 +17,12 @@ from fsdeploy.data.folders import list_images
 from fsdeploy.data.images import load_batch
 from fsdeploy.data.samples import real_batch
 from fsdeploy.deps import require
-from fsdeploy.engines.ort import OrtEngine, OrtOptions
+from fsdeploy.adapters import build_adapted
+from fsdeploy.backbones import BuildRequest
+from fsdeploy.compare import CompareReport, Tolerance, compare
+from fsdeploy.engines import EngineOptions, open_engine
 from fsdeploy.errors import ValidationFailed
-from fsdeploy.exporters.bundle import (
+from fsdeploy.bundle import (
     SCHEMA,
     TORCH_WEIGHTS,
     Bundle,
@@ -28,9 +32,8 @@ from fsdeploy.exporters.bundle import (
     load_bundle,
     write_manifest,
 )
-from fsdeploy.exporters.graphs import AdaptedModel, BuildRequest, GraphExport, build_adapted
+from fsdeploy.exporters.graphs import AdaptedModel, GraphExport
 from fsdeploy.exporters.onnx_export import export_onnx
-from fsdeploy.exporters.validate import ValidationReport, compare_outputs
 
 Progress = Callable[[str], None]
 
@@ -65,19 +68,24 @@ def validation_inputs(built: AdaptedModel, *, calib: list[Path] | None, n: int, 
     return {"random": rng.standard_normal((n, *shape)).astype(np.float32), "real": real}
 
 
+CPU_ONLY = EngineOptions(providers=("CPUExecutionProvider",))
+
+
 def validate_graphs(
     built: AdaptedModel, folder: Path, sets: dict[str, np.ndarray], atol: float | None = None
-) -> ValidationReport:
-    """Compare every exported graph in `folder` with its torch module on each input set."""
+) -> CompareReport:
+    """Compare every exported graph in `folder` with its torch module on each input set, each graph judged
+    by its own export spec's tolerance (`atol` overrides every graph's absolute part)."""
     checks = []
-    tol = atol if atol is not None else max(g.spec.atol for g in built.graphs)
+    per_graph = {}
     for graph in built.graphs:
-        engine = OrtEngine(folder / graph.filename, OrtOptions(providers=("CPUExecutionProvider",)))
-        for set_name, images in sets.items():
-            feeds = graph.feeds(images)
-            checks += compare_outputs(graph.name, set_name, engine.run(feeds), torch_outputs(graph, feeds))
-        engine.close()
-    return ValidationReport(tuple(checks), tol, max(g.spec.rtol for g in built.graphs))
+        per_graph[graph.name] = Tolerance(graph.spec.atol if atol is None else atol, graph.spec.rtol)
+        with open_engine(folder / graph.filename, "ort", CPU_ONLY) as engine:
+            for set_name, images in sets.items():
+                feeds = graph.feeds(images)
+                checks += compare(graph.name, set_name, engine.run(feeds), torch_outputs(graph, feeds))
+    default = Tolerance(max(t.atol for t in per_graph.values()), max(t.rtol for t in per_graph.values()))
+    return CompareReport(tuple(checks), default, per_graph, what="ONNX Runtime vs PyTorch")
 
 
 def export_bundle(
@@ -94,7 +102,7 @@ def export_bundle(
     n_validate: int = 4,
     options: dict[str, Any] | None = None,
     progress: Progress | None = None,
-) -> tuple[Bundle, ValidationReport | None]:
+) -> tuple[Bundle, CompareReport | None]:
     """Export `model` (+ `adapter`) to a validated bundle folder at `out`.
 
     Args:
@@ -117,7 +125,7 @@ def export_bundle(
     request = BuildRequest(model, Path(checkpoint) if checkpoint else None, pretrained, img_size, dict(options or {}))
     say(f"building {model} (adapter {adapter})")
     built = build_adapted(adapter, request)
-    report: ValidationReport | None = None
+    report: CompareReport | None = None
     with atomic_dir(out) as tmp:
         sets = validation_inputs(built, calib=list_images([calib]) if calib else None, n=n_validate, seed=0)
         infos: dict[str, GraphInfo] = {}
@@ -126,18 +134,14 @@ def export_bundle(
             example = tuple(require("torch").from_numpy(v) for v in graph.feeds(sets["random"][:2]).values())
             say(f"exporting {graph.filename}")
             export_onnx(graph.module, example, tmp / graph.filename, spec)
-            eng = OrtEngine(tmp / graph.filename, OrtOptions(providers=("CPUExecutionProvider",)))
-            infos[graph.name] = GraphInfo(graph.filename, eng.input_specs(), eng.output_specs())
-            eng.close()
+            with open_engine(tmp / graph.filename, "ort", CPU_ONLY) as eng:
+                infos[graph.name] = GraphInfo(graph.filename, eng.input_specs(), eng.output_specs())
         if validate:
             say("validating against PyTorch")
             report = validate_graphs(built, tmp, sets)
             if not report.passed:
-                worst = max((c for c in report.checks if not report.ok(c)), key=lambda c: c.max_abs)
                 raise ValidationFailed(
-                    f"{worst.graph}.{worst.name} differs from PyTorch by {worst.max_abs:.3g} on {worst.inputs} inputs "
-                    f"(tolerance {report.atol:g} + {report.rtol:g} x max|output| {worst.ref_max_abs:.3g}); nothing was "
-                    "written — check the model, or pass --no-validate to keep it anyway"
+                    f"{report.describe_worst()}; nothing was written — check the model, or pass --no-validate to keep it anyway"
                 )
         from safetensors.torch import save_file
 

@@ -1,4 +1,4 @@
-"""The `case` adapter builder: a CaseNet and every graph a CaSE bundle holds.
+"""The `case` adapter kind (UpperCaSE): a CaseNet and every graph a CaSE bundle holds.
 
 UpperCaSE: Patacchiola et al., NeurIPS 2022 (arXiv 2206.09843).
 
@@ -6,81 +6,30 @@ Graphs, in bundle order:
 - `context`: images `(N,3,H,W)` → features `(N,D)`, gamma `(G,)` — one batch is the whole support set.
 - `query`: images `(B,3,H,W)`, gamma `(G,)` (static length) → features `(B,D)`.
 - `case_gamma`: means `(G,)` → gamma `(G,)`, the CaSE excitations for the chunked scheme.
-- `stage_00` … `stage_K`: the chunked context scheme (see `fsdeploy.modules.case_context`).
+- `stage_00` … `stage_K`: the chunked context scheme (see `fsdeploy.runtime.case_pass`).
 
-Checkpoints accepted by `export --adapter case --checkpoint FILE`:
-(a) a plain backbone checkpoint: every CaSE block starts at identity (γ = 1);
-(b) a `metatrain` checkpoint: the backbone's own timm keys plus the CaSE blocks under `cases.<i>.…`
-    (the CaseNet's `cases` state dict, prefixed), with fsdeploy metadata naming the model and listing the
-    sites (`case_sites`). Backbone tensors load through `create_backbone`, which ignores the `cases.` keys.
+Checkpoints: plain or metatrain (`fsdeploy.modules.case_checkpoint`). On the device, `CasePath` runs the
+context pass (support set -> γ) and the query graph with γ as an input, so one engine serves every task.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fsdeploy.backbones import Preprocess, create_backbone, family_of, read_checkpoint
-from fsdeploy.errors import InvalidInput
-from fsdeploy.exporters.graphs import (
-    AdaptedModel,
-    BuildRequest,
-    GraphExport,
-    images_only,
-    register_adapter,
-)
+from fsdeploy.adapters.base import AdapterKind, register_adapter
+from fsdeploy.backbones import BuildRequest, Preprocess
+from fsdeploy.bench.costs import BACKWARD_TEXT, Cost, head_text, register_formula
+from fsdeploy.exporters.graphs import AdaptedModel, GraphExport, images_only
 from fsdeploy.exporters.spec import ExportSpec
+from fsdeploy.modules.case_checkpoint import build_casenet
 from fsdeploy.modules.casenet import CaseNet, Stage, run_stages_torch
 
-CASE_PREFIX = "cases."
 SCHEME = "case-stages/1"  # version of the chunked-scheme contract recorded in the manifest
 
 Feeds = Callable[[np.ndarray], dict[str, np.ndarray]]
-
-
-def build_casenet(request: BuildRequest) -> tuple[CaseNet, Preprocess]:
-    """Backbone from `request` (plain or metatrain checkpoint), wrapped with CaSE blocks, in eval mode."""
-    backbone, pre = create_backbone(
-        request.model, checkpoint=request.checkpoint, pretrained=request.pretrained, img_size=request.img_size
-    )
-    net = CaseNet(backbone, family=family_of(request.model))
-    if request.checkpoint is not None:
-        load_case_params(net, request.checkpoint)
-    return net.eval(), pre
-
-
-def load_case_params(net: CaseNet, checkpoint: str | Path) -> bool:
-    """Load `cases.*` tensors from a metatrain checkpoint into `net`; False when the file has none (identity).
-
-    Raises:
-        InvalidInput: the CaSE tensors were trained for other sites or channel counts.
-    """
-    state, meta = read_checkpoint(checkpoint)
-    case_state = {k[len(CASE_PREFIX):]: v for k, v in state.items() if k.startswith(CASE_PREFIX)}
-    if not case_state:
-        return False
-    sites = meta.get("case_sites")
-    if sites is not None and list(sites) != [s.name for s in net.layout]:
-        raise InvalidInput(
-            f"checkpoint {checkpoint} holds CaSE blocks for sites {sites[:3]}...; this model's sites are "
-            f"{[s.name for s in net.layout][:3]}...; metatrain again for this model"
-        )
-    try:
-        net.cases.load_state_dict(case_state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise InvalidInput(f"CaSE tensors in {checkpoint} do not fit this model: {first}; metatrain again for it") from None
-    return True
-
-
-def case_checkpoint_state(net: CaseNet) -> dict[str, torch.Tensor]:
-    """The metatrain checkpoint layout: backbone under its timm keys, CaSE blocks under `cases.`."""
-    state = {k: v for k, v in net.backbone.state_dict().items()}
-    state.update({CASE_PREFIX + k: v for k, v in net.cases.state_dict().items()})
-    return state
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -203,9 +152,47 @@ def case_extra(net: CaseNet, stages: list[Stage], pre: Preprocess) -> dict[str, 
     }
 
 
-@register_adapter("case")
 def build_case(request: BuildRequest) -> AdaptedModel:
     """UpperCaSE: frozen backbone + CaSE blocks; context/query graphs plus the exact chunked context scheme."""
     net, pre = build_casenet(request)
     graphs, stages = case_graphs(net)
     return AdaptedModel(net, pre, graphs, case_extra(net, stages, pre))
+
+
+def case_path(bundle: Any, backend: str, options: Any, **kw: Any) -> Any:
+    from fsdeploy.runtime.paths import CasePath
+
+    return CasePath(bundle, backend, options, **kw)
+
+
+def count_case(net: Any, size: int) -> Any:
+    """The plain backbone's counts plus CaSE's: query-graph MACs per image, MLP MACs per task, γ length."""
+    from dataclasses import replace
+
+    from fsdeploy.bench.cost_inputs import measure_case
+    from fsdeploy.adapters.none import count_plain
+
+    return replace(count_plain(net.backbone, size), case=measure_case(net, size))
+
+
+@register_formula("case")
+def case_cost(m: Any, c: Any, task: Any, head: Any, tf: Any) -> Cost:
+    """UpperCaSE: one context pass of the CaSE backbone over the support set + CaSE MLPs once + head fit."""
+    n, k, d = task.n_support, task.ways, c.dim
+    case = c.case
+    head_part = tf(n) + head.fit_macs(n, d, k)
+    return Cost(n * case.forward + case.mlp + head_part, case.forward + tf(1) + head.predict_macs(1, d, k),
+                case.gamma + head.n_params(d, k), head_part,
+                f"1 context pass of the CaSE backbone on the support set + CaSE MLPs + {head_text(m)} fit", BACKWARD_TEXT["case"])
+
+
+KIND = register_adapter(AdapterKind(
+    name="case",
+    summary="UpperCaSE: CaSE blocks adapt the body in one context pass (γ is an engine input) + the linear head",
+    build=build_case,
+    feature_path=case_path,
+    count=count_case,
+    default_heads=("linear",),
+    head_methods={"linear": "case-linear"},
+    why_missing="needs a CaSE bundle: fsdeploy export MODEL --adapter case",
+))

@@ -1,0 +1,38 @@
+"""The `bn-affine` adapter kind: only the BatchNorm affine parameters train per task (TSA's loss and optimiser).
+
+The new γ/β replace the plain BatchNorm weights in the folded graph; the stored head is a cosine NCC (scale 10).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fsdeploy.adapters.base import AdapterKind, register_adapter
+
+
+def fit(backbone: Any, images: Any, labels: Any, *, steps: int, **opts: Any) -> Any:
+    from fsdeploy.train.tsa import fit_bn_affine
+
+    return fit_bn_affine(backbone, images, labels, steps=steps, device=opts.pop("device", None), **opts)
+
+
+def head(result: Any) -> Any:
+    from fsdeploy.heads.pipeline import TaskModel
+
+    return TaskModel.create("ncc", "none", distance="cosine", scale=10.0)
+
+
+def fit_macs(backbone: Any, size: int, n_support: int, steps: int) -> int:
+    from fsdeploy.train.tsa import bn_affine_adapt_macs
+
+    return bn_affine_adapt_macs(backbone, size, n_support, steps=steps)
+
+
+KIND = register_adapter(AdapterKind(
+    name="bn-affine",
+    summary="BN-affine: BatchNorm scales and shifts fitted per task (40 steps), folded and re-exported",
+    bundle_adapter="none",
+    fit=fit,
+    head=head,
+    fit_macs=fit_macs,
+    method="bn-affine",
+))

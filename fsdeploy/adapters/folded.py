@@ -1,0 +1,99 @@
+"""What the per-task fine-tuners (TSA, BN-affine) share: fit in PyTorch, fold, re-export, check the fold.
+
+Each fine-tuner trains on the support set, then folds the result into the plain backbone's weights
+(exact), so the deployed graph is the plain graph with new weights. The task stores that re-exported
+ONNX graph (checked against the unfolded network), the per-task weights in `TaskWeights` form (the same
+arrays, so the `torch` backend rebuilds the folded module from them), and the kind's head.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fsdeploy.adapters.base import AdapterKind
+from fsdeploy.bundle import Bundle
+from fsdeploy.compare import CompareReport, Tolerance, compare
+from fsdeploy.deps import require
+from fsdeploy.engines import open_engine
+from fsdeploy.errors import InvalidInput, ValidationFailed
+from fsdeploy.exporters.onnx_export import export_onnx
+from fsdeploy.exporters.spec import ExportSpec
+from fsdeploy.runtime.open import torch_graphs
+
+FOLD_TOL = Tolerance(atol=1e-4)  # folded graph vs the unfolded adapter network, max |feature diff|
+CHECK_BATCH = 32
+
+
+@dataclass(frozen=True)
+class FoldedTask:
+    """A fitted fine-tuner: task state (graph + weights), the fitted head, and what it cost."""
+
+    task_state: dict[str, np.ndarray]
+    head: Any  # a fitted TaskModel
+    feats: np.ndarray  # support features through the folded graph
+    check: CompareReport
+    info: dict[str, Any] = field(default_factory=dict)
+    fit_ms: float = 0.0
+
+
+def export_bytes(model: Any, example: Any, opset: int) -> bytes:
+    """The ONNX bytes of `model` at the bundle's opset."""
+    with tempfile.TemporaryDirectory() as d:
+        return export_onnx(model, (example,), Path(d) / "task.onnx", ExportSpec(opset=opset)).read_bytes()
+
+
+def check_bundle(kind: AdapterKind, bundle: Bundle) -> None:
+    """Refuse a bundle the fine-tuner cannot adapt.
+
+    Raises:
+        InvalidInput: another adapter kind, or a backbone family the kind does not support.
+    """
+    m = bundle.manifest
+    if m.adapter != kind.bundle_adapter:
+        raise InvalidInput(f"--adapter {kind.name} needs a bundle of adapter {kind.bundle_adapter}; {bundle.path} has adapter {m.adapter}")
+    if kind.families and m.family not in kind.families:
+        raise InvalidInput(f"the {kind.name} adapter is defined for {', '.join(kind.families)} backbones; {bundle.path} holds {m.model} ({m.family})")
+
+
+def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np.ndarray, *, steps: int,
+               backend: str = "ort", options: Any = None, fit_opts: dict[str, Any] | None = None) -> FoldedTask:
+    """Fit `kind` on one support set, fold, re-export, check the folded graph, fit the kind's head on its features.
+
+    Raises:
+        InvalidInput: see `check_bundle`.
+        ValidationFailed: the folded graph disagrees with the adapter network beyond `FOLD_TOL`.
+    """
+    torch = require("torch")
+    check_bundle(kind, bundle)
+    assert kind.fit is not None and kind.head is not None
+    t0 = time.perf_counter()
+    backbone = torch_graphs(bundle)["features"].module
+    res = kind.fit(backbone, images, labels, steps=steps, **(fit_opts or {}))
+    folded = copy.deepcopy(backbone)
+    folded.load_state_dict(res.folded_state())
+    folded.eval()
+    graph = export_bytes(folded, torch.from_numpy(images[:2]), bundle.manifest.opset)
+    weights = res.task_weights()
+    fit_ms = (time.perf_counter() - t0) * 1e3
+    state: dict[str, np.ndarray] = {"graph": np.frombuffer(graph, dtype=np.uint8), **weights.to_arrays()}
+    with open_engine(graph, "ort") as engine:
+        feats = np.concatenate([engine.run({"images": images[i:i + CHECK_BATCH]})["features"] for i in range(0, len(images), CHECK_BATCH)])
+    with torch.no_grad():
+        ref = res.model(torch.from_numpy(images)).numpy()
+    report = CompareReport(tuple(compare("task", "support", {"features": feats}, {"features": ref})), FOLD_TOL,
+                           what=f"folded {kind.name} graph vs the adapter network")
+    if not report.passed:
+        raise ValidationFailed(f"{report.describe_worst('the adapter network')}; nothing was written")
+    head = kind.head(res)
+    head.fit(feats, labels)
+    info = {"adapter": kind.name, "steps": steps, "fold_max_abs": report.checks[0].max_abs,
+            "task_weight_bytes": int(weights.nbytes), "losses": [float(v) for v in res.losses[:: max(1, len(res.losses) // 8)]]}
+    if kind.fit_macs is not None:
+        info["adapt_macs"] = int(kind.fit_macs(backbone, bundle.manifest.preprocess.input_size[-1], len(images), steps))
+    return FoldedTask(state, head, feats, report, info, fit_ms)

@@ -1,0 +1,253 @@
+"""One adaptation API: learn a task from support images, then classify with it, for every adapter kind.
+
+`TaskAdapter` keeps a bundle's engines open across tasks (an episode loop, a server) and adapts the same
+way whatever the kind: exported kinds (none, case, toast) run the bundle's feature path over the support
+batches (streamed: CaSE's chunked context pass never holds the whole set) and fit a numpy head; per-task
+fine-tuners (tsa, bn-affine) fit in PyTorch, fold, re-export and check (`fsdeploy.adapters.folded`). Either
+way the result is one `TaskArtefact`, and prediction runs through the deployed path: the bundle's engines
+with the task's state (γ), or the task's own folded graph.
+
+`adapt_task` and `predict_images` are the file-level entry points the CLI calls.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fsdeploy import __version__
+from fsdeploy.adapters import ADAPTERS, AdapterKind
+from fsdeploy.bundle import Bundle
+from fsdeploy.data.folders import list_images, scan_image_folder
+from fsdeploy.data.images import iter_batches, load_checked
+from fsdeploy.engines import EngineOptions
+from fsdeploy.errors import InvalidInput
+from fsdeploy.heads.pipeline import TaskModel
+from fsdeploy.runtime.paths import FeaturePath, feature_path
+from fsdeploy.runtime.task import TaskArtefact
+
+
+@dataclass(frozen=True)
+class AdaptTimings:
+    """Wall time of each part of adapting one task, in milliseconds."""
+
+    load_ms: float
+    features_ms: float
+    fit_ms: float
+    write_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.load_ms + self.features_ms + self.fit_ms + self.write_ms
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """One adapted task with the support features it was fitted on and the time each part took (ms)."""
+
+    task: TaskArtefact
+    feats: NDArray[np.float32]
+    features_ms: float
+    fit_ms: float
+
+
+def _batches(images: np.ndarray | Iterable[np.ndarray], batch: int) -> Iterable[np.ndarray]:
+    if isinstance(images, np.ndarray):
+        return (images[i : i + batch] for i in range(0, len(images), batch))
+    return images
+
+
+class TaskAdapter:
+    """Adapt tasks on one bundle with one method, and predict with them.
+
+    Args:
+        adapter: a per-task fine-tuner kind (`tsa`, `bn-affine`), or None for the bundle's own kind.
+        head, transform, head_opts: the numpy head of exported kinds (fine-tuners store their own head).
+        backend, options: where the engines run (`options.precision` picks the graph variant).
+        steps, fit_opts: fine-tuners' optimiser steps and recipe options.
+        batch: images per engine run.
+    """
+
+    def __init__(self, bundle: Bundle, *, adapter: str | None = None, head: str = "linear", transform: str = "none",
+                 head_opts: dict[str, Any] | None = None, backend: str = "ort", options: EngineOptions | None = None,
+                 steps: int = 40, fit_opts: dict[str, Any] | None = None, batch: int = 32) -> None:
+        if batch < 1:
+            raise InvalidInput(f"--batch must be >= 1 image per engine run, got {batch}")
+        self.bundle = bundle
+        self.kind: AdapterKind = ADAPTERS.get(adapter or bundle.manifest.adapter)
+        if self.kind.finetuner:
+            from fsdeploy.adapters.folded import check_bundle
+
+            check_bundle(self.kind, bundle)
+        elif adapter is not None and adapter != bundle.manifest.adapter:
+            raise InvalidInput(
+                f"--adapter {adapter} is exported into a bundle, not fitted per task; export with --adapter {adapter}, "
+                f"or choose a per-task adapter ({', '.join(k.name for k in ADAPTERS.values() if k.finetuner)})"
+            )
+        self.head, self.transform, self.head_opts = head, transform, dict(head_opts or {})
+        self.backend, self.options = backend, options or EngineOptions()
+        self.steps, self.fit_opts, self.batch = steps, dict(fit_opts or {}), batch
+        if self.kind.finetuner and self.options.precision != "fp32":
+            raise InvalidInput(f"tasks with folded weights ({self.kind.name}) run their own fp32 graph; drop --precision {self.options.precision}")
+        self._path: FeaturePath | None = None
+
+    def support_path(self) -> FeaturePath:
+        """The bundle's feature path, opened once and shared by every task of this adapter."""
+        if self._path is None:
+            self._path = feature_path(self.bundle, self.backend, self.options)
+        return self._path
+
+    def adapt(self, support: np.ndarray | Iterable[np.ndarray], labels: np.ndarray, classes: Sequence[str], *,
+              seed: int = 0, info: dict[str, Any] | None = None) -> Adapted:
+        """Fit one task on preprocessed support images `(N, 3, H, W)` (an array, or batches of one).
+
+        Raises:
+            InvalidInput: bad images or labels; ValidationFailed: a fold that disagrees with its network.
+        """
+        m = self.bundle.manifest
+        meta = {"support": int(len(labels)), "seed": seed, "precision": self.options.precision, "fsdeploy": __version__,
+                **(info or {})}
+        if self.kind.finetuner:
+            from fsdeploy.adapters.folded import fit_folded
+
+            images = support if isinstance(support, np.ndarray) else np.concatenate(list(support))
+            t0 = time.perf_counter()
+            folded = fit_folded(self.kind, self.bundle, images, np.asarray(labels), steps=self.steps, backend=self.backend,
+                                fit_opts=self.fit_opts)
+            total = (time.perf_counter() - t0) * 1e3
+            head_name = "lt-ncc" if folded.head.head.name == "lt-ncc" else f"{folded.head.head.name}-cosine"
+            task = TaskArtefact(m.bundle_id, m.model, m.adapter, tuple(classes), folded.head.state(), folded.task_state,
+                                {"head": head_name, **meta, **folded.info})
+            return Adapted(task, folded.feats, total - folded.fit_ms, folded.fit_ms)
+        t0 = time.perf_counter()
+        feats, state = self.support_path().support(_batches(support, self.batch))
+        t1 = time.perf_counter()
+        model = TaskModel.create(self.head, self.transform, **self.head_opts)
+        model.fit(feats, labels, rng=np.random.default_rng(seed))
+        t2 = time.perf_counter()
+        task = TaskArtefact(m.bundle_id, m.model, m.adapter, tuple(classes), model.state(), state,
+                            {"head": self.head, "transform": self.transform, **meta})
+        return Adapted(task, feats, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    def query_path(self, task: TaskArtefact) -> FeaturePath:
+        """The feature path queries of `task` run through (the caller closes it unless it is the shared one)."""
+        task.check_bundle(self.bundle)
+        if "graph" in task.task_state:
+            return feature_path(self.bundle, self.backend, self.options, task_state=task.task_state)
+        return self.support_path()
+
+    def features(self, task: TaskArtefact, images: np.ndarray) -> NDArray[np.float32]:
+        """Query features `(M, D)` of preprocessed images under the task's state."""
+        path = self.query_path(task)
+        try:
+            return np.concatenate([path.query(b, task.task_state) for b in _batches(images, self.batch)])
+        finally:
+            if path is not self._path:
+                path.close()
+
+    def predict_proba(self, task: TaskArtefact, images: np.ndarray) -> NDArray[np.float32]:
+        """Class probabilities `(M, K)` of preprocessed images."""
+        return TaskModel.from_state(task.model_state).predict_proba(self.features(task, images))
+
+    def close(self) -> None:
+        if self._path is not None:
+            self._path.close()
+            self._path = None
+
+    def __enter__(self) -> TaskAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def adapt_task(
+    bundle: Bundle,
+    support: str | Path,
+    out: str | Path | None,
+    *,
+    adapter: str | None = None,
+    head: str = "linear",
+    head_opts: dict[str, Any] | None = None,
+    transform: str = "none",
+    backend: str = "ort",
+    options: EngineOptions | None = None,
+    batch: int = 32,
+    seed: int = 0,
+    steps: int = 40,
+    fit_opts: dict[str, Any] | None = None,
+) -> tuple[TaskArtefact, AdaptTimings]:
+    """Adapt to the task in the ImageFolder `support` and write the artefact to `out` (if given).
+
+    Exported kinds stream the support images in batches of `batch` (decoded on `options.threads` threads);
+    fine-tuners load the set once (their PyTorch fit needs every image at each step).
+
+    Raises:
+        InvalidInput: missing/empty support folder, a class without images, one class, unreadable files.
+    """
+    t0 = time.perf_counter()
+    files = scan_image_folder(support)
+    options = options or EngineOptions()
+    workers = options.threads or os.cpu_count() or 1
+    with TaskAdapter(bundle, adapter=adapter, head=head, transform=transform, head_opts=head_opts, backend=backend,
+                     options=options, steps=steps, fit_opts=fit_opts, batch=batch) as adapter_:
+        pre = bundle.manifest.preprocess
+        if adapter_.kind.finetuner:
+            images: np.ndarray | Iterable[np.ndarray] = load_checked(files.paths, pre, workers=workers)
+        else:
+            images = iter_batches(files.paths, pre, batch, workers=workers)
+        t1 = time.perf_counter()
+        adapted = adapter_.adapt(images, files.labels, files.classes, seed=seed)
+    t3 = time.perf_counter()
+    if out is not None:
+        adapted.task.save(out)
+    t4 = time.perf_counter()
+    load_ms = (t1 - t0) * 1e3
+    features_ms = (t3 - t1) * 1e3 - adapted.fit_ms  # streamed decoding is inside the pass for exported kinds
+    return adapted.task, AdaptTimings(load_ms, features_ms, adapted.fit_ms, (t4 - t3) * 1e3)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k classes of one image."""
+
+    image: str
+    labels: tuple[str, ...]
+    probs: tuple[float, ...]
+
+
+def predict_images(
+    bundle: Bundle,
+    task: TaskArtefact,
+    images: Sequence[str | Path],
+    *,
+    topk: int = 1,
+    backend: str = "ort",
+    options: EngineOptions | None = None,
+    batch: int = 32,
+) -> list[Prediction]:
+    """Classify image files (or folders of them) with a stored task."""
+    task.check_bundle(bundle)
+    paths = list_images(list(images))
+    model = TaskModel.from_state(task.model_state)
+    options = options or EngineOptions()
+    workers = options.threads or os.cpu_count() or 1
+    path = feature_path(bundle, backend, options, task_state=task.task_state)
+    out: list[Prediction] = []
+    k = max(1, min(topk, len(task.classes)))
+    try:
+        for i in range(0, len(paths), batch):
+            chunk = paths[i : i + batch]
+            probs = model.predict_proba(path.query(load_checked(chunk, bundle.manifest.preprocess, workers=workers), task.task_state))
+            order = np.argsort(-probs, axis=1)[:, :k]
+            for p, row, idx in zip(chunk, probs, order):
+                out.append(Prediction(str(p), tuple(task.classes[j] for j in idx), tuple(float(row[j]) for j in idx)))
+    finally:
+        path.close()
+    return out

@@ -1,0 +1,76 @@
+"""The task artefact: what a device keeps per task (.npz, no pickles), tied to its bundle by the bundle id."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fsdeploy.atomic import save_npz
+from fsdeploy.bundle import Bundle
+from fsdeploy.errors import BundleError, InvalidInput
+
+TASK_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class TaskArtefact:
+    """What a device keeps per task: class names, the fitted head (+ transform), and task state (γ)."""
+
+    bundle_id: str
+    model: str
+    adapter: str
+    classes: tuple[str, ...]
+    model_state: dict[str, np.ndarray]
+    task_state: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically as .npz (no pickles: strings and JSON only)."""
+        arrays: dict[str, object] = {
+            "schema": TASK_SCHEMA,
+            "bundle_id": self.bundle_id,
+            "model": self.model,
+            "adapter": self.adapter,
+            "classes": np.asarray(self.classes, dtype=str),
+            "info": json.dumps(self.info, sort_keys=True),
+        }
+        arrays.update({f"head/{k}": v for k, v in self.model_state.items()})
+        arrays.update({f"task/{k}": v for k, v in self.task_state.items()})
+        return save_npz(path, arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TaskArtefact:
+        """Read a task artefact; a file that is not one gives a clear error."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                d = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise InvalidInput(f"task artefact {path} does not exist; create it with `fsdeploy adapt`") from None
+        except Exception as exc:
+            raise BundleError(f"{path} is not a readable task artefact ({type(exc).__name__}); re-run `fsdeploy adapt`") from None
+        if "schema" not in d or int(d["schema"]) != TASK_SCHEMA:
+            raise BundleError(f"{path} is not an fsdeploy task artefact of schema {TASK_SCHEMA}; re-run `fsdeploy adapt`")
+        return cls(
+            bundle_id=str(d["bundle_id"]),
+            model=str(d["model"]),
+            adapter=str(d["adapter"]),
+            classes=tuple(str(c) for c in d["classes"]),
+            model_state={k[5:]: v for k, v in d.items() if k.startswith("head/")},
+            task_state={k[5:]: v for k, v in d.items() if k.startswith("task/")},
+            info=json.loads(str(d["info"])),
+        )
+
+    def check_bundle(self, bundle: Bundle, path: str | Path = "task") -> None:
+        """Refuse a task fitted on a different bundle."""
+        if self.bundle_id != bundle.manifest.bundle_id:
+            raise BundleError(
+                f"task {path} was fitted on a {self.model} ({self.adapter}) bundle with id {self.bundle_id[:12]}, "
+                f"but {bundle.path} holds {bundle.manifest.model} ({bundle.manifest.adapter}) id "
+                f"{bundle.manifest.bundle_id[:12]}; re-run `fsdeploy adapt` with this bundle"
+            )
+
+
