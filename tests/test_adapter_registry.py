@@ -169,3 +169,18 @@ def test_fine_tuners_refuse_other_bundles(bundles) -> None:
     with pytest.raises(InvalidInput, match="exported into a bundle"):
         TaskAdapter(bundles("resnet18", "none"), adapter="case")
     assert replace(TOY, families=("resnet",)).check_family("resnet", "x") is None
+
+
+def test_torch_backend_rebuilds_the_module_once_per_bundle(bundles, data: Path, tmp_path: Path, monkeypatch) -> None:
+    """A CaSE adapt on --backend torch opens ~4 graphs (context or stages, gamma, query) from one rebuilt CaseNet."""
+    import fsdeploy.exporters.rebuild as rebuild
+    import fsdeploy.runtime.open as runtime_open
+
+    bundle = bundles("resnet18", "case")
+    calls = []
+    real = rebuild.build_adapted
+    monkeypatch.setattr(rebuild, "build_adapted", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(runtime_open, "_TORCH_CACHE", {})
+    task, _ = adapt_task(bundle, data / "support", None, head="ncc", backend="torch", batch=2)  # chunked: every stage
+    predict_images(bundle, task, [data / "query"], backend="torch")
+    assert len(calls) == 1

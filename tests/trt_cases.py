@@ -20,7 +20,7 @@ from fsdeploy.engines.build import build_bundle
 from fsdeploy.engines.ort import OrtEngine, OrtOptions
 from fsdeploy.engines.trt_backend import load_backend
 from fsdeploy.engines.trt_records import PRECISIONS, BatchProfile, EngineRecord, engine_records
-from fsdeploy.bundle import Bundle, load_bundle
+from fsdeploy.bundle import Bundle, load_bundle, resolve
 from fsdeploy.pipeline.export import export_bundle
 from fsdeploy.adapters import ADAPTERS
 from fsdeploy.exporters.rebuild import torch_graphs
@@ -129,6 +129,8 @@ def check_engines_are_listed_with_their_hashes(built: Built) -> None:
             assert (rec.graph_sha256, rec.backend, rec.backend_version) == (graph_sha, backend.name, backend.version)
             assert bundle.manifest.files[rec.file] == rec.sha256
             assert rec.source_onnx == (info.file if precision == "fp32" else f"{Path(info.file).stem}.fp16.onnx")
+            if precision == "fp16":  # the FP16 transform is recorded as the graph's fp16 variant, like INT8 and plans
+                assert resolve(bundle, g, "fp16").path == bundle.file(rec.source_onnx)
             for name, spec in info.inputs.items():
                 shapes = rec.input_shapes[name]
                 for axis, dim in enumerate(spec.shape):

@@ -113,7 +113,7 @@ def image_macs(bundle: Any) -> int:
     graphs = torch_graphs(bundle)
     x = torch.zeros(1, *bundle.manifest.preprocess.input_size)
     if "query" in graphs:
-        gamma = torch.ones(int(bundle.manifest.extra["gamma_size"]))
+        gamma = torch.ones(bundle.manifest.case_layout().gamma_size)
         return count_macs(graphs["query"].eager, (x, gamma)).total
     return count_macs(graphs["features"].eager, x).total
 

@@ -33,22 +33,10 @@ PRECISION_HELP = (
 
 
 def _validation_table(report: dict) -> Table:
-    table = Table(title="validation: ONNX Runtime vs PyTorch")
-
+    from fsdeploy.commands.tables import compare_table
     from fsdeploy.compare import CompareReport
 
-    parsed = CompareReport.from_dict(report)
-    for col in ("graph", "inputs", "output", "max |diff|", "max |output|", "cosine", "ok"):
-        table.add_column(col)
-    for c in parsed.checks:
-        table.add_row(
-            c.graph, c.inputs, c.name, f"{c.max_abs:.2e}", f"{c.ref_max_abs:.3g}", f"{c.cosine:.6f}",
-            "[green]✓[/green]" if parsed.ok(c) else "[red]✗[/red]",
-        )
-    tols = {t for t in (parsed.tolerance(g) for g in {c.graph for c in parsed.checks})}
-    table.caption = "tolerance " + ("; ".join(sorted(f"{g}: {parsed.tolerance(g).text('max|output|')}" for g in parsed.per_graph))
-                                    if len(tols) > 1 else parsed.default.text("max|output|"))
-    return table
+    return compare_table(CompareReport.from_dict(report), title="validation: ONNX Runtime vs PyTorch", ref="max |output|")
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:

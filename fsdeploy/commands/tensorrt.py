@@ -83,15 +83,9 @@ def register(app: typer.Typer) -> None:
         b = load_bundle(bundle)
         with console.status("comparing") as status:
             report = compare_bundle(b, precision=precision, n=n, graphs=_graph_list(graphs), progress=lambda m: status.update(m))
-        tol = report.default
-        table = Table(title=report.what)
-        for col in ("graph", "output", "max |diff|", "max |ORT|", "cosine", "ok"):
-            table.add_column(col)
-        for c in report.checks:
-            ok = "[green]✓[/green]" if report.ok(c) else "[red]✗[/red]"
-            table.add_row(c.graph, c.name, f"{c.max_abs:.2e}", f"{c.ref_max_abs:.3g}", f"{c.cosine:.6f}", ok)
-        table.caption = f"tolerance: {tol.text('max|ORT|')}"
-        console.print(table)
+        from fsdeploy.commands.tables import compare_table
+
+        console.print(compare_table(report, ref="max |ORT|"))
         if not report.passed:
             w = report.worst()
             raise ValidationFailed(

@@ -298,13 +298,14 @@ def build_bundle(
 
 
 def _fp16_source(bundle: Bundle, graph: str, graph_rel: str, graph_sha: str, say: Progress) -> str:
-    """The graph's FP16 transform, reused when an engine record shows it was made from this graph."""
+    """The graph's FP16 transform (its fp16 ONNX variant), reused when it was made from this graph."""
     rel = f"{Path(graph_rel).stem}.fp16.onnx"
     path = bundle.file(rel)
     listed = bundle.manifest.files.get(rel)
-    derived = any(
+    derived = any(v.graph_sha256 == graph_sha and v.sha256 == listed
+                  for v in bundle.manifest.find_variants(graph, kind="onnx", precision="fp16") if v.file == rel) or any(
         r.source_onnx == rel and r.graph_sha256 == graph_sha and r.source_sha256 == listed
-        for r in engine_records(bundle.manifest).values()
+        for r in engine_records(bundle.manifest).values()  # bundles built before the FP16 graph was a variant
     )
     if derived and path.is_file() and sha256_file(path) == listed:
         return rel
@@ -318,7 +319,13 @@ def _record_engine(bundle: Bundle, record: EngineRecord) -> Bundle:
     def older(v: Variant) -> bool:
         return v.kind == VARIANT_KIND and v.graph == record.graph and v.graph_sha256 != record.graph_sha256
 
-    b, dropped = record_variant(bundle, as_variant(record), supersedes=older, extra_files={record.source_onnx: record.source_sha256})
+    graph_file = bundle.manifest.graphs[record.graph].file
+    if record.source_onnx != graph_file:  # the FP16 transform it was built from: a variant of the graph too
+        fp16 = Variant(record.source_onnx, record.graph, "onnx", record.precision, record.graph_sha256, record.source_sha256,
+                       {"transform": "onnxconverter-common float16, statistics kept fp32"})
+        bundle, _ = record_variant(bundle, fp16)
+    b, dropped = record_variant(bundle, as_variant(record), supersedes=older)
     for rel in dropped:
-        bundle.file(rel).unlink(missing_ok=True)
+        if rel not in b.manifest.files:
+            bundle.file(rel).unlink(missing_ok=True)
     return b

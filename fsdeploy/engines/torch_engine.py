@@ -25,6 +25,7 @@ class TorchEngine(Engine):
         *,
         device: str | None = None,
         threads: int | None = None,
+        outputs: dict[str, TensorSpec] | None = None,
     ) -> None:
         torch = require("torch")
         if threads:
@@ -33,13 +34,14 @@ class TorchEngine(Engine):
         self.module = module.to(self.device).eval()
         self._inputs = dict(inputs)
         self._output_names = tuple(output_names)
+        self._outputs = dict(outputs or {})  # the exported graph's output signature, when the source knows it
         self.name = f"torch[{self.device}]:{type(module).__name__}"
 
     def input_specs(self) -> dict[str, TensorSpec]:
         return dict(self._inputs)
 
     def output_specs(self) -> dict[str, TensorSpec]:
-        return {n: TensorSpec(UNKNOWN_SHAPE) for n in self._output_names}
+        return {n: self._outputs.get(n, TensorSpec(UNKNOWN_SHAPE)) for n in self._output_names}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = require("torch")
@@ -60,4 +62,5 @@ def _open_torch(source: GraphSource, options: EngineOptions) -> Engine:
         module = module()  # a lazy loader (the runtime caches the rebuilt module per bundle)
     inputs = {name: source.inputs[name] for name in source.torch.input_order} if source.inputs else {
         name: TensorSpec(UNKNOWN_SHAPE) for name in source.torch.input_order}
-    return TorchEngine(module, inputs, source.torch.outputs, device=options.device, threads=options.threads)
+    return TorchEngine(module, inputs, source.torch.outputs, device=options.device, threads=options.threads,
+                       outputs=source.outputs or None)

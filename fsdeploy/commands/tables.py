@@ -1,0 +1,24 @@
+"""The one table renderer of a comparison (`fsdeploy.compare.CompareReport`): export validation, TensorRT
+compare, and any other "do two runs agree" report print the same columns."""
+from __future__ import annotations
+
+from rich.table import Table
+
+from fsdeploy.compare import CompareReport
+
+
+def compare_table(report: CompareReport, *, title: str = "", ref: str = "max |ref|") -> Table:
+    """One row per output check: graph, inputs, output, max |diff|, the reference's scale, cosine, ✓/✗."""
+    table = Table(title=title or report.what or "comparison")
+    for col in ("graph", "inputs", "output", "max |diff|", ref, "cosine", "ok"):
+        table.add_column(col)
+    for c in report.checks:
+        table.add_row(c.graph, c.inputs, c.name, f"{c.max_abs:.2e}", f"{c.ref_max_abs:.3g}", f"{c.cosine:.6f}",
+                      "[green]✓[/green]" if report.ok(c) else "[red]✗[/red]")
+    graphs = sorted({c.graph for c in report.checks})
+    tolerances = {report.tolerance(g) for g in graphs}
+    if len(tolerances) > 1:
+        table.caption = "tolerance " + "; ".join(f"{g}: {report.tolerance(g).text(ref)}" for g in graphs)
+    else:
+        table.caption = "tolerance " + (tolerances.pop() if tolerances else report.default).text(ref)
+    return table
