@@ -24,7 +24,7 @@ from fsdeploy.exporters.onnx_export import export_onnx
 from fsdeploy.exporters.rebuild import torch_graphs
 from fsdeploy.exporters.spec import ExportSpec
 from fsdeploy.heads.pipeline import TaskModel
-from fsdeploy.task import AdaptTimings, TaskArtefact
+from fsdeploy.task import AdaptTimings, TaskArtefact, name_bad_images
 
 METHODS = ("tsa", "bn-affine")
 
@@ -83,7 +83,8 @@ def adapt_finetuned(
     diff = float(np.abs(feats - ref).max())
     if diff > atol:
         raise ValidationFailed(f"folded {method} graph differs from the adapter network by {diff:.3g} (> {atol:g}); nothing was written")
-    head.fit(feats, files.labels)
+    with name_bad_images(files.paths, "support"):
+        head.fit(feats, files.labels)
     t3 = time.perf_counter()
     weights = res.task_weights()
     state: dict[str, np.ndarray] = {"graph": np.frombuffer(graph, dtype=np.uint8)}

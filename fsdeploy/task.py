@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fsdeploy.data.images import load_checked
 from fsdeploy.engines import EngineOptions
 from fsdeploy.errors import BundleError, InvalidInput
 from fsdeploy.exporters.bundle import Bundle
+from fsdeploy.heads.base import NonFiniteFeatures
 from fsdeploy.heads.pipeline import TaskModel
 from fsdeploy.runtime import feature_path
 
@@ -92,6 +94,20 @@ class TaskArtefact:
             )
 
 
+@contextmanager
+def name_bad_images(paths: Sequence[str | Path], what: str) -> Iterator[None]:
+    """Turn a head's NonFiniteFeatures (row indices) into one line naming the image files of those rows."""
+    try:
+        yield
+    except NonFiniteFeatures as exc:
+        names = [str(paths[r]) for r in exc.rows[:5] if r < len(paths)]
+        more = f" (+{len(exc.rows) - 5} more)" if len(exc.rows) > 5 else ""
+        raise NonFiniteFeatures(
+            f"{what} images {', '.join(names)}{more} gave NaN or inf features; check those files, or re-export "
+            "the bundle / try --precision fp32 if every image does", exc.rows,
+        ) from None
+
+
 @dataclass(frozen=True)
 class AdaptTimings:
     """Wall time of each part of adapting one task, in milliseconds."""
@@ -140,7 +156,8 @@ def adapt_task(
         path.close()
     t2 = time.perf_counter()
     model = TaskModel.create(head, transform, **(head_opts or {}))
-    model.fit(feats, files.labels, rng=np.random.default_rng(seed))
+    with name_bad_images(files.paths, "support"):
+        model.fit(feats, files.labels, rng=np.random.default_rng(seed))
     t3 = time.perf_counter()
     task = TaskArtefact(
         bundle_id=bundle.manifest.bundle_id,
@@ -190,7 +207,9 @@ def predict_images(
     try:
         for i in range(0, len(paths), batch):
             chunk = paths[i : i + batch]
-            probs = model.predict_proba(path.query(load_checked(chunk, bundle.manifest.preprocess, workers=workers), task.task_state))
+            feats = path.query(load_checked(chunk, bundle.manifest.preprocess, workers=workers), task.task_state)
+            with name_bad_images(chunk, "query"):
+                probs = model.predict_proba(feats)
             order = np.argsort(-probs, axis=1)[:, :k]
             for p, row, idx in zip(chunk, probs, order):
                 out.append(Prediction(str(p), tuple(task.classes[j] for j in idx), tuple(float(row[j]) for j in idx)))

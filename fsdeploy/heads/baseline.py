@@ -39,8 +39,12 @@ def draw_epochs(rng: np.random.Generator, n_support: int, epochs: int) -> I64:
 
 
 def normalise_features(feats: np.ndarray) -> np.ndarray:
-    """x / (|x| + 1e-5) row-wise (N*D MACs)."""
-    return feats / (np.sqrt(ops.rowdot(feats, feats)) + FEATURE_EPS)[:, None]
+    """x / (|x| + 1e-5) row-wise (N*D MACs), computed as y / (|y| + 1e-5 / m) with y = x / m, m = max |x|,
+    so the squared norm cannot overflow."""
+    peak = np.max(np.abs(feats), axis=1) if feats.size else np.ones(feats.shape[0], dtype=feats.dtype)
+    peak = np.where(peak > 0, peak, 1).astype(feats.dtype)
+    y = feats / peak[:, None]
+    return y / (np.sqrt(ops.rowdot(y, y)) + FEATURE_EPS / peak)[:, None]
 
 
 def cosine_ce_grad(
@@ -125,14 +129,14 @@ class BaselineHead(_SGDRecipe, AffineHead):
         weight, bias = uniform_init(rng, k, d)
         order = draw_epochs(rng, n, self.epochs)
         xa, y1h = augment(feats), one_hot(labels, k)
-        theta = np.concatenate([weight, bias[:, None]], axis=1)
+        theta = np.concatenate([weight, bias[:, None]], axis=1).astype(xa.dtype)  # float64 beyond LARGE
         lam = np.full(d + 1, self.rollback, dtype=np.float32)
         lam[-1] = self.rollback_bias
         params, grad = {"theta": theta}, np.empty_like(theta)
         opt = self._optimiser(params, {"theta": lam})
         for rows in self._batches(order):
-            w = np.full((rows.shape[0], 1), 1.0 / rows.shape[0], dtype=np.float32)
-            logits = np.empty((rows.shape[0], k), dtype=np.float32)
+            w = np.full((rows.shape[0], 1), 1.0 / rows.shape[0], dtype=xa.dtype)
+            logits = np.empty((rows.shape[0], k), dtype=xa.dtype)
             linear_ce_grad_into(theta, xa[rows], w, w * y1h[rows], logits, grad)
             opt.step(params, {"theta": grad}, self.lr)
         self._set_theta(theta)

@@ -27,11 +27,19 @@ def check_positive(what: str, value: float) -> float:
 
 
 def check_query(feats: np.ndarray, dim: int, who: str) -> np.ndarray:
-    """Query features as float32 (M, dim); raise InvalidInput on another shape."""
+    """Query features as float32 (M, dim), or float64 beyond `LARGE` (no overflow in the head's products).
+
+    Raises:
+        InvalidInput: another shape.
+        NonFiniteFeatures: NaN or inf in some rows (the message names them).
+    """
+    from fsdeploy.heads.base import check_finite, working_precision
+
     feats = np.asarray(feats, dtype=np.float32)
     if feats.ndim != 2 or feats.shape[1] != dim:
         raise InvalidInput(f"{who} was fitted on features of size {dim}; got query features of shape {feats.shape}")
-    return feats
+    check_finite(feats, "query feature")
+    return working_precision(feats)
 
 
 class StateMixin:

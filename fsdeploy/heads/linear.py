@@ -172,7 +172,7 @@ class LinearHead(AffineHead):
         rng = rng if rng is not None else np.random.default_rng(self.seed)
         batches = draw_batches(rng, feats.shape[0], self.iters, self.batch)
         xa = augment(feats)
-        theta = np.zeros((k, xa.shape[1]), dtype=np.float32)
+        theta = np.zeros((k, xa.shape[1]), dtype=xa.dtype)  # float64 only for features beyond LARGE
         opt: Optimiser = Adam(weight_decay=self.weight_decay)
         if self.optimizer == "olor":
             lam = np.full(xa.shape[1], self.rollback, dtype=np.float32)

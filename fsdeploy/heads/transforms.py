@@ -23,7 +23,7 @@ import numpy as np
 
 from fsdeploy.errors import InvalidInput, RegistryError, UnknownName
 from fsdeploy.heads import ops
-from fsdeploy.heads.base import F32, l2_normalise
+from fsdeploy.heads.base import F32, check_finite, l2_normalise
 from fsdeploy.heads.common import StateMixin, check_positive
 
 
@@ -89,6 +89,7 @@ def _as_features(feats: np.ndarray) -> F32:
     feats = np.asarray(feats, dtype=np.float32)
     if feats.ndim != 2:
         raise InvalidInput(f"expected features (N, D), got shape {feats.shape}")
+    check_finite(feats, "feature")  # before any map that could turn inf into a finite number
     return feats
 
 
