@@ -93,7 +93,7 @@ def main() -> None:
             acc += evaluate(plain, data, accuracy_methods(DEFAULT_HEADS["none"], "none"), label=model, **common)
             acc += evaluate(case, data, accuracy_methods(DEFAULT_HEADS["case"], "case"), label=f"{model}+CaSE", **common)
             if args.finetune_episodes:
-                methods = ["bn-affine"] + (["tsa"] if plain.manifest.family == "resnet" else [])
+                methods = ["bn-affine", "bn-affine-olor"] + (["tsa", "tsa-seen"] if plain.manifest.family == "resnet" else [])
                 with torch_threads(args.threads or 1):  # see fsdeploy.bench.perf_measures on threads
                     acc += [finetune_accuracy(plain, data, m, label=model, name=method_label(m, "none"), ways=args.ways,
                                               shots=k, queries=args.queries, episodes=args.finetune_episodes, seed=k)

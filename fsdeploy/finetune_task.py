@@ -38,20 +38,32 @@ def _export_bytes(model: Any, example: Any, opset: int) -> bytes:
 
 
 def adapt_finetuned(
-    bundle: Bundle, support: str | Path, out: str | Path | None, *, method: str = "tsa", steps: int = 40, atol: float = 1e-4
+    bundle: Bundle, support: str | Path, out: str | Path | None, *, method: str = "tsa", steps: int = 40, atol: float = 1e-4,
+    domain: str = "unseen", optimizer: str = "adadelta",
 ) -> tuple[TaskArtefact, AdaptTimings]:
     """Fit TSA (α + β) or BN-affine on `support`, fold, re-export, and write the task artefact.
 
+    Args:
+        domain: TSA only: 'unseen' (α 0.5, β 1.0) or 'seen' (α 0.05, β 0.1), upstream's two rate pairs.
+        optimizer: BN-affine only: 'adadelta' or 'olor' (OLOR as published, see `fsdeploy.train.olor`).
+
     Raises:
-        InvalidInput: the bundle is not a plain ResNet-family bundle, or the support folder is bad.
+        InvalidInput: the bundle is not a plain ResNet-family bundle, the support folder is bad, an
+            unknown domain / optimizer, or one given to the adapter that does not use it.
         ValidationFailed: the folded ONNX graph disagrees with the adapter network.
     """
     torch = require("torch")
-    from fsdeploy.train.tsa import bn_affine_adapt_macs, fit_bn_affine, fit_tsa, tsa_adapt_macs
+    from fsdeploy.train.tsa import TSA_LEARNING_RATES, bn_affine_adapt_macs, fit_bn_affine, fit_tsa, tsa_adapt_macs
 
     m = bundle.manifest
     if method not in METHODS:
         raise InvalidInput(f"unknown fine-tuning adapter {method!r}; choose one of {', '.join(METHODS)}")
+    if domain not in TSA_LEARNING_RATES:
+        raise InvalidInput(f"unknown --domain {domain!r}; choose one of {', '.join(TSA_LEARNING_RATES)}")
+    if method == "tsa" and optimizer != "adadelta":
+        raise InvalidInput(f"--optimizer {optimizer} is for --adapter bn-affine; TSA uses Adadelta (set --domain instead)")
+    if method == "bn-affine" and domain != "unseen":
+        raise InvalidInput("--domain picks TSA's learning rates; drop it for --adapter bn-affine")
     if m.adapter != "none":
         raise InvalidInput(f"--adapter {method} needs a plain bundle (adapter none); {bundle.path} has adapter {m.adapter}")
     if method == "tsa" and m.family != "resnet":
@@ -62,11 +74,12 @@ def adapt_finetuned(
     t1 = time.perf_counter()
     backbone = torch_graphs(bundle)["features"].module
     if method == "tsa":
-        res = fit_tsa(backbone, images, files.labels, steps=steps)
+        lr_alpha, lr_beta = TSA_LEARNING_RATES[domain]
+        res = fit_tsa(backbone, images, files.labels, steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta)
         head = TaskModel.create("lt-ncc", "none", steps=0, init=res.beta)
         macs = tsa_adapt_macs(backbone, m.preprocess.input_size[-1], len(files), steps=steps)
     else:
-        res = fit_bn_affine(backbone, images, files.labels, steps=steps)
+        res = fit_bn_affine(backbone, images, files.labels, steps=steps, optimizer=optimizer)
         head = TaskModel.create("ncc", "none", distance="cosine", scale=10.0)
         macs = bn_affine_adapt_macs(backbone, m.preprocess.input_size[-1], len(files), steps=steps)
     folded = copy.deepcopy(backbone)
@@ -93,6 +106,10 @@ def adapt_finetuned(
         "adapt_macs": int(macs), "fold_max_abs": diff, "task_weight_bytes": int(weights.nbytes), "fsdeploy": __version__,
         "losses": [float(v) for v in res.losses[:: max(1, len(res.losses) // 8)]],
     }
+    if method == "tsa":
+        info.update(domain=domain, lr_alpha=res.lr_alpha, lr_beta=res.lr_beta)
+    else:
+        info.update(optimizer=optimizer, lr=res.lr)
     task = TaskArtefact(m.bundle_id, m.model, m.adapter, files.classes, head.state(), state, info)
     if out is not None:
         task.save(out)

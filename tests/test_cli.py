@@ -43,7 +43,7 @@ def workspace(tmp_path_factory):
 
 ROUND_TRIPS = [
     ("linear", ()), ("ncc", ()), ("ncc", ("--transform", "cl2n")), ("linear-newton", ()), ("baseline", ()),
-    ("baseline++", ()), ("lt-ncc", ("--transform", "l2")), ("linear", ("--head-opt", "optimizer=olor", "--head-opt", "iters=50")),
+    ("baseline++", ()), ("lt-ncc", ("--transform", "l2")), ("linear", ("--head-opt", "optimizer=rollback", "--head-opt", "iters=50")),
 ]
 
 

@@ -26,24 +26,32 @@ from fsdeploy.errors import UnknownName
 from fsdeploy.exporters.bundle import Bundle
 
 
-def _fit_tsa(backbone: Any, images: np.ndarray, labels: np.ndarray, steps: int) -> tuple[Any, Any]:
+def _fit_tsa(backbone: Any, images: np.ndarray, labels: np.ndarray, steps: int, domain: str = "unseen") -> tuple[Any, Any]:
     from fsdeploy.heads.pipeline import TaskModel
-    from fsdeploy.train.tsa import fit_tsa
+    from fsdeploy.train.tsa import TSA_LEARNING_RATES, fit_tsa
 
-    res = fit_tsa(backbone, images, labels, steps=steps, device="cpu")
+    lr_alpha, lr_beta = TSA_LEARNING_RATES[domain]
+    res = fit_tsa(backbone, images, labels, steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta, device="cpu")
     return res.model, TaskModel.create("lt-ncc", "none", steps=0, init=res.beta)
 
 
-def _fit_bn_affine(backbone: Any, images: np.ndarray, labels: np.ndarray, steps: int) -> tuple[Any, Any]:
+def _fit_bn_affine(
+    backbone: Any, images: np.ndarray, labels: np.ndarray, steps: int, optimizer: str = "adadelta"
+) -> tuple[Any, Any]:
     from fsdeploy.heads.pipeline import TaskModel
     from fsdeploy.train.tsa import fit_bn_affine
 
-    res = fit_bn_affine(backbone, images, labels, steps=steps, device="cpu")
+    res = fit_bn_affine(backbone, images, labels, steps=steps, optimizer=optimizer, device="cpu")
     return res.model, TaskModel.create("ncc", "none", distance="cosine", scale=10.0)
 
 
 # method key (as in fsdeploy.bench.costs) -> fit(backbone, images, labels, steps) -> (adapted model, head)
-FITTERS: dict[str, Callable[..., tuple[Any, Any]]] = {"tsa": _fit_tsa, "bn-affine": _fit_bn_affine}
+FITTERS: dict[str, Callable[..., tuple[Any, Any]]] = {
+    "tsa": _fit_tsa,
+    "tsa-seen": lambda *a: _fit_tsa(*a, domain="seen"),
+    "bn-affine": _fit_bn_affine,
+    "bn-affine-olor": lambda *a: _fit_bn_affine(*a, optimizer="olor"),
+}
 
 
 def finetune_accuracy(
@@ -61,7 +69,7 @@ def finetune_accuracy(
     steps: int = 40,
     progress: Callable[[int], None] | None = None,
 ) -> AccuracyRow:
-    """Mean accuracy ± 95% CI of fine-tuning `method` ('tsa' or 'bn-affine') over seeded episodes.
+    """Mean accuracy ± 95% CI of fine-tuning `method` (a FITTERS key: tsa, tsa-seen, bn-affine, bn-affine-olor).
 
     Args:
         label: the row's `bundle` text; name: its `method` text (default the key, e.g. a cost-table label).

@@ -43,7 +43,7 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise InvalidInput(f"--head-opt {pair!r} is not KEY=VALUE; e.g. --head-opt optimizer=olor")
+            raise InvalidInput(f"--head-opt {pair!r} is not KEY=VALUE; e.g. --head-opt optimizer=rollback")
         value: object = raw
         for cast in (int, float):
             try:
@@ -135,15 +135,19 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Fine-tune per task through the backbone, then fold: tsa (ResNet residual adapters + β) or bn-affine."),
         ] = None,
         steps: Annotated[int, typer.Option(help="Optimiser steps for --adapter tsa / bn-affine (TSA recipe: 40).")] = 40,
+        domain: Annotated[str, typer.Option(help="--adapter tsa learning rates (URL/TSA): unseen = α 0.5, β 1.0 (images unlike the backbone's training data); seen = α 0.05, β 0.1.")] = "unseen",
+        optimizer: Annotated[str, typer.Option(help="--adapter bn-affine optimiser: adadelta (lr 0.5) or olor (OLOR: Adam lr 1e-3, rollback towards the pretrained BN weights, 0.01 on the first layer decaying linearly to 0).")] = "adadelta",
         head_opt: Annotated[
             Optional[list[str]],
-            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=olor --head-opt distance=cosine."),
+            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback --head-opt distance=cosine."),
         ] = None,
     ) -> None:
         """Fit a per-task head on the engine features of a support set and write a task artefact.
 
         Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the
         adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph is stored in the task.
+        TSA on images like the backbone's training data: --adapter tsa --domain seen. OLOR fine-tuning of the
+        BatchNorm affine weights: --adapter bn-affine --optimizer olor.
         """
         from fsdeploy.engines import EngineOptions
         from fsdeploy.exporters.bundle import load_bundle
@@ -157,7 +161,7 @@ def register(app: typer.Typer) -> None:
 
                 if precision != "fp32":
                     raise InvalidInput(f"--adapter {adapter} runs its own folded fp32 graph; drop --precision {precision}")
-                task, t = adapt_finetuned(b, support, out, method=adapter, steps=steps)
+                task, t = adapt_finetuned(b, support, out, method=adapter, steps=steps, domain=domain, optimizer=optimizer)
                 console.print(
                     f"{adapter}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
                     f"folded graph max |diff| {task.info['fold_max_abs']:.1e}"
