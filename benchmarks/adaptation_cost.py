@@ -77,7 +77,8 @@ def main() -> None:
         case_weights = pick_weights(model, args.workdir, args.img_size, adapter="case")
         console.print(f"[bold]{model}[/bold] at {args.img_size} px: {weights.description}; CaSE bundle: "
                       f"{case_weights.description}")
-        plain = prepare_bundle(args.workdir, model, img_size=args.img_size, weights=weights, say=console.print)
+        plain = prepare_bundle(args.workdir, model, img_size=args.img_size, weights=weights, say=console.print,
+                               base_data=args.data)  # SimpleShot centres on the base split's mean feature
         case = prepare_bundle(args.workdir, model, adapter="case", img_size=args.img_size, weights=case_weights,
                               say=console.print)
         counts = count_bundle(case)  # the CaSE bundle's backbone is the plain one: every row from one count

@@ -143,6 +143,7 @@ def adapt_task(
 
     Raises:
         InvalidInput: missing/empty support folder, a class without images, one class, unreadable files.
+        BundleError: `transform='cl2n'` on a bundle without a base-class mean (export with --base-data).
     """
     t0 = time.perf_counter()
     files = scan_image_folder(support)
@@ -155,7 +156,9 @@ def adapt_task(
     finally:
         path.close()
     t2 = time.perf_counter()
-    model = TaskModel.create(head, transform, **(head_opts or {}))
+    from fsdeploy.base_mean import transform_options
+
+    model = TaskModel.create(head, transform, transform_opts=transform_options(bundle, transform), **(head_opts or {}))
     with name_bad_images(files.paths, "support"):
         model.fit(feats, files.labels, rng=np.random.default_rng(seed))
     t3 = time.perf_counter()

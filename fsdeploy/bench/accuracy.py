@@ -97,7 +97,13 @@ def evaluate(
     Args:
         variable: Meta-Dataset-style variable ways/shots instead of fixed `ways`/`shots`.
         progress: called with 1 after each episode.
+
+    Raises:
+        BundleError: a `cl2n` (SimpleShot) method on a bundle without a base-class mean.
     """
+    from fsdeploy.base_mean import transform_options
+
+    transform_opts = {m.label: transform_options(bundle, m.transform) for m in methods}  # cl2n: the base mean
     rng = np.random.default_rng(seed)
     images = _ImageCache(data, bundle)
     path = feature_path(bundle, backend, options)
@@ -124,7 +130,7 @@ def evaluate(
             query_ms.append((t2 - t1) * 1e3 / len(qry))
             head_rng_seed = int(rng.integers(0, 2**31 - 1))
             for m in methods:
-                model = TaskModel.create(m.head, m.transform, **m.opts)
+                model = TaskModel.create(m.head, m.transform, transform_opts=transform_opts[m.label], **m.opts)
                 s = time.perf_counter()
                 model.fit(feats, ep.support_labels, rng=np.random.default_rng(head_rng_seed))
                 e = time.perf_counter()

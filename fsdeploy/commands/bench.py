@@ -143,7 +143,11 @@ def accuracy(
     from fsdeploy.exporters.bundle import load_bundle
 
     b = load_bundle(bundle)
-    methods = accuracy_methods(parse_keys(heads, b.manifest.adapter), b.manifest.adapter)
+    keys = parse_keys(heads, b.manifest.adapter)
+    if heads is None and "simpleshot" in keys and "base_mean" not in b.manifest.extra:
+        keys = tuple(k for k in keys if k != "simpleshot")
+        console.print(f"[yellow]simpleshot skipped: {bundle} has no base-class mean (export with --base-data DIR)[/yellow]")
+    methods = accuracy_methods(keys, b.manifest.adapter)
     files = scan_image_folder(data, classes=split_classes(data, split))
     settings = (0,) if variable else _ints(shots, "--shots")
     rows = []

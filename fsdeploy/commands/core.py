@@ -74,19 +74,46 @@ def register(app: typer.Typer) -> None:
         backbone_checkpoint: Annotated[
             Optional[Path], typer.Option(help="--adapter toast: the frozen backbone weights the TOAST checkpoint was tuned on.")
         ] = None,
+        base_data: Annotated[
+            Optional[Path],
+            typer.Option(help="Images of the classes the backbone was trained on (one sub-folder per class): their mean "
+                              "feature is stored for SimpleShot (--transform cl2n). Not for --adapter case."),
+        ] = None,
+        base_split: Annotated[str, typer.Option(help="With BASE_DATA/splits.json (a glyph corpus): the split to average (all: every class).")] = "base",
     ) -> None:
         """Export a timm backbone (+ adapter) to a validated ONNX bundle.
 
         Example: fsdeploy export efficientnet_b0 --checkpoint weights.safetensors --adapter case --out bundle/
+
+        For SimpleShot, add the base-class mean: fsdeploy export efficientnet_b0 --checkpoint fsdeploy/weights/efficientnet_b0_glyphs.safetensors --base-data data/glyphs --out bundle/
+        (the glyph corpus's base split is what the shipped checkpoint was trained on; the bundle id does not change).
         """
         from fsdeploy.exporters.export import export_bundle
 
+        if base_data is not None:  # check the folder (and the adapter) before the export, not after it
+            from fsdeploy.base_mean import STATIC_ADAPTERS
+            from fsdeploy.bench.workspace import split_classes
+            from fsdeploy.data.folders import scan_image_folder
+            from fsdeploy.errors import InvalidInput
+
+            if adapter not in STATIC_ADAPTERS:
+                raise InvalidInput(f"--base-data is for bundles whose features do not depend on the support set ({', '.join(STATIC_ADAPTERS)}); drop it for --adapter {adapter}")
+            scan_image_folder(base_data, classes=split_classes(base_data, base_split))
         with console.status("exporting") as status:
             bundle, report = export_bundle(
                 model, out, adapter=adapter, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
                 opset=opset, validate=validate, calib=calib, progress=lambda m: status.update(m),
                 options={"backbone_checkpoint": str(backbone_checkpoint)} if backbone_checkpoint else None,
             )
+        if base_data is not None:
+            from fsdeploy.base_mean import add_base_mean
+            from fsdeploy.bench.workspace import split_classes
+
+            with console.status("computing the base-class mean feature") as status:
+                bundle = add_base_mean(bundle, base_data, classes=split_classes(base_data, base_split),
+                                       progress=lambda i, n: status.update(f"base-class mean: {i}/{n} images"))
+            rec = bundle.manifest.extra["base_mean"]
+            console.print(f"base-class mean of {rec['images']} images in {rec['classes']} classes -> {rec['file']}")
         if report is not None:
             console.print(_validation_table(report.to_dict()))
         else:
@@ -124,7 +151,7 @@ def register(app: typer.Typer) -> None:
         support: Annotated[Path, typer.Argument(help="Support images: one sub-folder per class.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz).")],
         head: Annotated[str, typer.Option(help=HEAD_HELP)] = "linear",
-        transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n, ci.")] = "none",
+        transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n (SimpleShot: the bundle's base-class mean, see export --base-data), cl2n-support, ci (pair with --head-opt distance=cosine).")] = "none",
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
         batch: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
