@@ -10,6 +10,7 @@ described in `manifest.extra["base_mean"]`. The bundle id hashes graph files onl
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +48,25 @@ def load_base_mean(bundle: Bundle) -> NDArray[np.float32]:
     if mean.shape != (bundle.manifest.feature_dim,):
         raise BundleError(f"{bundle.path / record['file']} holds shape {mean.shape}, not ({bundle.manifest.feature_dim},); re-export the bundle")
     return mean
+
+
+def split_classes(folder: str | Path, split: str) -> list[str] | None:
+    """Class folders listed under `split` in `folder/splits.json`; None (every class) for 'all' or without the file.
+
+    Raises:
+        InvalidInput: the file is not JSON or has no such split.
+    """
+    path = Path(folder) / "splits.json"
+    if split == "all" or not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InvalidInput(f"{path} is not valid JSON ({exc}); fix it, or pass --base-split all") from None
+    if not isinstance(raw.get(split), list):
+        known = sorted(k for k, v in raw.items() if isinstance(v, list))
+        raise InvalidInput(f"{path} has no split {split!r} (it has {', '.join(known) or 'none'}); pass --base-split")
+    return [str(c) for c in raw[split]]
 
 
 def transform_options(bundle: Bundle, transform: str) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def workspace(tmp_path_factory):
 
 
 ROUND_TRIPS = [
-    ("linear", ()), ("ncc", ()), ("ncc", ("--transform", "cl2n")), ("linear-newton", ()), ("baseline", ()),
+    ("linear", ()), ("ncc", ()), ("ncc", ("--transform", "cl2n-support")), ("linear-newton", ()), ("baseline", ()),
     ("baseline++", ()), ("lt-ncc", ("--transform", "l2")), ("linear", ("--head-opt", "optimizer=rollback", "--head-opt", "iters=50")),
 ]
 

@@ -27,15 +27,16 @@ HEAD_CASES: dict[str, list[dict]] = {
                {"iters": 30, "batch": 8}],
     "baseline": [{"epochs": 5}, {"epochs": 5, "optimizer": "rollback"}, {"epochs": 3, "dampening": 0.0}],
     "baseline++": [{"epochs": 5}, {"epochs": 5, "optimizer": "rollback", "rollback_norm": 0.02},
-                   {"epochs": 3, "scale": 10.0}],
+                   {"epochs": 3, "scale": 10.0}, {"epochs": 2, "scale": "auto"}],
     "lt-ncc": [{"steps": 5}, {"steps": 0}, {"steps": 5, "optimizer": "rollback", "lr": 0.1}],
     "linear-newton": [{}, {"standardise": False}, {"steps": 2, "cg_steps": 3, "l2": 1e-2}],
 }
 TRANSFORM_CASES: dict[str, list[dict]] = {
     "none": [{}],
     "l2": [{}],
-    "cl2n": [{}, {"mean": "given"}],
-    "ci": [{}, {"k": 2.0}],
+    "cl2n": [{"mean": "given"}],
+    "cl2n-support": [{}],
+    "ci": [{}, {"k": 2.0}, {"normalise": False}],
 }
 RANDOMISED = {"linear", "baseline", "baseline++"}  # heads whose fit draws from the generator
 

@@ -140,14 +140,14 @@ def test_baseline_plus_plus_matches_torch_weight_norm(opts: dict) -> None:
     v0, _ = uniform_init(rng, k, d, bias=False)
     order = draw_epochs(rng, n, 100)
     ratios = [head.rollback, head.rollback_norm] if head.optimizer == "rollback" else None
-    lin = torch_closer_look(xs, ys, k, order, 4, (v0, None), cosine=True, scale=head.scale, rollback=ratios)
+    lin = torch_closer_look(xs, ys, k, order, 4, (v0, None), cosine=True, scale=float(head.scale_), rollback=ratios)
     weight = lin.weight.detach().numpy()  # g v / |v| after training
     np.testing.assert_allclose(head.weight_, weight, atol=ATOL, rtol=0)
     g = lin.parametrizations.weight.original0.detach().numpy().ravel()
     assert np.abs(g - np.linalg.norm(v0, axis=1)).max() > 1e-3  # the norms were learned
     with torch.no_grad():
         xqt = torch.from_numpy(xq)
-        ref = torch.softmax(head.scale * lin(xqt / (xqt.norm(dim=1, keepdim=True) + 1e-5)), dim=1).numpy()
+        ref = torch.softmax(float(head.scale_) * lin(xqt / (xqt.norm(dim=1, keepdim=True) + 1e-5)), dim=1).numpy()
     np.testing.assert_allclose(head.predict_proba(xq), ref, atol=ATOL)
     np.testing.assert_array_equal(head.predict(xq), ref.argmax(1))
 

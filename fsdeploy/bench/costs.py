@@ -151,7 +151,9 @@ class Method:
 
 DEFAULT_METHODS: tuple[Method, ...] = (
     Method("ncc", "NCC / ProtoNet", "head", "ncc"),
-    Method("simpleshot", "SimpleShot (CL2N + NCC)", "head", "ncc", transform="cl2n"),
+    Method("simpleshot", "SimpleShot (CL2N + NCC)", "head", "ncc", transform="cl2n",
+           note="centred on the bundle's base-class mean"),
+    Method("ci", "Channel importance (ci + cosine NCC)", "head", "ncc", {"distance": "cosine"}, transform="ci"),
     Method("linear", "Linear head (UpperCaSE recipe)", "head", "linear"),
     Method("linear-newton", "Linear head (Newton)", "head", "linear-newton"),
     Method("baseline", "Baseline", "head", "baseline"),

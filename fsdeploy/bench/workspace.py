@@ -111,10 +111,10 @@ def prepare_bundle(
     def with_mean(b: Bundle) -> Bundle:
         if base_data is None or adapter != "none" or b.manifest.extra.get("base_mean", {}).get("source") == str(base_data):
             return b
-        from fsdeploy.base_mean import add_base_mean
+        from fsdeploy.base_mean import add_base_mean, split_classes as base_split
 
         say(f"computing the base-class mean feature of {base_data} for {folder}")
-        return add_base_mean(b, base_data, classes=split_classes(Path(base_data), "base"))
+        return add_base_mean(b, base_data, classes=base_split(base_data, "base"))
 
     folder = Path(workdir) / f"{model}-{adapter}-{img_size}px"
     digest = sha256_file(weights.path) if weights.path else None

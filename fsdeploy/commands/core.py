@@ -91,8 +91,7 @@ def register(app: typer.Typer) -> None:
         from fsdeploy.exporters.export import export_bundle
 
         if base_data is not None:  # check the folder (and the adapter) before the export, not after it
-            from fsdeploy.base_mean import STATIC_ADAPTERS
-            from fsdeploy.bench.workspace import split_classes
+            from fsdeploy.base_mean import STATIC_ADAPTERS, split_classes
             from fsdeploy.data.folders import scan_image_folder
             from fsdeploy.errors import InvalidInput
 
@@ -106,8 +105,7 @@ def register(app: typer.Typer) -> None:
                 options={"backbone_checkpoint": str(backbone_checkpoint)} if backbone_checkpoint else None,
             )
         if base_data is not None:
-            from fsdeploy.base_mean import add_base_mean
-            from fsdeploy.bench.workspace import split_classes
+            from fsdeploy.base_mean import add_base_mean, split_classes
 
             with console.status("computing the base-class mean feature") as status:
                 bundle = add_base_mean(bundle, base_data, classes=split_classes(base_data, base_split),
