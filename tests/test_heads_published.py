@@ -248,3 +248,29 @@ def test_large_finite_features_stay_finite(head: str, transform: str, opts: dict
             np.testing.assert_allclose(probs, small, atol=1e-5)
     state = big.state()
     assert all(np.isfinite(v).all() for v in state.values() if np.issubdtype(np.asarray(v).dtype, np.floating))
+
+
+# ---- 3 and 9 on the CLI: OLOR on BN-affine, TSA's seen/unseen rates
+
+
+@pytest.mark.slow  # two PyTorch fits, folds and re-exports
+def test_adapt_finetuning_options(bundles) -> None:
+    from fsdeploy.task import TaskArtefact
+    from tests.test_cli import invoke
+
+    tmp, _, _ = bundles
+    code, out = invoke("adapt", str(tmp / "plain"), str(tmp / "support"), "--adapter", "tsa", "--domain", "seen",
+                       "--steps", "1", "--out", str(tmp / "tsa.npz"))
+    assert code == 0, out
+    info = TaskArtefact.load(tmp / "tsa.npz").info
+    assert (info["domain"], info["lr_alpha"], info["lr_beta"]) == ("seen", 0.05, 0.1)
+    code, out = invoke("adapt", str(tmp / "plain"), str(tmp / "support"), "--adapter", "bn-affine", "--optimizer", "olor",
+                       "--steps", "1", "--out", str(tmp / "bn.npz"))
+    assert code == 0, out
+    assert TaskArtefact.load(tmp / "bn.npz").info["optimizer"] == "olor"
+    code, out = invoke("adapt", str(tmp / "plain"), str(tmp / "support"), "--adapter", "tsa", "--optimizer", "olor",
+                       "--out", str(tmp / "x.npz"))
+    assert code == 1 and "is for --adapter bn-affine" in out
+    code, out = invoke("adapt", str(tmp / "plain"), str(tmp / "support"), "--adapter", "tsa", "--domain", "near",
+                       "--out", str(tmp / "x.npz"))
+    assert code == 1 and "unknown --domain 'near'" in out and not (tmp / "x.npz").exists()
