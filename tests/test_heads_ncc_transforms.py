@@ -70,7 +70,7 @@ def test_cl2n_transform_with_given_mean_and_support_mean() -> None:
 
 def official_ci(x: float, k: float) -> float:
     """Channel_Importance_FSL `simple_transform`, one value: phi of the positive part minus phi of the negative part."""
-    phi = lambda z: 1.0 / math.log(1.0 / (z + 1e-5) + 1.0) ** k  # noqa: E731
+    phi = lambda z: 1.0 / math.log(1.0 / (z + 1e-5) + 1.0) ** k
     return phi(max(x, 0.0)) - phi(max(-x, 0.0))
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsdeploy.errors import BundleError, InvalidInput
-from fsdeploy.heads import HEADS, TaskModel, make_head, make_transform
+from fsdeploy.errors import InvalidInput
+from fsdeploy.heads import HEADS, TaskModel, make_head
 from fsdeploy.heads.base import NonFiniteFeatures
 from fsdeploy.heads.baseline import draw_epochs, uniform_init
 from fsdeploy.task import name_bad_images
@@ -213,11 +213,11 @@ def test_non_finite_features_are_refused_naming_the_rows(name: str, value: float
 
 def test_task_level_errors_name_the_images(tmp_path: Path) -> None:
     paths = [tmp_path / f"{i}.png" for i in range(4)]
-    with pytest.raises(NonFiniteFeatures, match=r"^support images .*2\.png gave NaN or inf features; check") as err:
-        with name_bad_images(paths, "support"):
-            xs, ys, _ = _task(2, 2)
-            xs[2, 0] = np.nan
-            TaskModel.create("ncc").fit(xs, ys)
+    xs, ys, _ = _task(2, 2)
+    xs[2, 0] = np.nan
+    with pytest.raises(NonFiniteFeatures, match=r"^support images .*2\.png gave NaN or inf features; check") as err, \
+            name_bad_images(paths, "support"):
+        TaskModel.create("ncc").fit(xs, ys)
     assert "\n" not in str(err.value) and "0.png" not in str(err.value)
 
 

@@ -65,8 +65,8 @@ def test_steps_equal_official_adamb(schedule: str) -> None:
     """Backbone = first two Linears (4 tensors, OLOR), head = last Linear (plain Adam); 25 steps, λ_t = η_t b_i."""
     lr0, steps = 1e-2, 25
     ours, ref, ref_eps = _model(), _model(), _model()
-    pre = lambda m: [p for layer in (m[0], m[2]) for p in layer.parameters()]  # noqa: E731
-    head = lambda m: list(m[4].parameters())  # noqa: E731
+    pre = lambda m: [p for layer in (m[0], m[2]) for p in layer.parameters()]
+    head = lambda m: list(m[4].parameters())
     anchors = [p.detach().clone() for p in pre(ours)]
     opt = OLORAdam(pre(ours), head(ours), lr=lr0)
     # exact: the official arithmetic with 1 - i/L as the level; close: with its eps inside the level too

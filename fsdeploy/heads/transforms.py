@@ -201,7 +201,7 @@ class ChannelImportance(Transform):
 
     def apply(self, feats: F32) -> F32:
         x = _as_features(feats).astype(np.float64)  # phi(0) is subtracted from phi(z): keep the digits
-        phi = lambda z: np.power(np.log1p(1.0 / (z + self.eps)), -self.k)  # noqa: E731
+        phi = lambda z: np.power(np.log1p(1.0 / (z + self.eps)), -self.k)
         out = phi(np.maximum(x, 0.0)) - phi(np.maximum(-x, 0.0))
         return (l2_normalise(out) if self.normalise else out).astype(np.float32)
 

@@ -37,13 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsdeploy.backbones import Preprocess, save_checkpoint
+from fsdeploy.backbones import Preprocess, read_checkpoint, save_checkpoint
 from fsdeploy.data.episodes import sample_episode
 from fsdeploy.data.folders import LabelledFiles, scan_image_folder
 from fsdeploy.data.images import load_batch
 from fsdeploy.errors import InvalidInput
 from fsdeploy.exporters.graphs import BuildRequest
-from fsdeploy.backbones import read_checkpoint
 from fsdeploy.modules.case_export import CASE_PREFIX, build_casenet, case_checkpoint_state
 from fsdeploy.modules.casenet import CaseNet
 
