@@ -118,7 +118,7 @@ def accuracy(
     episodes: Annotated[int, typer.Option(help="Episodes per setting (600 for paper-style 95% CIs).")] = 600,
     heads: Annotated[
         Optional[str],
-        typer.Option(help="Comma-separated methods: ncc, simpleshot, linear, linear-newton, baseline, baseline++, lt-ncc "
+        typer.Option(help="Comma-separated methods: ncc, simpleshot, ci, linear, linear-newton, baseline, baseline++, lt-ncc "
                           "(default: ncc,simpleshot,linear,linear-newton; on a CaSE bundle: linear = UpperCaSE)."),
     ] = None,
     variable: Annotated[bool, typer.Option(help="Meta-Dataset-style variable ways and shots instead of --ways/--shots.")] = False,
