@@ -77,7 +77,8 @@ def main() -> None:
         case_weights = pick_weights(model, args.workdir, args.img_size, adapter="case")
         console.print(f"[bold]{model}[/bold] at {args.img_size} px: {weights.description}; CaSE bundle: "
                       f"{case_weights.description}")
-        plain = prepare_bundle(args.workdir, model, img_size=args.img_size, weights=weights, say=console.print)
+        plain = prepare_bundle(args.workdir, model, img_size=args.img_size, weights=weights, say=console.print,
+                               base_data=args.data)  # SimpleShot centres on the base split's mean feature
         case = prepare_bundle(args.workdir, model, adapter="case", img_size=args.img_size, weights=case_weights,
                               say=console.print)
         counts = count_bundle(case)  # the CaSE bundle's backbone is the plain one: every row from one count
@@ -93,7 +94,7 @@ def main() -> None:
             acc += evaluate(plain, data, accuracy_methods(default_heads("none"), "none"), label=model, **common)
             acc += evaluate(case, data, accuracy_methods(default_heads("case"), "case"), label=f"{model}+CaSE", **common)
             if args.finetune_episodes:
-                methods = ["bn-affine"] + (["tsa"] if plain.manifest.family == "resnet" else [])
+                methods = ["bn-affine", "bn-affine-olor"] + (["tsa", "tsa-seen"] if plain.manifest.family == "resnet" else [])
                 with torch_threads(args.threads or 1):  # see fsdeploy.bench.perf_measures on threads
                     acc += [finetune_accuracy(plain, data, m, label=model, name=method_label(m, "none"), ways=args.ways,
                                               shots=k, queries=args.queries, episodes=args.finetune_episodes, seed=k)

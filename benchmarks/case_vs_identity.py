@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--head", default="linear", help="fsdeploy head: linear (UpperCaSE), ncc, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--outer", default="upstream", help="meta-training outer step: upstream or context-gamma")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
@@ -76,6 +77,7 @@ def main() -> None:
         case_ckpt = metatrain(
             args.model, args.data, args.case_out, checkpoint=backbone_ckpt, split=args.train_split, tasks=args.tasks,
             ways=args.ways, shots=5, queries=10, head=HeadRecipe(), seed=args.seed, device="cpu", progress=report,
+            outer=args.outer,
         )
         console.print(f"meta-trained {args.tasks} tasks on {args.train_split} classes in {time.perf_counter() - t0:.0f} s -> {case_ckpt}")
 

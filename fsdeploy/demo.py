@@ -39,12 +39,20 @@ class DemoResult:
     novel_classes: int
 
 
+DEMO_SPLITS = ("novel", "base")  # novel: the episodes; base: SimpleShot's mean feature (the backbone's training classes)
+
+
 def ensure_corpus(folder: Path, say: Callable[[str], None]) -> Path:
-    """Render the novel classes of the glyph corpus once (default settings: the split the shipped backbone was trained with)."""
+    """Render the novel and base classes of the glyph corpus once (default settings: the split the shipped backbone was trained with)."""
     if (folder / "splits.json").is_file():
+        rendered = load_splits(folder).meta.get("rendered_splits") or []
+        if all(s in rendered for s in DEMO_SPLITS):
+            return folder
+        say(f"re-rendering {folder} with the base classes too (SimpleShot's base-class mean needs them)")
+        generate_glyphs(folder, only_splits=DEMO_SPLITS, overwrite=True)
         return folder
-    say(f"rendering the novel classes of the glyph corpus into {folder} (once)")
-    generate_glyphs(folder, only_splits=("novel",))
+    say(f"rendering the novel and base classes of the glyph corpus into {folder} (once)")
+    generate_glyphs(folder, only_splits=DEMO_SPLITS)
     return folder
 
 
@@ -87,6 +95,11 @@ def run_demo(
     case_source = "meta-trained CaSE" if case_ckpt.is_file() else "identity CaSE (no meta-trained CaSE weights shipped)"
     say(f"backbone: {DEFAULT_MODEL}, {'pretrained on glyph base classes' if ckpt else 'random init'}; CaSE: {case_source}")
     plain = _reuse_or_export(workdir / "bundle", "none", ckpt, say)
+    if plain.manifest.extra.get("base_mean", {}).get("source") != str(corpus):
+        from fsdeploy.pipeline.base_mean import add_base_mean
+
+        say(f"computing the base-class mean feature over the {len(splits.base)} base classes (SimpleShot centres on it)")
+        plain = add_base_mean(plain, corpus, classes=list(splits.base), threads=threads)
     case = _reuse_or_export(workdir / "bundle-case", "case", case_ckpt if case_ckpt.is_file() else ckpt, say)
     options = EngineOptions(threads=threads)
     rows: list[AccuracyRow] = []

@@ -10,6 +10,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from fsdeploy.pipeline.base_mean import add_base_mean
 from fsdeploy.bench.accuracy import evaluate
 from fsdeploy.bench.cost_inputs import bundle_costs, count_bundle
 from fsdeploy.bench.costs import TASK_PRESETS, CostRow, TaskShape
@@ -40,8 +41,10 @@ def work(tmp_path_factory):
     """A perf work folder holding the resnet18 stand-in weights and its bundle, where `bench perf` reuses them."""
     root = tmp_path_factory.mktemp("bench_cli")
     ckpt = make_checkpoint("resnet18", root / "resnet18-random-init-32px.safetensors", img_size=32)
-    export_bundle("resnet18", root / "resnet18-none-32px", checkpoint=ckpt, img_size=32, validate=False)
+    bundle, _ = export_bundle("resnet18", root / "resnet18-none-32px", checkpoint=ckpt, img_size=32, validate=False)
     glyph_folder(root / "glyphs", classes="ABCDEF", per_class=10, size=40)
+    glyph_folder(root / "base", classes="UVWXYZ", per_class=2, size=40, seed=5)
+    add_base_mean(bundle, root / "base")  # SimpleShot centres on it
     glyph_folder(root / "support", classes="ABC", per_class=3, size=40, seed=3)
     return root
 

@@ -36,7 +36,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     stats = []
     out = metatrain(
         "resnet18", data, tmp / "case.safetensors", checkpoint=ckpt, split="base", tasks=3, ways=3, shots=2, queries=2,
-        accumulate=2, head=HeadRecipe(iters=20), device="cpu", seed=0, progress=stats.append,
+        accumulate=2, outer="context-gamma", head=HeadRecipe(iters=20), device="cpu", seed=0, progress=stats.append,
     )
     return ckpt, out, stats, data
 

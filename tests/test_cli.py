@@ -42,8 +42,8 @@ def workspace(tmp_path_factory):
 
 
 ROUND_TRIPS = [
-    ("linear", ()), ("ncc", ()), ("ncc", ("--transform", "cl2n")), ("linear-newton", ()), ("baseline", ()),
-    ("baseline++", ()), ("lt-ncc", ("--transform", "l2")), ("linear", ("--head-opt", "optimizer=olor", "--head-opt", "iters=50")),
+    ("linear", ()), ("ncc", ()), ("ncc", ("--transform", "cl2n-support")), ("linear-newton", ()), ("baseline", ()),
+    ("baseline++", ()), ("lt-ncc", ("--transform", "l2")), ("linear", ("--head-opt", "optimizer=rollback", "--head-opt", "iters=50")),
 ]
 
 

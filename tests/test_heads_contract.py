@@ -23,19 +23,20 @@ from fsdeploy.heads.transforms import transform_from_state
 # short recipes keep the suite fast; the published defaults are exercised in the torch reference tests
 HEAD_CASES: dict[str, list[dict]] = {
     "ncc": [{}, {"distance": "cosine"}, {"distance": "cosine", "scale": 3.0}],
-    "linear": [{"iters": 40}, {"iters": 40, "optimizer": "olor", "rollback": 0.05, "rollback_bias": 0.01},
+    "linear": [{"iters": 40}, {"iters": 40, "optimizer": "rollback", "rollback": 0.05, "rollback_bias": 0.01},
                {"iters": 30, "batch": 8}],
-    "baseline": [{"epochs": 5}, {"epochs": 5, "optimizer": "olor"}, {"epochs": 3, "dampening": 0.0}],
-    "baseline++": [{"epochs": 5}, {"epochs": 5, "optimizer": "olor", "rollback_norm": 0.02},
-                   {"epochs": 3, "scale": 10.0}],
-    "lt-ncc": [{"steps": 5}, {"steps": 0}, {"steps": 5, "optimizer": "olor", "lr": 0.1}],
+    "baseline": [{"epochs": 5}, {"epochs": 5, "optimizer": "rollback"}, {"epochs": 3, "dampening": 0.0}],
+    "baseline++": [{"epochs": 5}, {"epochs": 5, "optimizer": "rollback", "rollback_norm": 0.02},
+                   {"epochs": 3, "scale": 10.0}, {"epochs": 2, "scale": "auto"}],
+    "lt-ncc": [{"steps": 5}, {"steps": 0}, {"steps": 5, "optimizer": "rollback", "lr": 0.1}],
     "linear-newton": [{}, {"standardise": False}, {"steps": 2, "cg_steps": 3, "l2": 1e-2}],
 }
 TRANSFORM_CASES: dict[str, list[dict]] = {
     "none": [{}],
     "l2": [{}],
-    "cl2n": [{}, {"mean": "given"}],
-    "ci": [{}, {"k": 2.0}],
+    "cl2n": [{"mean": "given"}],
+    "cl2n-support": [{}],
+    "ci": [{}, {"k": 2.0}, {"normalise": False}],
 }
 RANDOMISED = {"linear", "baseline", "baseline++"}  # heads whose fit draws from the generator
 

@@ -100,14 +100,15 @@ def test_transform_macs_match_counted_run(name, opts, counted) -> None:
     tr.fit(xs)
     assert counted["macs"] == tr.fit_macs(*xs.shape) == 0
     tr.apply(xq)
-    expected = xq.size if name in ("l2", "cl2n") else 0  # one squared norm per row
+    normalises = name in ("l2", "cl2n", "cl2n-support") or (name == "ci" and opts.get("normalise", True))
+    expected = xq.size if normalises else 0  # one squared norm per row
     assert counted["macs"] == tr.macs(*xq.shape) == expected
 
 
 def test_task_model_macs_add_up(counted) -> None:
     xs, ys, xq, _ = make_task()
     n, d = xs.shape
-    model = TaskModel.create("ncc", "cl2n", distance="cosine")
+    model = TaskModel.create("ncc", "cl2n-support", distance="cosine")
     counted["macs"] = 0
     model.fit(xs, ys)
     assert counted["macs"] == model.fit_macs(n, d, 4) == n * d + (4 * n * d + 4 * d)

@@ -52,11 +52,11 @@ def test_l2_transform() -> None:
         np.testing.assert_allclose(row_out, [v / norm for v in row_in], rtol=1e-6)
 
 
-def test_cl2n_transform_with_support_mean_and_given_mean() -> None:
+def test_cl2n_transform_with_given_mean_and_support_mean() -> None:
     xs, _, xq, _ = make_task(nonneg=False)
     support_mean = [sum(col) / len(xs) for col in zip(*xs.astype(np.float64), strict=True)]
     base_mean = np.linspace(-1.0, 1.0, xs.shape[1], dtype=np.float32)
-    for mean, tr in ((support_mean, make_transform("cl2n")), (base_mean, make_transform("cl2n", mean=base_mean))):
+    for mean, tr in ((support_mean, make_transform("cl2n-support")), (base_mean, make_transform("cl2n", mean=base_mean))):
         out = tr.fit(xs).apply(xq)
         for row_in, row_out in zip(xq.astype(np.float64), out, strict=True):
             centred = [v - m for v, m in zip(row_in, mean, strict=True)]
@@ -64,33 +64,37 @@ def test_cl2n_transform_with_support_mean_and_given_mean() -> None:
             np.testing.assert_allclose(row_out, [c / norm for c in centred], rtol=1e-5, atol=1e-6)
     with pytest.raises(InvalidInput, match="cl2n mean has size 12"):
         make_transform("cl2n", mean=base_mean).fit(xs).apply(xq[:, :4])
+    with pytest.raises(InvalidInput, match="base-class mean feature and none was given.*--base-data"):
+        make_transform("cl2n").fit(xs)
+
+
+def official_ci(x: float, k: float) -> float:
+    """Channel_Importance_FSL `simple_transform`, one value: phi of the positive part minus phi of the negative part."""
+    phi = lambda z: 1.0 / math.log(1.0 / (z + 1e-5) + 1.0) ** k
+    return phi(max(x, 0.0)) - phi(max(-x, 0.0))
 
 
 @pytest.mark.parametrize("k", [1.3, 2.0])
 def test_channel_importance_transform(k: float) -> None:
-    _, _, xq, _ = make_task()
-    xq[0, :3] = [0.0, 1e-7, 50.0]  # zero, tiny and large activations
+    _, _, xq, _ = make_task(nonneg=False)
+    xq[0, :5] = [0.0, 1e-7, 50.0, -3.0, -1e-7]  # zero, tiny, large and negative activations
+    raw = make_transform("ci", k=k, normalise=False).apply(xq)
     out = make_transform("ci", k=k).apply(xq)
-    for row_in, row_out in zip(xq.astype(np.float64), out, strict=True):
-        np.testing.assert_allclose(row_out, [1.0 / math.log(1.0 / (x + 1e-5) + 1.0) ** k for x in row_in], rtol=1e-5)
-    assert np.all(np.diff(make_transform("ci").apply(np.linspace(0, 10, 50, dtype=np.float32)[None])) > 0)  # monotone
+    for row_in, row_raw, row_out in zip(xq.astype(np.float64), raw, out, strict=True):
+        ref = [official_ci(x, k) for x in row_in]
+        np.testing.assert_allclose(row_raw, ref, rtol=1e-5, atol=1e-7)
+        norm = math.sqrt(sum(v * v for v in ref))
+        np.testing.assert_allclose(row_out, [v / norm for v in ref], rtol=1e-5, atol=1e-7)
+    assert raw[0, 0] == 0.0  # f(0) = 0: phi(0) = 0.0417 is not left in
+    line = np.linspace(-10, 10, 81, dtype=np.float32)[None]
+    f = make_transform("ci", normalise=False).apply(line)[0]
+    np.testing.assert_allclose(f, -f[::-1], atol=1e-7)  # odd
+    assert np.all(np.diff(f) > 0)  # monotone
 
 
-def test_channel_importance_rejects_negative_features() -> None:
-    x = np.ones((2, 3), dtype=np.float32)
-    x[1, 2] = -1e-6  # rounding noise of an fp16 engine: tolerated, treated as 0
-    at_zero = make_transform("ci").apply(np.zeros((1, 1)))[0, 0]
-    np.testing.assert_array_equal(make_transform("ci").apply(x)[1, 2], at_zero)
-    x[1, 2] = -0.5
-    with pytest.raises(InvalidInput, match="non-negative features"):
-        make_transform("ci").apply(x)
-    with pytest.raises(InvalidInput, match="non-negative features"):
-        TaskModel.create("ncc", "ci").fit(x, np.array([0, 1]))
-
-
-def test_simpleshot_is_cl2n_then_ncc(tmp_path) -> None:
+def test_support_centred_cl2n_then_ncc_round_trips(tmp_path) -> None:
     xs, ys, xq, _ = make_task(seed=6)
-    model = TaskModel.create("ncc", "cl2n").fit(xs, ys)
+    model = TaskModel.create("ncc", "cl2n-support").fit(xs, ys)
     mean = xs.mean(0)
     zs = (xs - mean) / np.linalg.norm(xs - mean, axis=1, keepdims=True)
     zq = (xq - mean) / np.linalg.norm(xq - mean, axis=1, keepdims=True)

@@ -59,7 +59,7 @@ def torch_upper_case(xs, ys, k, batches, lrs, rollback=None):
     [
         (25, 48, 5, {}),  # the published recipe: 500 steps of 128, N < batch (count-weighted rows)
         (150, 16, 3, {"iters": 80}),  # N > batch: the drawn rows themselves
-        (20, 16, 4, {"optimizer": "olor", "rollback": 0.01, "rollback_bias": 0.005}),
+        (20, 16, 4, {"optimizer": "rollback", "rollback": 0.01, "rollback_bias": 0.005}),
     ],
 )
 def test_linear_head_matches_torch_adam(n: int, d: int, k: int, opts: dict) -> None:
@@ -69,7 +69,7 @@ def test_linear_head_matches_torch_adam(n: int, d: int, k: int, opts: dict) -> N
     batches = draw_batches(np.random.default_rng(7), n, head.iters, head.batch)
     lrs = np.linspace(1e-3, 1e-5, head.iters)
     np.testing.assert_array_equal(lrs, head.learning_rates())
-    ratios = [head.rollback, head.rollback_bias] if head.optimizer == "olor" else None
+    ratios = [head.rollback, head.rollback_bias] if head.optimizer == "rollback" else None
     lin = torch_upper_case(xs, ys, k, batches, lrs, ratios)
     np.testing.assert_allclose(head.weight_, lin.weight.detach().numpy(), atol=ATOL, rtol=0)
     np.testing.assert_allclose(head.bias_, lin.bias.detach().numpy(), atol=ATOL, rtol=0)
@@ -109,7 +109,7 @@ def torch_closer_look(xs, ys, k, order, batch, init, cosine=False, scale=2.0, da
 
 
 @pytest.mark.parametrize(
-    "opts", [{}, {"dampening": 0.0}, {"optimizer": "olor", "rollback": 0.02, "rollback_bias": 0.01}], ids=str,
+    "opts", [{}, {"dampening": 0.0}, {"optimizer": "rollback", "rollback": 0.02, "rollback_bias": 0.01}], ids=str,
 )
 def test_baseline_matches_torch_sgd(opts: dict) -> None:
     n, d, k = 14, 16, 3  # 14 rows: batches of 4, 4, 4, 2
@@ -118,7 +118,7 @@ def test_baseline_matches_torch_sgd(opts: dict) -> None:
     rng = np.random.default_rng(3)
     w0, b0 = uniform_init(rng, k, d)
     order = draw_epochs(rng, n, 100)
-    ratios = [head.rollback, head.rollback_bias] if head.optimizer == "olor" else None
+    ratios = [head.rollback, head.rollback_bias] if head.optimizer == "rollback" else None
     lin = torch_closer_look(xs, ys, k, order, 4, (w0, b0), dampening=head.dampening, rollback=ratios)
     np.testing.assert_allclose(head.weight_, lin.weight.detach().numpy(), atol=ATOL, rtol=0)
     np.testing.assert_allclose(head.bias_, lin.bias.detach().numpy(), atol=ATOL, rtol=0)
@@ -130,7 +130,7 @@ def test_baseline_matches_torch_sgd(opts: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "opts", [{}, {"scale": 10.0}, {"optimizer": "olor", "rollback": 0.02, "rollback_norm": 0.01}], ids=str,
+    "opts", [{}, {"scale": 10.0}, {"optimizer": "rollback", "rollback": 0.02, "rollback_norm": 0.01}], ids=str,
 )
 def test_baseline_plus_plus_matches_torch_weight_norm(opts: dict) -> None:
     n, d, k = 13, 16, 3
@@ -139,15 +139,15 @@ def test_baseline_plus_plus_matches_torch_weight_norm(opts: dict) -> None:
     rng = np.random.default_rng(4)
     v0, _ = uniform_init(rng, k, d, bias=False)
     order = draw_epochs(rng, n, 100)
-    ratios = [head.rollback, head.rollback_norm] if head.optimizer == "olor" else None
-    lin = torch_closer_look(xs, ys, k, order, 4, (v0, None), cosine=True, scale=head.scale, rollback=ratios)
+    ratios = [head.rollback, head.rollback_norm] if head.optimizer == "rollback" else None
+    lin = torch_closer_look(xs, ys, k, order, 4, (v0, None), cosine=True, scale=float(head.scale_), rollback=ratios)
     weight = lin.weight.detach().numpy()  # g v / |v| after training
     np.testing.assert_allclose(head.weight_, weight, atol=ATOL, rtol=0)
     g = lin.parametrizations.weight.original0.detach().numpy().ravel()
     assert np.abs(g - np.linalg.norm(v0, axis=1)).max() > 1e-3  # the norms were learned
     with torch.no_grad():
         xqt = torch.from_numpy(xq)
-        ref = torch.softmax(head.scale * lin(xqt / (xqt.norm(dim=1, keepdim=True) + 1e-5)), dim=1).numpy()
+        ref = torch.softmax(float(head.scale_) * lin(xqt / (xqt.norm(dim=1, keepdim=True) + 1e-5)), dim=1).numpy()
     np.testing.assert_allclose(head.predict_proba(xq), ref, atol=ATOL)
     np.testing.assert_array_equal(head.predict(xq), ref.argmax(1))
 
@@ -188,7 +188,7 @@ def torch_url_pa(xs, ys, k, steps, lr, init=None, rollback=None):
 
 
 @pytest.mark.parametrize(
-    "opts", [{}, {"lr": 0.1}, {"optimizer": "olor", "rollback": 0.05}, {"steps": 0, "init": "random"}], ids=str,
+    "opts", [{}, {"lr": 0.1}, {"optimizer": "rollback", "rollback": 0.05}, {"steps": 0, "init": "random"}], ids=str,
 )
 def test_lt_ncc_matches_torch_adadelta(opts: dict) -> None:
     n, d, k = 15, 12, 3
@@ -198,7 +198,7 @@ def test_lt_ncc_matches_torch_adadelta(opts: dict) -> None:
         opts["init"] = (np.eye(d) + 0.2 * np.random.default_rng(0).standard_normal((d, d))).astype(np.float32)
     head = make_head("lt-ncc", **opts).fit(xs, ys)
     beta, predict = torch_url_pa(xs, ys, k, head.steps, head.lr, opts.get("init"),
-                                 head.rollback if head.optimizer == "olor" else None)
+                                 head.rollback if head.optimizer == "rollback" else None)
     np.testing.assert_allclose(head.beta_, beta, atol=ATOL, rtol=0)
     if head.steps:
         assert np.abs(head.beta_ - np.eye(d)).max() > 1e-3  # it trained

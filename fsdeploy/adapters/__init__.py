@@ -11,8 +11,9 @@ from fsdeploy.adapters.base import (
     adapter_kind,
     build_adapted,
     exported_kinds,
+    finetuner_methods,
     finetuners,
     register_adapter,
 )
 
-__all__ = ["ADAPTERS", "AdapterKind", "adapter_kind", "build_adapted", "exported_kinds", "finetuners", "register_adapter"]
+__all__ = ["ADAPTERS", "AdapterKind", "adapter_kind", "build_adapted", "exported_kinds", "finetuner_methods", "finetuners", "register_adapter"]

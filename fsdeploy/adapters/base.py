@@ -40,9 +40,11 @@ class AdapterKind:
         fit_macs: fine-tuners: `(backbone, image size, n support, steps) -> MACs` of the fit.
         default_heads: head methods `bench accuracy` runs on this kind's features by default.
         head_methods: head method key -> cost-table method key on this kind's features (linear -> case-linear).
-        method: the cost-table method key of the kind itself, when it has its own row (tsa, bn-affine).
+        methods: fine-tuners: cost-table method key -> the fit options it stands for (tsa: {}, tsa-seen:
+            {"domain": "seen"}), so `bench accuracy` and `bench macs` take each variant by name.
         why_missing: what a user does when the kind's costs cannot be counted on a bundle.
-        options: `--head-opt`-style keys the kind's fit accepts, with their meaning (for `--help`).
+        options: fit options the kind accepts (`adapt --domain`, `--optimizer`), with their meaning; any
+            other option given to it is refused.
     """
 
     name: str
@@ -57,7 +59,7 @@ class AdapterKind:
     fit_macs: Callable[..., int] | None = None
     default_heads: tuple[str, ...] = ()
     head_methods: dict[str, str] = field(default_factory=dict)
-    method: str = ""
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     why_missing: str = ""
     options: dict[str, str] = field(default_factory=dict)
 
@@ -68,6 +70,18 @@ class AdapterKind:
     @property
     def finetuner(self) -> bool:
         return self.fit is not None
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse fit options this kind does not take, naming the kinds that do.
+
+        Raises:
+            InvalidInput: an option outside `options`.
+        """
+        for key in options:
+            if key not in self.options:
+                takers = [k.name for k in ADAPTERS.values() if key in k.options]
+                where = f"it is for --adapter {', '.join(takers)}" if takers else "no adapter takes it"
+                raise InvalidInput(f"--{key} does not apply to --adapter {self.name}; {where}")
 
     def check_family(self, family: str, where: str) -> None:
         """Refuse a backbone family the kind does not support.
@@ -101,6 +115,11 @@ def exported_kinds() -> list[str]:
 
 def finetuners() -> list[str]:
     return [k.name for k in ADAPTERS.values() if k.finetuner]
+
+
+def finetuner_methods() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Cost-table method key -> (fine-tuner kind, fit options), for every per-task fine-tuner."""
+    return {key: (k.name, dict(opts)) for k in ADAPTERS.values() if k.finetuner for key, opts in k.methods.items()}
 
 
 def build_adapted(adapter: str, request: Any) -> Any:

@@ -9,10 +9,11 @@ from typing import Any
 from fsdeploy.adapters.base import AdapterKind, register_adapter
 
 
-def fit(backbone: Any, images: Any, labels: Any, *, steps: int, **opts: Any) -> Any:
+def fit(backbone: Any, images: Any, labels: Any, *, steps: int, optimizer: str = "adadelta", device: str | None = None) -> Any:
+    """BN-affine's fit with Adadelta (TSA's optimiser) or OLOR (`fsdeploy.train.olor`)."""
     from fsdeploy.train.tsa import fit_bn_affine
 
-    return fit_bn_affine(backbone, images, labels, steps=steps, device=opts.pop("device", None), **opts)
+    return fit_bn_affine(backbone, images, labels, steps=steps, optimizer=optimizer, device=device)
 
 
 def head(result: Any) -> Any:
@@ -34,5 +35,6 @@ KIND = register_adapter(AdapterKind(
     fit=fit,
     head=head,
     fit_macs=fit_macs,
-    method="bn-affine",
+    methods={"bn-affine": {}, "bn-affine-olor": {"optimizer": "olor"}},
+    options={"optimizer": "adadelta (lr 0.5) or olor (OLOR: Adam lr 1e-3, rollback towards the pretrained BN weights)"},
 ))

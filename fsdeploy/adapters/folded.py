@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from fsdeploy.errors import InvalidInput, ValidationFailed
 from fsdeploy.exporters.onnx_export import export_onnx
 from fsdeploy.exporters.spec import ExportSpec
 from fsdeploy.runtime.open import torch_graphs
+from fsdeploy.runtime.task import name_bad_images
 
 FOLD_TOL = Tolerance(atol=1e-4)  # folded graph vs the unfolded adapter network, max |feature diff|
 CHECK_BATCH = 32
@@ -62,7 +64,8 @@ def check_bundle(kind: AdapterKind, bundle: Bundle) -> None:
 
 
 def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np.ndarray, *, steps: int,
-               backend: str = "ort", options: Any = None, fit_opts: dict[str, Any] | None = None) -> FoldedTask:
+               backend: str = "ort", options: Any = None, fit_opts: dict[str, Any] | None = None,
+               paths: Sequence[str | Path] = ()) -> FoldedTask:
     """Fit `kind` on one support set, fold, re-export, check the folded graph, fit the kind's head on its features.
 
     Raises:
@@ -71,6 +74,7 @@ def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np
     """
     torch = require("torch")
     check_bundle(kind, bundle)
+    kind.check_options(fit_opts or {})
     assert kind.fit is not None and kind.head is not None
     t0 = time.perf_counter()
     backbone = torch_graphs(bundle)["features"].module
@@ -91,8 +95,10 @@ def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np
     if not report.passed:
         raise ValidationFailed(f"{report.describe_worst('the adapter network')}; nothing was written")
     head = kind.head(res)
-    head.fit(feats, labels)
-    info = {"adapter": kind.name, "steps": steps, "fold_max_abs": report.checks[0].max_abs,
+    with name_bad_images(paths, "support"):
+        head.fit(feats, labels)
+    recipe = {k: getattr(res, k) for k in ("lr_alpha", "lr_beta", "lr", "optimizer") if hasattr(res, k)}
+    info = {"adapter": kind.name, "steps": steps, **(fit_opts or {}), **recipe, "fold_max_abs": report.checks[0].max_abs,
             "task_weight_bytes": int(weights.nbytes), "losses": [float(v) for v in res.losses[:: max(1, len(res.losses) // 8)]]}
     if kind.fit_macs is not None:
         info["adapt_macs"] = int(kind.fit_macs(backbone, bundle.manifest.preprocess.input_size[-1], len(images), steps))

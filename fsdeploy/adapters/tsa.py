@@ -12,10 +12,15 @@ from fsdeploy.adapters.base import AdapterKind, register_adapter
 from fsdeploy.bench.costs import BACKWARD_TEXT, Cost, register_formula
 
 
-def fit(backbone: Any, images: Any, labels: Any, *, steps: int, **opts: Any) -> Any:
-    from fsdeploy.train.tsa import fit_tsa
+def fit(backbone: Any, images: Any, labels: Any, *, steps: int, domain: str = "unseen", device: str | None = None) -> Any:
+    """TSA's fit at the learning rates of `domain` (upstream's test_extractor_tsa: seen or unseen)."""
+    from fsdeploy.errors import InvalidInput
+    from fsdeploy.train.tsa import TSA_LEARNING_RATES, fit_tsa
 
-    return fit_tsa(backbone, images, labels, steps=steps, device=opts.pop("device", None), **opts)
+    if domain not in TSA_LEARNING_RATES:
+        raise InvalidInput(f"unknown --domain {domain!r}; choose one of {', '.join(TSA_LEARNING_RATES)}")
+    lr_alpha, lr_beta = TSA_LEARNING_RATES[domain]
+    return fit_tsa(backbone, images, labels, steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta, device=device)
 
 
 def head(result: Any) -> Any:
@@ -51,6 +56,7 @@ KIND = register_adapter(AdapterKind(
     fit=fit,
     head=head,
     fit_macs=fit_macs,
-    method="tsa",
+    methods={"tsa": {}, "tsa-seen": {"domain": "seen"}},
+    options={"domain": "unseen (α 0.5, β 1.0: images unlike the backbone's training data) or seen (α 0.05, β 0.1)"},
     why_missing="TSA residual adapters are defined for ResNet backbones only",
 ))

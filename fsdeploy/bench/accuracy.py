@@ -94,7 +94,13 @@ def evaluate(
         progress: called with 1 after each episode.
         per_episode: filled with each method's accuracy (percent) per episode, by label, for paired
             differences between rows of one run (the episodes are the same for every method).
+
+    Raises:
+        BundleError: a `cl2n` (SimpleShot) method on a bundle without a base-class mean.
     """
+    from fsdeploy.runtime.base_mean import transform_options
+
+    transform_opts = {m.label: transform_options(bundle, m.transform) for m in methods if not m.adapter}  # cl2n: the base mean
     rng = np.random.default_rng(seed)
     images = ImageCache(data.paths, bundle.manifest.preprocess)
     heads = [m for m in methods if not m.adapter]
@@ -125,7 +131,7 @@ def evaluate(
                 qfeats = np.concatenate([path.query(qry[i : i + batch], state) for i in range(0, len(qry), batch)])
                 t2 = time.perf_counter()
                 for m in heads:
-                    model = TaskModel.create(m.head, m.transform, **m.opts)
+                    model = TaskModel.create(m.head, m.transform, transform_opts=transform_opts[m.label], **m.opts)
                     s = time.perf_counter()
                     model.fit(feats, ep.support_labels, rng=np.random.default_rng(head_rng_seed))
                     e = time.perf_counter()
@@ -137,7 +143,8 @@ def evaluate(
                     head_ms[m.label].append((f - e) * 1e3 / len(qry))
                     acc[m.label].append(float(np.mean(pred == ep.query_labels)) * 100.0)
             for label, tuner in tuners.items():
-                adapted = tuner.adapt(sup, ep.support_labels, names, seed=head_rng_seed)
+                adapted = tuner.adapt(sup, ep.support_labels, names, seed=head_rng_seed,
+                                      paths=[data.paths[i] for i in ep.support])
                 s = time.perf_counter()
                 probs = tuner.predict_proba(adapted.task, qry)
                 e = time.perf_counter()

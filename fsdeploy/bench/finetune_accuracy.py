@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fsdeploy.adapters import finetuner_methods
 from fsdeploy.bench.accuracy import AccuracyRow, Method, evaluate
 from fsdeploy.bundle import Bundle
 from fsdeploy.data.folders import LabelledFiles
+from fsdeploy.errors import UnknownName
 
 
 def finetune_accuracy(
@@ -28,7 +30,8 @@ def finetune_accuracy(
     steps: int = 40,
     progress: Callable[[int], None] | None = None,
 ) -> AccuracyRow:
-    """Mean accuracy ± 95% CI of fine-tuner `method` (an adapter kind with `fit`, e.g. 'tsa', 'bn-affine').
+    """Mean accuracy ± 95% CI of fine-tuner `method`: a cost-table key of a per-task fine-tuner (tsa, tsa-seen,
+    bn-affine, bn-affine-olor; `fsdeploy.adapters.finetuner_methods`).
 
     Args:
         label: the row's `bundle` text; name: its `method` text (default the key, e.g. a cost-table label).
@@ -36,6 +39,10 @@ def finetune_accuracy(
     Raises:
         UnknownName: not an adapter kind; InvalidInput: not a per-task fine-tuner or not this bundle's family.
     """
-    (row,) = evaluate(bundle, data, [Method(name or method, adapter=method, steps=steps)], ways=ways, shots=shots,
+    methods = finetuner_methods()
+    if method not in methods:
+        raise UnknownName(f"no per-task fine-tuner {method!r}; choose from {', '.join(methods)}")
+    kind, opts = methods[method]
+    (row,) = evaluate(bundle, data, [Method(name or method, adapter=kind, steps=steps, opts=opts)], ways=ways, shots=shots,
                       queries=queries, episodes=episodes, seed=seed, label=label, progress=progress)
     return row

@@ -212,12 +212,6 @@ class AdaptRow:
         return asdict(self)
 
 
-def _finetuners() -> list:
-    from fsdeploy.adapters import ADAPTERS
-
-    return [k for k in ADAPTERS.values() if k.finetuner]
-
-
 def adaptation_times(
     bundle: Bundle,
     support: str | Path,
@@ -235,9 +229,11 @@ def adaptation_times(
         methods: (key, head, transform, head options) per method; keys of per-task fine-tuners (tsa,
             bn-affine) adapt through their kind (PyTorch fit, fold, re-export) instead of a head.
     """
+    from fsdeploy.adapters import finetuner_methods
     from fsdeploy.runtime import adapt_task
 
-    tuners = {k.method: k.name for k in _finetuners()}
+    tuners = {key: kind for key, (kind, _) in finetuner_methods().items()}
+    fit_opts = {key: opts for key, (_, opts) in finetuner_methods().items()}
 
     parts: dict[str, list[tuple[float, float, float, float]]] = {m[0]: [] for m in methods}
     n = 0
@@ -246,7 +242,8 @@ def adaptation_times(
         for _ in range(repeats):
             for key, head, transform, opts in methods:
                 task, t = adapt_task(bundle, support, out, adapter=tuners.get(key), head=head, transform=transform,
-                                     head_opts=opts, backend=backend, options=options, batch=batch, steps=steps)
+                                     head_opts=opts, backend=backend, options=options, batch=batch, steps=steps,
+                                     fit_opts=fit_opts.get(key))
                 n = int(task.info["support"])
                 parts[key].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
     rows = []

@@ -26,10 +26,10 @@ def default_heads(adapter: str) -> tuple[str, ...]:
 
 
 def finetune_keys() -> tuple[str, ...]:
-    """Cost-table keys of the per-task fine-tuners (tsa, bn-affine), from the adapter registry."""
-    from fsdeploy.adapters import ADAPTERS
+    """Cost-table keys of the per-task fine-tuners and their variants (tsa, tsa-seen, bn-affine, ...)."""
+    from fsdeploy.adapters import finetuner_methods
 
-    return tuple(k.method for k in ADAPTERS.values() if k.finetuner and k.method)
+    return tuple(finetuner_methods())
 
 
 
@@ -67,22 +67,18 @@ def method_label(key: str, adapter: str) -> str:
 def accuracy_methods(keys: Sequence[str], adapter: str) -> list[AccuracyMethod]:
     """accuracy.Method per method key, labelled as in the cost table for this adapter kind; a per-task
     fine-tuner's key (tsa, bn-affine) becomes a fine-tuner method with the cost table's steps."""
-    tuners = _tuner_kinds()
+    from fsdeploy.adapters import finetuner_methods
+
+    tuners = finetuner_methods()
     out = []
     for k in keys:
         m = BY_KEY[k]
         if k in tuners:
-            out.append(AccuracyMethod(m.label, adapter=tuners[k], steps=m.steps or 40))
+            kind, opts = tuners[k]
+            out.append(AccuracyMethod(m.label, adapter=kind, steps=m.steps or 40, opts=opts))
         else:
             out.append(AccuracyMethod(method_label(k, adapter), m.head, m.transform, dict(m.head_opts)))
     return out
-
-
-def _tuner_kinds() -> dict[str, str]:
-    """Cost-table key -> adapter kind name of each per-task fine-tuner."""
-    from fsdeploy.adapters import ADAPTERS
-
-    return {k.method: k.name for k in ADAPTERS.values() if k.finetuner and k.method}
 
 
 def adaptation_specs(keys: Sequence[str]) -> list[tuple[str, str, str, dict[str, Any]]]:

@@ -98,10 +98,23 @@ def pick_weights(
 
 
 def prepare_bundle(
-    workdir: Path, model: str, *, adapter: str = "none", img_size: int, weights: Weights, say: Say = print
+    workdir: Path, model: str, *, adapter: str = "none", img_size: int, weights: Weights, say: Say = print,
+    base_data: Path | None = None,
 ) -> Bundle:
-    """The bundle `workdir/<model>-<adapter>-<img_size>px`, exported (and validated) only when missing or stale."""
+    """The bundle `workdir/<model>-<adapter>-<img_size>px`, exported (and validated) only when missing or stale.
+
+    With `base_data` (a glyph corpus: its base split, else every class), a plain bundle also gets the base-class
+    mean feature SimpleShot centres on, computed once per bundle.
+    """
     from fsdeploy.pipeline.export import export_bundle
+
+    def with_mean(b: Bundle) -> Bundle:
+        if base_data is None or adapter != "none" or b.manifest.extra.get("base_mean", {}).get("source") == str(base_data):
+            return b
+        from fsdeploy.pipeline.base_mean import add_base_mean, split_classes as base_split
+
+        say(f"computing the base-class mean feature of {base_data} for {folder}")
+        return add_base_mean(b, base_data, classes=base_split(base_data, "base"))
 
     folder = Path(workdir) / f"{model}-{adapter}-{img_size}px"
     digest = sha256_file(weights.path) if weights.path else None
@@ -111,12 +124,12 @@ def prepare_bundle(
         if (m.model, m.adapter, m.preprocess.input_size[-1], m.source.get("checkpoint_sha256")) == (
             model, adapter, img_size, digest,
         ):
-            return b
+            return with_mean(b)
     except BundleError:
         pass
     say(f"exporting {model} (adapter {adapter}, {img_size} px, {weights.description}) to {folder}")
     bundle, _ = export_bundle(model, folder, adapter=adapter, checkpoint=weights.path, img_size=img_size)
-    return bundle
+    return with_mean(bundle)
 
 
 def photo_folder(workdir: Path, name: str, *, classes: int, per_class: int, seed: int) -> Path:

@@ -118,8 +118,9 @@ def accuracy(
     episodes: Annotated[int, typer.Option(help="Episodes per setting (600 for paper-style 95% CIs).")] = 600,
     heads: Annotated[
         Optional[str],
-        typer.Option(help="Comma-separated methods: head methods ncc, simpleshot, linear, linear-newton, baseline, baseline++, "
-                          "lt-ncc, and per-task fine-tuners tsa, bn-affine (fitted, folded and run on the engine per episode) "
+        typer.Option(help="Comma-separated methods: head methods ncc, simpleshot, ci, linear, linear-newton, baseline, baseline++, "
+                          "lt-ncc, and per-task fine-tuners tsa, tsa-seen, bn-affine, bn-affine-olor (fitted, folded and run on "
+                          "the engine per episode) "
                           "(default: ncc,simpleshot,linear,linear-newton; on a CaSE bundle: linear = UpperCaSE)."),
     ] = None,
     variable: Annotated[bool, typer.Option(help="Meta-Dataset-style variable ways and shots instead of --ways/--shots.")] = False,
@@ -144,7 +145,11 @@ def accuracy(
     from fsdeploy.bundle import load_bundle
 
     b = load_bundle(bundle)
-    methods = accuracy_methods(parse_keys(heads, b.manifest.adapter), b.manifest.adapter)
+    keys = parse_keys(heads, b.manifest.adapter)
+    if heads is None and "simpleshot" in keys and "base_mean" not in b.manifest.extra:
+        keys = tuple(k for k in keys if k != "simpleshot")
+        console.print(f"[yellow]simpleshot skipped: {bundle} has no base-class mean (export with --base-data DIR)[/yellow]")
+    methods = accuracy_methods(keys, b.manifest.adapter)
     files = scan_image_folder(data, classes=split_classes(data, split))
     settings = (0,) if variable else _ints(shots, "--shots")
     rows = []

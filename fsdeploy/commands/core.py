@@ -47,7 +47,7 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise InvalidInput(f"--head-opt {pair!r} is not KEY=VALUE; e.g. --head-opt optimizer=olor")
+            raise InvalidInput(f"--head-opt {pair!r} is not KEY=VALUE; e.g. --head-opt optimizer=rollback")
         value: object = raw
         for cast in (int, float):
             try:
@@ -78,19 +78,44 @@ def register(app: typer.Typer) -> None:
         backbone_checkpoint: Annotated[
             Optional[Path], typer.Option(help="--adapter toast: the frozen backbone weights the TOAST checkpoint was tuned on.")
         ] = None,
+        base_data: Annotated[
+            Optional[Path],
+            typer.Option(help="Images of the classes the backbone was trained on (one sub-folder per class): their mean "
+                              "feature is stored for SimpleShot (--transform cl2n). Not for --adapter case."),
+        ] = None,
+        base_split: Annotated[str, typer.Option(help="With BASE_DATA/splits.json (a glyph corpus): the split to average (all: every class).")] = "base",
     ) -> None:
         """Export a timm backbone (+ adapter) to a validated ONNX bundle.
 
         Example: fsdeploy export efficientnet_b0 --checkpoint weights.safetensors --adapter case --out bundle/
+
+        For SimpleShot, add the base-class mean: fsdeploy export efficientnet_b0 --checkpoint fsdeploy/weights/efficientnet_b0_glyphs.safetensors --base-data data/glyphs --out bundle/
+        (the glyph corpus's base split is what the shipped checkpoint was trained on; the bundle id does not change).
         """
         from fsdeploy.pipeline.export import export_bundle
 
+        if base_data is not None:  # check the folder (and the adapter) before the export, not after it
+            from fsdeploy.pipeline.base_mean import STATIC_ADAPTERS, split_classes
+            from fsdeploy.data.folders import scan_image_folder
+            from fsdeploy.errors import InvalidInput
+
+            if adapter not in STATIC_ADAPTERS:
+                raise InvalidInput(f"--base-data is for bundles whose features do not depend on the support set ({', '.join(STATIC_ADAPTERS)}); drop it for --adapter {adapter}")
+            scan_image_folder(base_data, classes=split_classes(base_data, base_split))
         with console.status("exporting") as status:
             bundle, report = export_bundle(
                 model, out, adapter=adapter, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
                 opset=opset, validate=validate, calib=calib, progress=lambda m: status.update(m),
                 options={"backbone_checkpoint": str(backbone_checkpoint)} if backbone_checkpoint else None,
             )
+        if base_data is not None:
+            from fsdeploy.pipeline.base_mean import add_base_mean, split_classes
+
+            with console.status("computing the base-class mean feature") as status:
+                bundle = add_base_mean(bundle, base_data, classes=split_classes(base_data, base_split),
+                                       progress=lambda i, n: status.update(f"base-class mean: {i}/{n} images"))
+            rec = bundle.manifest.extra["base_mean"]
+            console.print(f"base-class mean of {rec['images']} images in {rec['classes']} classes -> {rec['file']}")
         if report is not None:
             console.print(_validation_table(report.to_dict()))
         else:
@@ -133,7 +158,7 @@ def register(app: typer.Typer) -> None:
         support: Annotated[Path, typer.Argument(help="Support images: one sub-folder per class.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz).")],
         head: Annotated[str, typer.Option(help=_head_help())] = "linear",
-        transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n, ci.")] = "none",
+        transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n (SimpleShot: the bundle's base-class mean, see export --base-data), cl2n-support, ci (pair with --head-opt distance=cosine).")] = "none",
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
         batch: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
@@ -145,15 +170,19 @@ def register(app: typer.Typer) -> None:
                          + _adapter_help(False)),
         ] = None,
         steps: Annotated[int, typer.Option(help="Optimiser steps of a per-task --adapter (TSA recipe: 40).")] = 40,
+        domain: Annotated[Optional[str], typer.Option(help="--adapter tsa learning rates (URL/TSA): unseen (default) = α 0.5, β 1.0 (images unlike the backbone's training data); seen = α 0.05, β 0.1.")] = None,
+        optimizer: Annotated[Optional[str], typer.Option(help="--adapter bn-affine optimiser: adadelta (default, lr 0.5) or olor (OLOR: Adam lr 1e-3, rollback towards the pretrained BN weights, 0.01 on the first layer decaying linearly to 0).")] = None,
         head_opt: Annotated[
             Optional[list[str]],
-            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=olor --head-opt distance=cosine."),
+            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback --head-opt distance=cosine."),
         ] = None,
     ) -> None:
         """Adapt to one task from a support set and write a task artefact.
 
         Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the
         adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph is stored in the task.
+        TSA on images like the backbone's training data: --adapter tsa --domain seen. OLOR fine-tuning of the
+        BatchNorm affine weights: --adapter bn-affine --optimizer olor.
         """
         from fsdeploy.bundle import load_bundle
         from fsdeploy.engines import EngineOptions
@@ -161,10 +190,11 @@ def register(app: typer.Typer) -> None:
 
         b = load_bundle(bundle)
         with console.status("adapting"):
+            fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer)) if v is not None}
             task, t = adapt_task(
                 b, support, out, adapter=adapter, head=head, transform=transform, backend=backend,
                 head_opts=parse_options(head_opt or []), options=EngineOptions(threads=threads, precision=precision),
-                batch=batch, seed=seed, steps=steps,
+                batch=batch, seed=seed, steps=steps, fit_opts=fit_opts,
             )
         if "adapt_macs" in task.info:
             console.print(

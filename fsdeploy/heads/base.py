@@ -84,16 +84,68 @@ def head_from_state(state: dict[str, np.ndarray]) -> Head:
     return HEADS.from_state(state, "head")  # type: ignore[return-value]
 
 
+LARGE = 1e15  # above this |x|, D * x^2 (squared norms, squared distances) can overflow float32 (3.4e38)
+
+
+class NonFiniteFeatures(InvalidInput):
+    """Features with NaN or inf; `rows` are the offending row indices (the caller maps them to image names)."""
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows
+
+
+def check_finite(feats: np.ndarray, what: str) -> None:
+    """Raise NonFiniteFeatures naming the rows of `feats (N, D)` that hold NaN or inf."""
+    finite = np.isfinite(feats)
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite.reshape(feats.shape[0], -1).all(axis=1)).tolist()
+    shown = ", ".join(str(r) for r in rows[:8]) + (f" (+{len(rows) - 8} more)" if len(rows) > 8 else "")
+    raise NonFiniteFeatures(
+        f"{what} rows {shown} contain NaN or inf; check those images and the engine (try --precision fp32)", rows
+    )
+
+
+def working_precision(feats: np.ndarray) -> np.ndarray:
+    """`feats` as they are, or as float64 when their magnitude could overflow float32 products (> LARGE)."""
+    if feats.size and float(np.abs(feats).max()) > LARGE:
+        return feats.astype(np.float64)
+    return feats
+
+
+def check_labels(labels: np.ndarray) -> I64:
+    """Labels as int64; refuse non-integer values (0.7 is not silently truncated to 0) and bools."""
+    raw = np.asarray(labels)
+    if raw.dtype == bool or not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+        raise InvalidInput(f"labels must be integer class indices 0..K-1, got dtype {raw.dtype}")
+    if np.issubdtype(raw.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw))) if raw.size else np.array([], dtype=np.int64)
+        if bad.size:
+            raise InvalidInput(
+                f"labels must be integer class indices 0..K-1; rows {bad[:8].tolist()} hold {raw[bad[:3]].tolist()}"
+            )
+    return raw.astype(np.int64)
+
+
 def check_fit_inputs(feats: np.ndarray, labels: np.ndarray) -> tuple[F32, I64, int]:
-    """Validate support features/labels; returns float32 feats, int64 labels and the class count."""
+    """Validate support features/labels; returns float32 feats, int64 labels and the class count.
+
+    Features larger than LARGE come back as float64, so heads compute with them without overflowing.
+
+    Raises:
+        InvalidInput: bad shapes, labels that are not integers covering 0..K-1 with K >= 2.
+        NonFiniteFeatures: NaN or inf in the features (one line naming the rows).
+    """
     feats = np.asarray(feats, dtype=np.float32)
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = check_labels(labels)
     if feats.ndim != 2 or labels.shape != (feats.shape[0],):
         raise InvalidInput(f"expected features (N, D) and labels (N,), got {feats.shape} and {labels.shape}")
+    check_finite(feats, "support feature")
     k = int(labels.max()) + 1 if labels.size else 0
     if k < 2 or set(np.unique(labels).tolist()) != set(range(k)):
         raise InvalidInput(f"labels must cover 0..K-1 with K >= 2 classes, got {np.unique(labels).tolist()}")
-    return feats, labels, k
+    return working_precision(feats), labels, k
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -124,5 +176,12 @@ def prototypes(feats: F32, labels: I64, k: int) -> F32:
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm (N*D MACs for the squared norms, see `ops`)."""
-    return x / np.maximum(np.sqrt(ops.rowdot(x, x))[:, None], eps)
+    """Rows scaled to unit L2 norm (N*D MACs for the squared norms, see `ops`).
+
+    Each row is first divided by its largest |value| (free: elementwise), so the squared norm cannot
+    overflow for any finite input; x / max(|x|, eps) is unchanged by that.
+    """
+    peak = np.max(np.abs(x), axis=1, keepdims=True) if x.size else np.ones((x.shape[0], 1), dtype=x.dtype)
+    peak = np.where(peak > 0, peak, 1).astype(x.dtype)
+    y = x / peak
+    return y / np.maximum(np.sqrt(ops.rowdot(y, y))[:, None], eps / peak)

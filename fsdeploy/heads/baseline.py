@@ -5,7 +5,9 @@ classifier on frozen support features: 100 epochs over the shuffled support set 
 learning rate 0.01, momentum 0.9, dampening 0.9 and weight decay 1e-3, cross-entropy. The dampening is in
 the authors' code (CloserLookFewShot, `set_forward_adaptation`) though not in the paper; set it to 0 for
 plain momentum. Baseline uses a linear layer; Baseline++ a cosine classifier, logits = scale * x/|x| . w_k,
-with class weights w_k = g_k v_k / |v_k| (weight normalisation, g_k learned per class) and scale 2.
+with class weights w_k = g_k v_k / |v_k| (weight normalisation, g_k learned per class) and scale 2 for up to
+200 classes, 10 above (CloserLookFewShot `backbone.py`, `distLinear`: "a larger scale factor is required to
+handle >1000 output classes").
 
 Initialisation follows torch.nn.Linear: weights (and Baseline's bias) uniform in +-1/sqrt(D), drawn
 from the generator before the epoch permutations; Baseline++ starts with g_k = |v_k|, as weight_norm does.
@@ -16,12 +18,18 @@ import numpy as np
 
 from fsdeploy.heads import ops
 from fsdeploy.heads.base import F32, I64, Head, check_fit_inputs, one_hot, register_head, softmax
-from fsdeploy.heads.common import StateMixin, check_choice, check_positive, check_query
+from fsdeploy.heads.common import StateMixin, check_optimizer, check_positive, check_query
 from fsdeploy.heads.linear import AffineHead, augment, linear_ce_grad_into
 from fsdeploy.heads.losses import ce_grad_, ce_loss
 from fsdeploy.heads.optim import SGD, Optimiser, Rollback
 
-OPTIMIZERS = ("sgd", "olor")
+OPTIMIZERS = ("sgd", "rollback")
+SCALE_SWITCH = 200  # distLinear: scale 2 up to this many classes, 10 above
+
+
+def cosine_scale(n_classes: int) -> float:
+    """CloserLookFewShot's Baseline++ logit scale for `n_classes` outputs."""
+    return 2.0 if n_classes <= SCALE_SWITCH else 10.0
 FEATURE_EPS = 1e-5  # Baseline++ divides features by (|x| + 1e-5), as the reference code does
 
 
@@ -39,8 +47,12 @@ def draw_epochs(rng: np.random.Generator, n_support: int, epochs: int) -> I64:
 
 
 def normalise_features(feats: np.ndarray) -> np.ndarray:
-    """x / (|x| + 1e-5) row-wise (N*D MACs)."""
-    return feats / (np.sqrt(ops.rowdot(feats, feats)) + FEATURE_EPS)[:, None]
+    """x / (|x| + 1e-5) row-wise (N*D MACs), computed as y / (|y| + 1e-5 / m) with y = x / m, m = max |x|,
+    so the squared norm cannot overflow."""
+    peak = np.max(np.abs(feats), axis=1) if feats.size else np.ones(feats.shape[0], dtype=feats.dtype)
+    peak = np.where(peak > 0, peak, 1).astype(feats.dtype)
+    y = feats / peak[:, None]
+    return y / (np.sqrt(ops.rowdot(y, y)) + FEATURE_EPS / peak)[:, None]
 
 
 def cosine_ce_grad(
@@ -82,13 +94,13 @@ class _SGDRecipe(StateMixin, Head):
         self.batch = int(check_positive(f"{self.name} batch", batch))
         self.lr, self.momentum, self.dampening = float(lr), float(momentum), float(dampening)
         self.weight_decay = float(weight_decay)
-        self.optimizer = check_choice(f"{self.name} optimizer", optimizer, OPTIMIZERS)
+        self.optimizer = check_optimizer(f"{self.name} optimizer", optimizer, OPTIMIZERS)
         self.rollback = float(rollback)
         self.seed = int(seed)
 
     def _optimiser(self, params: dict[str, np.ndarray], lam: dict[str, float | np.ndarray]) -> Optimiser:
         opt: Optimiser = SGD(momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay)
-        return Rollback(opt, params, lam) if self.optimizer == "olor" else opt
+        return Rollback(opt, params, lam) if self.optimizer == "rollback" else opt
 
     def _batches(self, order: I64) -> list[I64]:
         """Row indices of every step: each epoch's permutation cut into batches (the last may be short)."""
@@ -102,8 +114,10 @@ class BaselineHead(_SGDRecipe, AffineHead):
 
     Args:
         epochs, batch, lr, momentum, dampening, weight_decay: the SGD recipe (100, 4, 0.01, 0.9, 0.9, 1e-3).
-        optimizer: 'sgd', or 'olor' for SGD followed by OLOR weight rollback towards the initial weights.
-        rollback, rollback_bias: OLOR rollback ratios of weights and bias.
+        optimizer: 'sgd', or 'rollback': SGD, then a constant-ratio pull of the weights back towards their
+            random init after every step (OLOR's rollback form with a fixed ratio on a new head; not OLOR as
+            published, which is `adapt --adapter bn-affine --optimizer olor`).
+        rollback, rollback_bias: rollback ratios of weights and bias.
         seed: seeds init and shuffling when fit() gets no generator.
     """
 
@@ -125,14 +139,14 @@ class BaselineHead(_SGDRecipe, AffineHead):
         weight, bias = uniform_init(rng, k, d)
         order = draw_epochs(rng, n, self.epochs)
         xa, y1h = augment(feats), one_hot(labels, k)
-        theta = np.concatenate([weight, bias[:, None]], axis=1)
+        theta = np.concatenate([weight, bias[:, None]], axis=1).astype(xa.dtype)  # float64 beyond LARGE
         lam = np.full(d + 1, self.rollback, dtype=np.float32)
         lam[-1] = self.rollback_bias
         params, grad = {"theta": theta}, np.empty_like(theta)
         opt = self._optimiser(params, {"theta": lam})
         for rows in self._batches(order):
-            w = np.full((rows.shape[0], 1), 1.0 / rows.shape[0], dtype=np.float32)
-            logits = np.empty((rows.shape[0], k), dtype=np.float32)
+            w = np.full((rows.shape[0], 1), 1.0 / rows.shape[0], dtype=xa.dtype)
+            logits = np.empty((rows.shape[0], k), dtype=xa.dtype)
             linear_ce_grad_into(theta, xa[rows], w, w * y1h[rows], logits, grad)
             opt.step(params, {"theta": grad}, self.lr)
         self._set_theta(theta)
@@ -148,31 +162,35 @@ class BaselinePlusPlusHead(_SGDRecipe):
     """Baseline++ (Chen et al. 2019): cosine classifier with learned per-class norms, same SGD recipe.
 
     Args:
-        scale: logit multiplier (2 in the reference code for up to 200 classes, 10 above).
+        scale: logit multiplier, or 'auto' (default): 2 for up to 200 classes, 10 above, as the reference code.
         epochs, batch, lr, momentum, dampening, weight_decay: the SGD recipe, as for Baseline.
-        optimizer: 'sgd' or 'olor'.
-        rollback, rollback_norm: OLOR rollback ratios of the directions v and of the norms g.
+        optimizer: 'sgd' or 'rollback' (see BaselineHead).
+        rollback, rollback_norm: rollback ratios of the directions v and of the norms g.
         seed: seeds init and shuffling when fit() gets no generator.
     """
 
     _options = ("scale", "epochs", "batch", "lr", "momentum", "dampening", "weight_decay", "optimizer", "rollback",
                 "rollback_norm", "seed")
-    _fitted = ("weight_",)
+    _fitted = ("weight_", "scale_")
 
     def __init__(
-        self, scale: float = 2.0, epochs: int = 100, batch: int = 4, lr: float = 0.01, momentum: float = 0.9,
+        self, scale: float | str = "auto", epochs: int = 100, batch: int = 4, lr: float = 0.01, momentum: float = 0.9,
         dampening: float = 0.9, weight_decay: float = 1e-3, optimizer: str = "sgd", rollback: float = 0.01,
         rollback_norm: float = 0.0, seed: int = 0,
     ):
         self._init_recipe(epochs, batch, lr, momentum, dampening, weight_decay, optimizer, rollback, seed)
-        self.scale = float(check_positive("baseline++ scale", scale))
+        if scale != "auto":
+            scale = float(check_positive("baseline++ scale", float(scale)))
+        self.scale: float | str = scale
         self.rollback_norm = float(rollback_norm)
         self.weight_: F32 | None = None
+        self.scale_: np.ndarray | None = None  # the scale used (0-d), resolved from 'auto' at fit time
 
     def fit(self, feats: F32, labels: I64, rng: np.random.Generator | None = None) -> BaselinePlusPlusHead:
         feats, labels, k = check_fit_inputs(feats, labels)
         rng = rng if rng is not None else np.random.default_rng(self.seed)
         n, d = feats.shape
+        scale = cosine_scale(k) if self.scale == "auto" else float(self.scale)
         v, _ = uniform_init(rng, k, d, bias=False)
         order = draw_epochs(rng, n, self.epochs)
         xn, y1h = normalise_features(feats).astype(np.float32), one_hot(labels, k)
@@ -180,17 +198,18 @@ class BaselinePlusPlusHead(_SGDRecipe):
         opt = self._optimiser(params, {"v": self.rollback, "g": self.rollback_norm})
         for rows in self._batches(order):
             w = np.full((rows.shape[0], 1), 1.0 / rows.shape[0], dtype=np.float32)
-            dv, dg = cosine_ce_grad(params["v"], params["g"], xn[rows], w, w * y1h[rows], self.scale)
+            dv, dg = cosine_ce_grad(params["v"], params["g"], xn[rows], w, w * y1h[rows], scale)
             opt.step(params, {"v": dv, "g": dg}, self.lr)
         v, g = params["v"], params["g"]
         self.weight_ = (v * (g / np.sqrt(ops.rowdot(v, v)))[:, None]).astype(np.float32)
+        self.scale_ = np.asarray(scale, dtype=np.float64)
         return self
 
     def predict_proba(self, feats: F32) -> F32:
         self._require_fitted()
-        assert self.weight_ is not None
+        assert self.weight_ is not None and self.scale_ is not None
         feats = check_query(feats, self.weight_.shape[1], "baseline++ head")
-        return softmax(self.scale * ops.mm(normalise_features(feats), self.weight_.T)).astype(np.float32)
+        return softmax(float(self.scale_) * ops.mm(normalise_features(feats), self.weight_.T)).astype(np.float32)
 
     def fit_macs(self, n_support: int, dim: int, n_classes: int) -> int:
         steps = self.epochs * -(-n_support // self.batch)

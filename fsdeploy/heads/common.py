@@ -19,6 +19,21 @@ def check_choice(what: str, value: str, choices: Iterable[str]) -> str:
     return value
 
 
+def check_optimizer(what: str, value: str, choices: Iterable[str]) -> str:
+    """`check_choice` for a head's optimizer, with a pointer for the old name 'olor'.
+
+    The heads' constant-ratio pull towards their own init was called 'olor'; OLOR as published (Lu et al.,
+    AAAI 2024) decays the ratio with the learning rate and by layer and anchors the *pretrained backbone*,
+    so that name now belongs to the backbone fine-tuning path.
+    """
+    if value == "olor":
+        raise InvalidInput(
+            f"{what} 'olor' is now called 'rollback' (a constant-ratio pull towards the head's init); OLOR as "
+            "published fine-tunes the backbone: `fsdeploy adapt --adapter bn-affine --optimizer olor`"
+        )
+    return check_choice(what, value, choices)
+
+
 def check_positive(what: str, value: float) -> float:
     """Return `value` if it is > 0, else raise InvalidInput."""
     if not value > 0:
@@ -27,11 +42,19 @@ def check_positive(what: str, value: float) -> float:
 
 
 def check_query(feats: np.ndarray, dim: int, who: str) -> np.ndarray:
-    """Query features as float32 (M, dim); raise InvalidInput on another shape."""
+    """Query features as float32 (M, dim), or float64 beyond `LARGE` (no overflow in the head's products).
+
+    Raises:
+        InvalidInput: another shape.
+        NonFiniteFeatures: NaN or inf in some rows (the message names them).
+    """
+    from fsdeploy.heads.base import check_finite, working_precision
+
     feats = np.asarray(feats, dtype=np.float32)
     if feats.ndim != 2 or feats.shape[1] != dim:
         raise InvalidInput(f"{who} was fitted on features of size {dim}; got query features of shape {feats.shape}")
-    return feats
+    check_finite(feats, "query feature")
+    return working_precision(feats)
 
 
 class StateMixin:

@@ -19,7 +19,7 @@ import numpy as np
 
 from fsdeploy.heads import ops
 from fsdeploy.heads.base import F32, I64, Head, check_fit_inputs, one_hot, register_head, softmax
-from fsdeploy.heads.common import StateMixin, check_choice, check_positive, check_query
+from fsdeploy.heads.common import StateMixin, check_optimizer, check_positive, check_query
 from fsdeploy.heads.losses import ce_grad_, ce_loss
 from fsdeploy.heads.optim import Adam, Optimiser, Rollback
 
@@ -129,7 +129,7 @@ def train_linear(
     return theta
 
 
-OPTIMIZERS = ("adam", "olor")
+OPTIMIZERS = ("adam", "rollback")
 
 
 @register_head("linear")
@@ -141,9 +141,11 @@ class LinearHead(AffineHead):
         batch: rows per step, drawn with replacement (128).
         lr_start, lr_end: learning rate of the first and last step, linear in between (1e-3, 1e-5).
         weight_decay: added to the gradient of weights and bias, as torch.optim.Adam does (1e-5).
-        optimizer: 'adam', or 'olor' for Adam followed by OLOR weight rollback towards the zero init.
-        rollback: OLOR rollback ratio for the weights (per step).
-        rollback_bias: OLOR rollback ratio for the bias (0: biases are not pulled back).
+        optimizer: 'adam', or 'rollback': Adam, then a constant-ratio pull of the weights back towards the
+            zero init after every step (OLOR's rollback form with a fixed ratio on a new head; not OLOR as
+            published, which is `adapt --adapter bn-affine --optimizer olor`).
+        rollback: rollback ratio for the weights (per step).
+        rollback_bias: rollback ratio for the bias (0: biases are not pulled back).
         seed: seeds the batch draw when fit() gets no generator.
     """
 
@@ -159,7 +161,7 @@ class LinearHead(AffineHead):
         self.batch = int(check_positive("linear batch", batch))
         self.lr_start, self.lr_end = float(lr_start), float(lr_end)
         self.weight_decay = float(weight_decay)
-        self.optimizer = check_choice("linear optimizer", optimizer, OPTIMIZERS)
+        self.optimizer = check_optimizer("linear optimizer", optimizer, OPTIMIZERS)
         self.rollback, self.rollback_bias = float(rollback), float(rollback_bias)
         self.seed = int(seed)
 
@@ -172,9 +174,9 @@ class LinearHead(AffineHead):
         rng = rng if rng is not None else np.random.default_rng(self.seed)
         batches = draw_batches(rng, feats.shape[0], self.iters, self.batch)
         xa = augment(feats)
-        theta = np.zeros((k, xa.shape[1]), dtype=np.float32)
+        theta = np.zeros((k, xa.shape[1]), dtype=xa.dtype)  # float64 only for features beyond LARGE
         opt: Optimiser = Adam(weight_decay=self.weight_decay)
-        if self.optimizer == "olor":
+        if self.optimizer == "rollback":
             lam = np.full(xa.shape[1], self.rollback, dtype=np.float32)
             lam[-1] = self.rollback_bias
             opt = Rollback(opt, {"theta": theta}, {"theta": lam})

@@ -17,11 +17,11 @@ import numpy as np
 from fsdeploy.errors import InvalidInput
 from fsdeploy.heads import ops
 from fsdeploy.heads.base import F32, I64, Head, check_fit_inputs, l2_normalise, one_hot, register_head, softmax
-from fsdeploy.heads.common import StateMixin, check_choice, check_positive, check_query
+from fsdeploy.heads.common import StateMixin, check_optimizer, check_positive, check_query
 from fsdeploy.heads.losses import ce_grad_, ce_loss
 from fsdeploy.heads.optim import Adadelta, Optimiser, Rollback
 
-OPTIMIZERS = ("adadelta", "olor")
+OPTIMIZERS = ("adadelta", "rollback")
 
 
 def _normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +66,8 @@ class LTNCCHead(StateMixin, Head):
         scale: cosine logit multiplier (10).
         rho, eps: Adadelta's constants (0.9, 1e-6, PyTorch's defaults).
         init: starting beta (D, D); None starts from the identity.
-        optimizer: 'adadelta', or 'olor' for Adadelta followed by OLOR rollback towards `init`.
+        optimizer: 'adadelta', or 'rollback' for Adadelta followed by a constant-ratio pull towards `init`
+            (OLOR's rollback form with a fixed ratio; not OLOR as published).
         rollback: OLOR rollback ratio for beta.
         seed: unused (the fit is deterministic); kept so every head takes one.
     """
@@ -85,7 +86,7 @@ class LTNCCHead(StateMixin, Head):
         self.scale = float(check_positive("lt-ncc scale", scale))
         self.rho, self.eps = float(rho), float(eps)
         self.init = None if init is None else np.asarray(init, dtype=np.float32)
-        self.optimizer = check_choice("lt-ncc optimizer", optimizer, OPTIMIZERS)
+        self.optimizer = check_optimizer("lt-ncc optimizer", optimizer, OPTIMIZERS)
         self.rollback = float(rollback)
         self.seed = int(seed)
         self.beta_: F32 | None = None
@@ -99,7 +100,7 @@ class LTNCCHead(StateMixin, Head):
         beta = np.eye(d, dtype=np.float32) if self.init is None else self.init.copy()
         params = {"beta": beta}
         opt: Optimiser = Adadelta(rho=self.rho, eps=self.eps)
-        if self.optimizer == "olor":
+        if self.optimizer == "rollback":
             opt = Rollback(opt, params, {"beta": self.rollback})
         for _ in range(self.steps):
             _, grad = ltncc_loss_grad(params["beta"], feats, labels, k, self.scale)

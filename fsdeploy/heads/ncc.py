@@ -43,12 +43,13 @@ class NCCHead(StateMixin, Head):
     def fit(self, feats: F32, labels: I64, rng: np.random.Generator | None = None) -> NCCHead:
         feats, labels, k = check_fit_inputs(feats, labels)
         protos = prototypes(feats, labels, k)
+        dtype = np.result_type(feats.dtype, np.float32)  # float64 for features beyond LARGE: ||p||^2 stays finite
         if self.distance == "cosine":
             self.weights_ = (self.scale * l2_normalise(protos)).astype(np.float32)
             self.offset_ = np.zeros(k, dtype=np.float32)
         else:
-            self.weights_ = (2.0 * protos).astype(np.float32)
-            self.offset_ = (-ops.rowdot(protos, protos)).astype(np.float32)
+            self.weights_ = (2.0 * protos).astype(dtype)
+            self.offset_ = (-ops.rowdot(protos, protos)).astype(dtype)
         return self
 
     def predict_proba(self, feats: F32) -> F32:

@@ -8,8 +8,11 @@ first step with each parameter's dtype, so a float32 head stays float32 througho
 The update rules follow torch.optim (Adam, SGD, Adadelta; weight decay added to the gradient, L2 style)
 so that a head and a PyTorch loop fed the same batches agree to float rounding.
 
-OLOR: Lu et al., "One Step Learning, One Step Review", AAAI 2024. After each optimiser step the weights
-are pulled back towards their starting point: theta_t = (1 - lambda) * theta_step + lambda * theta_0.
+`Rollback` (the heads' `optimizer='rollback'`): after each optimiser step the weights are pulled back towards
+their starting point with a constant ratio, theta_t = (1 - lambda) * theta_step + lambda * theta_0. That is the
+form of OLOR's rollback (Lu et al., "One Step Learning, One Step Review", AAAI 2024) but not OLOR as published,
+whose ratio follows the learning rate and decays by layer and whose anchor is a pretrained backbone: that is
+`fsdeploy.train.olor`.
 """
 from __future__ import annotations
 
@@ -138,7 +141,7 @@ class Adadelta:
 
 
 class Rollback:
-    """OLOR weight rollback around any optimiser: after its step, theta <- (1 - lam) theta + lam theta_0.
+    """Constant-ratio weight rollback around any optimiser: after its step, theta <- (1 - lam) theta + lam theta_0.
 
     Args:
         inner: the optimiser that computes the step (Adam for the linear head, SGD for Baseline, ...).

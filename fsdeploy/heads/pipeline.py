@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from fsdeploy.errors import InvalidInput
-from fsdeploy.heads.base import F32, I64, Head, head_from_state, make_head
+from fsdeploy.heads.base import F32, I64, Head, check_finite, check_labels, head_from_state, make_head
 from fsdeploy.heads.transforms import Transform, make_transform, transform_from_state
 
 
@@ -34,13 +34,25 @@ class TaskModel:
         return cls(make_transform(transform, **dict(transform_opts or {})), make_head(head, **head_opts))
 
     def fit(self, feats: F32, labels: I64, rng: np.random.Generator | None = None) -> TaskModel:
-        """Fit the transform, then the head on the transformed support features; returns self."""
+        """Fit the transform, then the head on the transformed support features; returns self.
+
+        Raises:
+            NonFiniteFeatures: NaN or inf in the support features (rows named).
+            InvalidInput: labels that are not integer class indices.
+        """
+        feats = np.asarray(feats, dtype=np.float32)
+        if feats.ndim == 2:
+            check_finite(feats, "support feature")
+        check_labels(labels)
         self.transform.fit(feats)
         self.head.fit(self.transform.apply(feats), labels, rng=rng)
         return self
 
     def predict_proba(self, feats: F32) -> F32:
-        """Class probabilities (M, K) for query features (M, D)."""
+        """Class probabilities (M, K) for query features (M, D); NaN or inf rows raise NonFiniteFeatures."""
+        feats = np.asarray(feats, dtype=np.float32)
+        if feats.ndim == 2:
+            check_finite(feats, "query feature")
         return self.head.predict_proba(self.transform.apply(feats))
 
     def predict(self, feats: F32) -> I64:

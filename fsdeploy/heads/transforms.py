@@ -2,12 +2,12 @@
 
 - `none`: features as they are.
 - `l2`: rows scaled to unit L2 norm.
-- `cl2n`: centre, then L2-normalise (SimpleShot, Wang et al., arXiv:1911.04623, 2019). The centre is a mean
-  feature given at construction (SimpleShot uses the mean of the base-class training features) or, when
-  none is given, the mean of the support features.
-- `ci`: channel importance, phi_k(x) = 1 / ln(1 / (x + 1e-5) + 1)^k with k = 1.3 (Luo et al., "Channel
-  Importance Matters in Few-Shot Image Classification", ICML 2022): a fixed monotone map that evens out
-  the channels of non-negative (post-ReLU) features.
+- `cl2n`: centre on the base-class mean feature, then L2-normalise (SimpleShot, Wang et al., arXiv:1911.04623,
+  2019); the mean is given at construction (bundles store it: `fsdeploy export --base-data DIR`).
+- `cl2n-support`: the same centred on the support set's own mean (a per-task variant, not SimpleShot).
+- `ci`: channel importance (Luo et al., "Channel Importance Matters in Few-Shot Image Classification",
+  ICML 2022): the odd map f(x) = phi(x+) - phi(x-), phi(z) = 1 / ln(1 / (z + 1e-5) + 1)^k, k = 1.3, which
+  evens out the channels, then L2 normalisation; pair it with the cosine NCC head, as the official code.
 
 A transform maps (N, D) to (N, D); `fit` sees the support features once, `apply` runs on support and
 query features. `macs(n, dim)` counts `apply` under the convention in `fsdeploy.heads.ops`; fitting costs
@@ -23,7 +23,7 @@ import numpy as np
 
 from fsdeploy.errors import InvalidInput
 from fsdeploy.heads import ops
-from fsdeploy.heads.base import F32, l2_normalise
+from fsdeploy.heads.base import F32, check_finite, l2_normalise
 from fsdeploy.heads.common import StateMixin, check_positive
 from fsdeploy.registry import Registry
 
@@ -79,6 +79,7 @@ def _as_features(feats: np.ndarray) -> F32:
     feats = np.asarray(feats, dtype=np.float32)
     if feats.ndim != 2:
         raise InvalidInput(f"expected features (N, D), got shape {feats.shape}")
+    check_finite(feats, "feature")  # before any map that could turn inf into a finite number
     return feats
 
 
@@ -106,22 +107,29 @@ class L2Normalise(Transform):
 
 @register_transform("cl2n")
 class CentredL2Normalise(Transform):
-    """SimpleShot's CL2N: subtract a mean feature, then L2-normalise.
+    """SimpleShot's CL2N: subtract the base-class mean feature, then L2-normalise.
+
+    SimpleShot (mileyan/simple_shot `src/train.py`) centres on the mean feature of the base training
+    classes, one fixed vector; `fsdeploy adapt --transform cl2n` passes the one the bundle stores (export
+    with `--base-data DIR`). Fitting without a mean is refused: the support mean is another method
+    (`cl2n-support`).
 
     Args:
-        mean: (D,) centre, e.g. the mean feature of the base-class training data. None: the support mean.
+        mean: (D,) the base-class mean feature.
     """
 
-    _fitted = ("mean_", "fixed_")
+    _fitted = ("mean_",)
 
     def __init__(self, mean: np.ndarray | None = None):
-        self.fixed_ = np.asarray(mean is not None)
         self.mean_: F32 | None = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(-1)
 
     def fit(self, feats: F32) -> CentredL2Normalise:
-        feats = _as_features(feats)
-        if not bool(self.fixed_):
-            self.mean_ = feats.mean(axis=0)
+        _as_features(feats)
+        if self.mean_ is None:
+            raise InvalidInput(
+                "cl2n (SimpleShot) centres on the base-class mean feature and none was given; export the bundle "
+                "with --base-data DIR (images of the backbone's training classes), or use --transform cl2n-support"
+            )
         return self
 
     def apply(self, feats: F32) -> F32:
@@ -129,14 +137,11 @@ class CentredL2Normalise(Transform):
         assert self.mean_ is not None
         feats = _as_features(feats)
         if feats.shape[1] != self.mean_.shape[0]:
-            raise InvalidInput(f"cl2n mean has size {self.mean_.shape[0]}; got features of shape {feats.shape}")
+            raise InvalidInput(f"{self.name} mean has size {self.mean_.shape[0]}; got features of shape {feats.shape}")
         return l2_normalise(feats - self.mean_).astype(np.float32)
 
     def macs(self, n: int, dim: int) -> int:
         return ops.rowdot_macs(n, dim)
-
-    def n_params(self, dim: int) -> int:
-        return 0 if bool(self.fixed_) else dim  # the support mean is per task
 
     @classmethod
     def from_state(cls, state: Mapping[str, np.ndarray]) -> CentredL2Normalise:
@@ -145,34 +150,50 @@ class CentredL2Normalise(Transform):
         return obj
 
 
+@register_transform("cl2n-support")
+class SupportCentredL2Normalise(CentredL2Normalise):
+    """CL2N centred on the task's own support mean (not SimpleShot: that centres on the base-class mean)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def fit(self, feats: F32) -> SupportCentredL2Normalise:
+        self.mean_ = _as_features(feats).astype(np.float64).mean(axis=0).astype(np.float32)
+        return self
+
+    def n_params(self, dim: int) -> int:
+        return dim  # the support mean is per task
+
+
 @register_transform("ci")
 class ChannelImportance(Transform):
-    """Luo et al.'s channel-importance map phi_k(x) = ln(1/(x + eps) + 1)^-k for non-negative features.
+    """Luo et al.'s channel-importance map, odd: f(x) = phi(x+) - phi(x-), phi(z) = ln(1/(z + eps) + 1)^-k; then L2.
+
+    As the official code (Frankluox/Channel_Importance_FSL, `simple_transform` and `PN_head`): the map is
+    applied to the positive and the negative part separately, each with its own phi(0), so f(0) = 0,
+    f(-x) = -f(x), and features of either sign (SiLU, GELU backbones) are fine. The official head then
+    L2-normalises, averages into prototypes, L2-normalises those and scores by cosine: this transform
+    does the first L2 step, and `--head ncc --head-opt distance=cosine` does the rest (the cost and
+    accuracy tables' `ci` row is that pair).
 
     Args:
-        k: exponent (1.3 in the paper).
-        eps: keeps 1/x finite at zero (1e-5).
-        tolerance: negative values down to -tolerance are treated as 0 (rounding in fp16 engines);
-            anything below raises InvalidInput, because the map is only defined for x >= 0.
+        k: exponent (beta = 1.3 in the paper and code).
+        eps: keeps 1/z finite at zero (1e-5, as the code).
+        normalise: L2-normalise after the map (True: the official placement).
     """
 
-    _options = ("k", "eps", "tolerance")
+    _options = ("k", "eps", "normalise")
 
-    def __init__(self, k: float = 1.3, eps: float = 1e-5, tolerance: float = 1e-5):
+    def __init__(self, k: float = 1.3, eps: float = 1e-5, normalise: bool = True):
         self.k = float(check_positive("ci k", k))
         self.eps = float(check_positive("ci eps", eps))
-        self.tolerance = float(tolerance)
+        self.normalise = bool(normalise)
 
     def apply(self, feats: F32) -> F32:
-        feats = _as_features(feats)
-        lowest = float(feats.min()) if feats.size else 0.0
-        if lowest < -self.tolerance:
-            raise InvalidInput(
-                f"channel importance needs non-negative features (post-ReLU); got a minimum of {lowest:.3g}; "
-                "use another transform (l2, cl2n) for features with negative values"
-            )
-        x = np.maximum(feats, 0.0)
-        return np.power(np.log1p(1.0 / (x + self.eps)), -self.k).astype(np.float32)
+        x = _as_features(feats).astype(np.float64)  # phi(0) is subtracted from phi(z): keep the digits
+        phi = lambda z: np.power(np.log1p(1.0 / (z + self.eps)), -self.k)
+        out = phi(np.maximum(x, 0.0)) - phi(np.maximum(-x, 0.0))
+        return (l2_normalise(out) if self.normalise else out).astype(np.float32)
 
     def macs(self, n: int, dim: int) -> int:
-        return 0
+        return ops.rowdot_macs(n, dim) if self.normalise else 0

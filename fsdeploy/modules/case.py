@@ -85,5 +85,23 @@ class CaseBlock(nn.Module):
         z = (z - z.mean()) / torch.sqrt(z.var(unbiased=False) + STANDARDISE_EPS)
         return 2.0 * torch.sigmoid(self.mlp(z))
 
+    def reset_for_metatraining_(self, generator: torch.Generator | None = None) -> None:
+        """UpperCaSE's start before meta-training from scratch: first two Linears U(±1/√out), zero bias; last zero.
+
+        The official EfficientNet initialises every Linear it holds this way (CaSE blocks included), then
+        `CaSE.reset_parameters` zeroes the last one again; PyTorch's default (Kaiming-uniform on the input
+        width) is a different start.
+
+        Args:
+            generator: torch generator for the uniform draws (None: torch's global one).
+        """
+        with torch.no_grad():
+            for layer in (self.mlp[0], self.mlp[2]):
+                bound = 1.0 / layer.out_features**0.5
+                nn.init.uniform_(layer.weight, -bound, bound, generator=generator)
+                nn.init.zeros_(layer.bias)
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, hidden={self.mlp[0].out_features}"

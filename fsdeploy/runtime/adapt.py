@@ -30,7 +30,7 @@ from fsdeploy.engines import EngineOptions
 from fsdeploy.errors import InvalidInput
 from fsdeploy.heads.pipeline import TaskModel
 from fsdeploy.runtime.paths import FeaturePath, feature_path
-from fsdeploy.runtime.task import TaskArtefact
+from fsdeploy.runtime.task import TaskArtefact, name_bad_images
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,11 @@ class TaskAdapter:
         self.head, self.transform, self.head_opts = head, transform, dict(head_opts or {})
         self.backend, self.options = backend, options or EngineOptions()
         self.steps, self.fit_opts, self.batch = steps, dict(fit_opts or {}), batch
+        self.kind.check_options(self.fit_opts)
+        if not self.kind.finetuner:
+            from fsdeploy.runtime.base_mean import transform_options
+
+            self._transform_opts = transform_options(bundle, transform)  # SimpleShot's cl2n: the base-class mean
         if self.kind.finetuner and self.options.precision != "fp32":
             raise InvalidInput(f"tasks with folded weights ({self.kind.name}) run their own fp32 graph; drop --precision {self.options.precision}")
         self._path: FeaturePath | None = None
@@ -104,11 +109,15 @@ class TaskAdapter:
         return self._path
 
     def adapt(self, support: np.ndarray | Iterable[np.ndarray], labels: np.ndarray, classes: Sequence[str], *,
-              seed: int = 0, info: dict[str, Any] | None = None) -> Adapted:
+              seed: int = 0, info: dict[str, Any] | None = None, paths: Sequence[str | Path] = ()) -> Adapted:
         """Fit one task on preprocessed support images `(N, 3, H, W)` (an array, or batches of one).
 
+        Args:
+            paths: the support files, so a NaN/inf feature is reported by file name.
+
         Raises:
-            InvalidInput: bad images or labels; ValidationFailed: a fold that disagrees with its network.
+            InvalidInput: bad images or labels (NonFiniteFeatures names the files); ValidationFailed: a fold
+                that disagrees with its network; BundleError: SimpleShot (cl2n) without a base-class mean.
         """
         m = self.bundle.manifest
         meta = {"support": int(len(labels)), "seed": seed, "precision": self.options.precision, "fsdeploy": __version__,
@@ -119,7 +128,7 @@ class TaskAdapter:
             images = support if isinstance(support, np.ndarray) else np.concatenate(list(support))
             t0 = time.perf_counter()
             folded = fit_folded(self.kind, self.bundle, images, np.asarray(labels), steps=self.steps, backend=self.backend,
-                                fit_opts=self.fit_opts)
+                                fit_opts=self.fit_opts, paths=paths)
             total = (time.perf_counter() - t0) * 1e3
             head_name = "lt-ncc" if folded.head.head.name == "lt-ncc" else f"{folded.head.head.name}-cosine"
             task = TaskArtefact(m.bundle_id, m.model, m.adapter, tuple(classes), folded.head.state(), folded.task_state,
@@ -128,8 +137,9 @@ class TaskAdapter:
         t0 = time.perf_counter()
         feats, state = self.support_path().support(_batches(support, self.batch))
         t1 = time.perf_counter()
-        model = TaskModel.create(self.head, self.transform, **self.head_opts)
-        model.fit(feats, labels, rng=np.random.default_rng(seed))
+        model = TaskModel.create(self.head, self.transform, transform_opts=self._transform_opts, **self.head_opts)
+        with name_bad_images(paths, "support"):
+            model.fit(feats, labels, rng=np.random.default_rng(seed))
         t2 = time.perf_counter()
         task = TaskArtefact(m.bundle_id, m.model, m.adapter, tuple(classes), model.state(), state,
                             {"head": self.head, "transform": self.transform, **meta})
@@ -151,9 +161,11 @@ class TaskAdapter:
             if path is not self._path:
                 path.close()
 
-    def predict_proba(self, task: TaskArtefact, images: np.ndarray) -> NDArray[np.float32]:
-        """Class probabilities `(M, K)` of preprocessed images."""
-        return TaskModel.from_state(task.model_state).predict_proba(self.features(task, images))
+    def predict_proba(self, task: TaskArtefact, images: np.ndarray, paths: Sequence[str | Path] = ()) -> NDArray[np.float32]:
+        """Class probabilities `(M, K)` of preprocessed images (`paths` name the files of NaN/inf features)."""
+        feats = self.features(task, images)
+        with name_bad_images(paths, "query"):
+            return TaskModel.from_state(task.model_state).predict_proba(feats)
 
     def close(self) -> None:
         if self._path is not None:
@@ -203,7 +215,7 @@ def adapt_task(
         else:
             images = iter_batches(files.paths, pre, batch, workers=workers)
         t1 = time.perf_counter()
-        adapted = adapter_.adapt(images, files.labels, files.classes, seed=seed)
+        adapted = adapter_.adapt(images, files.labels, files.classes, seed=seed, paths=files.paths)
     t3 = time.perf_counter()
     if out is not None:
         adapted.task.save(out)
@@ -244,7 +256,9 @@ def predict_images(
     try:
         for i in range(0, len(paths), batch):
             chunk = paths[i : i + batch]
-            probs = model.predict_proba(path.query(load_checked(chunk, bundle.manifest.preprocess, workers=workers), task.task_state))
+            feats = path.query(load_checked(chunk, bundle.manifest.preprocess, workers=workers), task.task_state)
+            with name_bad_images(chunk, "query"):
+                probs = model.predict_proba(feats)
             order = np.argsort(-probs, axis=1)[:, :k]
             for p, row, idx in zip(chunk, probs, order):
                 out.append(Prediction(str(p), tuple(task.classes[j] for j in idx), tuple(float(row[j]) for j in idx)))

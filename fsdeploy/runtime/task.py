@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import numpy as np
 from fsdeploy.atomic import save_npz
 from fsdeploy.bundle import Bundle
 from fsdeploy.errors import BundleError, InvalidInput
+from fsdeploy.heads.base import NonFiniteFeatures
 
 TASK_SCHEMA = 1
 
@@ -74,3 +77,19 @@ class TaskArtefact:
             )
 
 
+
+
+@contextmanager
+def name_bad_images(paths: Sequence[str | Path], what: str) -> Iterator[None]:
+    """Turn a head's NonFiniteFeatures (row indices) into one line naming the image files of those rows."""
+    try:
+        yield
+    except NonFiniteFeatures as exc:
+        if not paths:
+            raise
+        names = [str(paths[r]) for r in exc.rows[:5] if r < len(paths)]
+        more = f" (+{len(exc.rows) - 5} more)" if len(exc.rows) > 5 else ""
+        raise NonFiniteFeatures(
+            f"{what} images {', '.join(names)}{more} gave NaN or inf features; check those files, or re-export "
+            "the bundle / try --precision fp32 if every image does", exc.rows,
+        ) from None

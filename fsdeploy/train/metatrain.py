@@ -5,11 +5,22 @@ Few-Shot Image Classification", NeurIPS 2022 (arXiv 2206.09843).
 
 Per task: the context pass gives context features and γ; a zero-initialised linear head is fitted on the
 detached context features (the UpperCaSE head: Adam β 0.9/0.999, ε 1e-8, weight decay 1e-5, 500 steps of
-128 rows drawn with replacement, lr linear 1e-3 → 1e-5, mean cross-entropy); then, with that head frozen,
-cross-entropy on context + target images is backpropagated into the CaSE parameters only (target images
-go through the query mode with the task's γ). The backbone never changes: its weights are frozen and
-BatchNorm stays in eval mode. Adam on the CaSE parameters, one step every 16 tasks, lr linear 1e-3 → 1e-5
-over the tasks.
+128 rows drawn with replacement, lr linear 1e-3 → 1e-5, mean cross-entropy). Then, with that head frozen,
+the CaSE parameters (only they) get gradients. Two outer steps:
+
+- `upstream` (default; the official `models/uppercase.py`, `UpperCaSE.learn`): max(1, (N + M) // 128)
+  batches of 128 images drawn with replacement from context ∪ target, each run in adaptive mode (γ
+  recomputed from that batch itself), each mean cross-entropy `backward()`-ed at once. Gradients are
+  summed, not averaged, over batches and tasks; Adam steps after task t when t % 16 == 0 and t > 0 (so
+  the first step carries 17 tasks, and tasks after the last multiple of 16 never step), at lr
+  linspace(1e-3, 1e-5, tasks)[t].
+- `context-gamma` (fsdeploy's earlier step, kept for comparison): γ from the context set only, target
+  images in query mode under that γ, one mean cross-entropy over context + target per task, gradients
+  averaged over each group of 16 tasks, a step after every group (a short last group too).
+
+The backbone never changes: its weights are frozen and BatchNorm stays in eval mode. Meta-training from
+scratch starts the CaSE blocks as the official code does (`CaseBlock.reset_for_metatraining_`, drawn
+from `seed`); a checkpoint that already holds CaSE blocks continues from them.
 
 The checkpoint is the backbone's own state dict plus the CaSE blocks under `cases.`, with metadata naming
 the model, its preprocessing and the CaSE sites; `fsdeploy export MODEL --adapter case --checkpoint` reads it.
@@ -26,14 +37,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsdeploy.backbones import save_checkpoint
+from fsdeploy.backbones import read_checkpoint, save_checkpoint
 from fsdeploy.data.cache import ImageCache
 from fsdeploy.data.episodes import sample_episode
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.errors import InvalidInput
 from fsdeploy.backbones import BuildRequest
-from fsdeploy.modules.case_checkpoint import build_casenet, case_checkpoint_state
+from fsdeploy.modules.case_checkpoint import CASE_PREFIX, build_casenet, case_checkpoint_state
 from fsdeploy.modules.casenet import CaseNet
+
+
+OUTER_STEPS = ("upstream", "context-gamma")
+OUTER_BATCH = 128  # images per adaptive-mode batch of the upstream outer step
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,9 @@ class TaskStats:
     target_acc: float
     lr: float
     stepped: bool  # an optimiser step happened after this task
+
+    # target_acc: `context-gamma` scores every target image in query mode under the context γ; `upstream`
+    # scores the target rows of its drawn batches in adaptive mode (no extra forward pass).
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,45 @@ def task_loss(
     return loss, acc
 
 
+def upstream_task_backward(
+    net: CaseNet, context: torch.Tensor, context_y: torch.Tensor, target: torch.Tensor, target_y: torch.Tensor,
+    ways: int, rng: np.random.Generator, recipe: HeadRecipe, batch: int = OUTER_BATCH,
+) -> tuple[float, float]:
+    """The official outer step for one task: head on the context pass, then adaptive-mode batches, each backward.
+
+    Random draws, in order: the head's batches (`fit_head_torch`), then one `rng.integers(0, N + M, batch)`
+    per outer batch. Gradients accumulate in the CaSE parameters' `.grad` (summed); nothing steps here.
+
+    Returns:
+        mean loss over the batches, accuracy of the frozen head on the drawn target rows (nan if none).
+    """
+    with torch.no_grad():
+        ctx_feats, _ = net.context_module()(context)
+    weight, bias = fit_head_torch(ctx_feats, context_y, ways, rng, recipe)
+    images, labels = torch.cat([context, target]), torch.cat([context_y, target_y])
+    n, n_ctx = images.shape[0], context.shape[0]
+    losses, hits, seen = [], 0, 0
+    for _ in range(max(1, n // batch)):
+        rows = torch.from_numpy(rng.integers(0, n, size=batch)).to(images.device)
+        feats, _ = net.context_module()(images[rows])  # adaptive mode: γ from this batch itself
+        logits = feats @ weight.T + bias
+        loss = F.cross_entropy(logits, labels[rows])
+        loss.backward()
+        losses.append(float(loss.detach()))
+        is_target = rows >= n_ctx
+        hits += int((logits.detach().argmax(1) == labels[rows])[is_target].sum())
+        seen += int(is_target.sum())
+    return sum(losses) / len(losses), (hits / seen if seen else float("nan"))
+
+
+def _starts_from_scratch(checkpoint: str | Path | None) -> bool:
+    """True unless `checkpoint` already holds CaSE blocks (a metatrain checkpoint to continue)."""
+    if checkpoint is None:
+        return True
+    state, _ = read_checkpoint(checkpoint)
+    return not any(k.startswith(CASE_PREFIX) for k in state)
+
+
 def metatrain(
     model: str,
     data_dir: str | Path,
@@ -151,6 +208,7 @@ def metatrain(
     lr: float = 1e-3,
     lr_end: float = 1e-5,
     accumulate: int = 16,
+    outer: str = "upstream",
     head: HeadRecipe = HeadRecipe(),
     device: str | None = None,
     seed: int = 0,
@@ -165,10 +223,12 @@ def metatrain(
         checkpoint: backbone weights (or a previous metatrain checkpoint, to continue from its CaSE blocks).
         tasks: episodes; `ways`-way `shots`-shot with `queries` target images per class.
         lr, lr_end: Adam learning rate at the first and last task (linear in between).
-        accumulate: tasks per optimiser step (gradients are averaged over them).
+        accumulate: tasks per optimiser step (16; `upstream` steps after task t when t % accumulate == 0 and
+            t > 0 with summed gradients, `context-gamma` after every group with averaged ones).
+        outer: 'upstream' (the official outer step) or 'context-gamma' (see the module docstring).
         head: the per-task head recipe (fewer `iters` for quick runs).
         device: torch device; default CUDA when available, else CPU.
-        seed: seeds episode draws, head batch draws and nothing else.
+        seed: seeds episode draws, head and outer batch draws, and the from-scratch CaSE init.
 
     Raises:
         InvalidInput: bad counts, too few classes for `ways`, or an output path not ending in .safetensors.
@@ -178,11 +238,18 @@ def metatrain(
         raise InvalidInput(f"metatrain output {out} must end in .safetensors")
     if min(tasks, ways, shots, queries, accumulate) < 1:
         raise InvalidInput("tasks, ways, shots, queries and accumulate must all be >= 1")
+    if outer not in OUTER_STEPS:
+        raise InvalidInput(f"unknown outer step {outer!r}; choose one of {', '.join(OUTER_STEPS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, pre = build_casenet(BuildRequest(model, Path(checkpoint) if checkpoint else None, pretrained, img_size))
     net = net.to(dev).eval()  # eval for good: BatchNorm statistics and dropout stay frozen
     for p in net.backbone.parameters():
         p.requires_grad_(False)
+    fresh = _starts_from_scratch(checkpoint)
+    if fresh:
+        init_rng = torch.Generator().manual_seed(int(seed))
+        for block in net.cases:
+            block.reset_for_metatraining_(init_rng)
     params = list(net.cases.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -192,18 +259,31 @@ def metatrain(
     opt = torch.optim.Adam(params, lr=lr)
     opt.zero_grad(set_to_none=True)
     pending = 0
+    lrs = np.linspace(lr, lr_end, tasks)
     for t in range(tasks):
         ep = sample_episode(files.labels, ways, shots, queries, rng)
-        loss, acc = task_loss(
-            net, _on(images.get(ep.support), dev), _on(ep.support_labels, dev), _on(images.get(ep.query), dev),
-            _on(ep.query_labels, dev), ways, rng, head,
+        batch = (
+            _on(images.get(ep.support), dev), _on(ep.support_labels, dev), _on(images.get(ep.query), dev),
+            _on(ep.query_labels, dev),
         )
+        task_lr = float(lrs[t])
+        if outer == "upstream":
+            loss_value, acc = upstream_task_backward(net, *batch, ways, rng, head)
+            _check_finite(loss_value, t)
+            stepped = t % accumulate == 0 and t > 0
+            if stepped:
+                for group in opt.param_groups:
+                    group["lr"] = task_lr
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if progress is not None:
+                progress(TaskStats(t + 1, tasks, loss_value, acc, task_lr, stepped))
+            continue
+        loss, acc = task_loss(net, *batch, ways, rng, head)
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise InvalidInput(f"meta-training diverged at task {t + 1} (loss {loss_value}); lower --lr")
+        _check_finite(loss_value, t)
         (loss / accumulate).backward()
         pending += 1
-        task_lr = lr + (lr_end - lr) * (t / max(tasks - 1, 1))
         stepped = pending == accumulate or t == tasks - 1
         if stepped:
             if pending < accumulate:  # a short last group: average over the tasks it really has
@@ -225,9 +305,15 @@ def metatrain(
             "case_sites": [s.name for s in net.layout],
             "metatrain": {
                 "data": str(data_dir), "split": split, "tasks": tasks, "ways": ways, "shots": shots, "queries": queries,
-                "lr": lr, "lr_end": lr_end, "accumulate": accumulate, "head_iters": head.iters, "seed": seed,
+                "lr": lr, "lr_end": lr_end, "accumulate": accumulate, "outer": outer,
+                "init": "upstream" if fresh else "checkpoint", "head_iters": head.iters, "seed": seed,
                 "backbone_checkpoint": str(checkpoint) if checkpoint else None,
             },
         },
     )
     return out
+
+
+def _check_finite(loss_value: float, t: int) -> None:
+    if not math.isfinite(loss_value):
+        raise InvalidInput(f"meta-training diverged at task {t + 1} (loss {loss_value}); lower --lr")

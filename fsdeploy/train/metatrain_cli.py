@@ -26,13 +26,14 @@ def register_metatrain(app: typer.Typer) -> None:
         lr: Annotated[float, typer.Option(help="Adam learning rate at the first task; decays linearly to --lr-end.")] = 1e-3,
         lr_end: Annotated[float, typer.Option(help="Adam learning rate at the last task.")] = 1e-5,
         accumulate: Annotated[int, typer.Option(help="Tasks per optimiser step (UpperCaSE: 16).")] = 16,
+        outer: Annotated[str, typer.Option(help="Outer step: upstream (official: 128-image adaptive-mode batches from context+target, summed gradients) or context-gamma (γ from the context only, targets in query mode, averaged gradients).")] = "upstream",
         head_iters: Annotated[int, typer.Option(help="Steps of the per-task linear head (UpperCaSE: 500).")] = 500,
         device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
         seed: Annotated[int, typer.Option(help="Seed for episode and head-batch draws.")] = 0,
     ) -> None:
         """Meta-train the CaSE blocks (UpperCaSE) of a frozen backbone; the backbone itself never changes.
 
-        Each task fits a fresh zero-init linear head on the context images' features (500 Adam steps), then trains only the CaSE blocks so that this head classifies context and target images well; Adam steps every 16 tasks with the learning rate decaying linearly from --lr to --lr-end. BatchNorm stays in eval mode, so the backbone tensors in OUT are bit-identical to the input ones. Export the result with `fsdeploy export MODEL --adapter case --checkpoint OUT`.
+        Each task fits a fresh zero-init linear head on the context images' features (500 Adam steps), then trains only the CaSE blocks so that this head classifies context and target images well: by default as the official code does, max(1, (context+target)//128) batches of 128 images drawn with replacement, γ recomputed from each batch, gradients summed; Adam steps after task t when t % 16 == 0 (t > 0), the learning rate decaying linearly from --lr to --lr-end. From scratch, the CaSE blocks start as upstream's (U(±1/√out), zero bias; last layer zero). BatchNorm stays in eval mode, so the backbone tensors in OUT are bit-identical to the input ones. Export the result with `fsdeploy export MODEL --adapter case --checkpoint OUT`.
 
         Examples:
 
@@ -72,6 +73,6 @@ def register_metatrain(app: typer.Typer) -> None:
             path = metatrain(
                 model, data, out, checkpoint=checkpoint, pretrained=pretrained, split=split, img_size=img_size,
                 tasks=tasks, ways=ways, shots=shots, queries=queries, lr=lr, lr_end=lr_end, accumulate=accumulate,
-                head=HeadRecipe(iters=head_iters), device=device, seed=seed, progress=show,
+                outer=outer, head=HeadRecipe(iters=head_iters), device=device, seed=seed, progress=show,
             )
         console.print(f"wrote {path}; export it with `fsdeploy export {model} --adapter case --checkpoint {path}`")

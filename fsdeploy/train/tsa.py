@@ -12,7 +12,11 @@ protect features that are already good. Pass `lr_alpha, lr_beta = TSA_LEARNING_R
 BN-affine: the same loss, optimiser and step count, training only every BatchNorm's weight and bias
 (running statistics frozen, eval mode), no beta. Its learning rate 0.5 is our choice (no published
 recipe for this exact setting): the TSA alpha rate, since Adadelta's steps start near lr x 1e-3 and
-both parameter sets are per-channel scales on unit-scale activations.
+both parameter sets are per-channel scales on unit-scale activations. `optimizer="olor"` instead runs OLOR as
+published (`fsdeploy.train.olor`: Adam, no weight decay, each step rolls the BN weights back towards the
+pretrained ones with λ = η·b_i decaying linearly from 0.01 on the first BN tensor to 0 on the last), at
+Adam lr 1e-3 (our choice, constant over the 40 steps; OLOR's own runs use 1e-4 with a cosine schedule
+over whole epochs).
 
 Fitting is deterministic (full batch, fixed initialisation, no dropout in eval mode), so it takes no seed;
 on CPU repeated runs are bit-identical, on CUDA up to cuDNN's nondeterministic kernels.
@@ -35,6 +39,8 @@ from fsdeploy.modules.fold import TaskWeights, folded_state, task_weights
 
 TSA_LEARNING_RATES: dict[str, tuple[float, float]] = {"unseen": (0.5, 1.0), "seen": (0.05, 0.1)}  # (alpha, beta)
 BN_AFFINE_LR = 0.5
+BN_AFFINE_OLOR_LR = 1e-3
+BN_AFFINE_OPTIMIZERS = ("adadelta", "olor")
 ADAPT_STEPS = 40
 COSINE_SCALE = 10.0
 ADADELTA = {"rho": 0.9, "eps": 1e-6}
@@ -86,6 +92,7 @@ class BNAffineResult:
     lr: float
     steps: int
     device: str
+    optimizer: str = "adadelta"
 
     def folded_state(self) -> dict[str, torch.Tensor]:
         """State dict for the plain graph (BN weight/bias replaced)."""
@@ -139,7 +146,7 @@ def fit_tsa(
     alphas = [a.alpha.weight.requires_grad_(True) for a in adapters_of(model).values()]
     beta = alignment_map(_feature_dim(backbone), device=dev)
     groups = [{"params": alphas, "lr": lr_alpha}, {"params": list(beta.parameters()), "lr": lr_beta}]
-    losses = _fit(lambda: beta(model(x)), groups, y, n_classes, steps)
+    losses = _fit(lambda: beta(model(x)), torch.optim.Adadelta(groups, **ADADELTA), y, n_classes, steps)
     model.cpu()
     _freeze(model.parameters())
     beta_np = beta.weight.detach().cpu().numpy().astype(np.float32, copy=True)
@@ -152,25 +159,37 @@ def fit_bn_affine(
     labels: torch.Tensor | np.ndarray,
     *,
     steps: int = ADAPT_STEPS,
-    lr: float = BN_AFFINE_LR,
+    lr: float | None = None,
+    optimizer: str = "adadelta",
     device: str | torch.device | None = None,
 ) -> BNAffineResult:
     """Fit only the BatchNorm weights and biases of a copy of `backbone` on one task's support set.
 
-    Arguments as `fit_tsa`; `lr` is Adadelta's rate for every BN weight and bias.
+    Arguments as `fit_tsa`; `optimizer` is 'adadelta' (default, lr 0.5) or 'olor' (OLOR's Adam with
+    rollback towards the pretrained BN weights, lr 1e-3); `lr` overrides the optimiser's default rate.
 
     Raises:
-        InvalidInput: bad inputs, or the backbone has no affine BatchNorm.
+        InvalidInput: bad inputs, an unknown optimizer, or the backbone has no affine BatchNorm.
     """
+    if optimizer not in BN_AFFINE_OPTIMIZERS:
+        raise InvalidInput(f"unknown BN-affine optimizer {optimizer!r}; choose one of {', '.join(BN_AFFINE_OPTIMIZERS)}")
+    if lr is None:
+        lr = BN_AFFINE_OLOR_LR if optimizer == "olor" else BN_AFFINE_LR
     dev = _device(device)
     x, y, n_classes = _support(images, labels, dev)
     model = copy.deepcopy(backbone).to(dev).eval()
     _freeze(model.parameters())
     keys, params = _bn_affine_parameters(model)
-    losses = _fit(lambda: model(x), [{"params": params, "lr": lr}], y, n_classes, steps)
+    if optimizer == "olor":
+        from fsdeploy.train.olor import OLORAdam
+
+        opt: torch.optim.Optimizer = OLORAdam(params, lr=lr)  # named_modules order: shallow tensors first
+    else:
+        opt = torch.optim.Adadelta([{"params": params, "lr": lr}], **ADADELTA)
+    losses = _fit(lambda: model(x), opt, y, n_classes, steps)
     model.cpu()
     _freeze(model.parameters())
-    return BNAffineResult(model, keys, losses, float(lr), int(steps), dev.type)
+    return BNAffineResult(model, keys, losses, float(lr), int(steps), dev.type, optimizer)
 
 
 def tsa_adapt_macs(backbone: nn.Module, img_size: int | tuple[int, int], n_support: int, steps: int = ADAPT_STEPS) -> int:
@@ -206,9 +225,9 @@ def bn_affine_adapt_macs(backbone: nn.Module, img_size: int | tuple[int, int], n
 
 
 def _fit(
-    forward: Callable[[], torch.Tensor], groups: list[dict], labels: torch.Tensor, n_classes: int, steps: int
+    forward: Callable[[], torch.Tensor], optimiser: torch.optim.Optimizer, labels: torch.Tensor, n_classes: int,
+    steps: int,
 ) -> tuple[float, ...]:
-    optimiser = torch.optim.Adadelta(groups, **ADADELTA)
     losses = []
     for _ in range(int(steps)):
         optimiser.zero_grad(set_to_none=True)
