@@ -9,14 +9,34 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fsdeploy.commands.progress import progress
+
 console = Console()
 err = Console(stderr=True)
+OPSET_MIN, OPSET_MAX = 9, 20  # 9: lowest that exports these backbones (checked); 20: torch.onnx TorchScript exporter max
 
 PRECISION_HELP = (
     "Engine precision: fp32; int8 on --backend ort (the graph from `fsdeploy quantize`); fp16 on --backend trt "
     "(engines from `fsdeploy build --precision fp16`)."
 )
-HEAD_HELP = "Per-task head: linear (UpperCaSE zero-init, 500 Adam steps), ncc (prototypes), and the others in `fsdeploy heads`."
+HEAD_HELP = (
+    "Per-task head: linear (UpperCaSE zero-init, 500 Adam steps), ncc (prototypes), simpleshot (ncc on cl2n features), "
+    "linear-newton, baseline, baseline++, lt-ncc; details in `fsdeploy heads`."
+)
+
+
+def _adapt_doc() -> str:
+    from fsdeploy.commands.head_options import options_help
+
+    return (
+        "Fit a per-task head on the engine features of a support set and write a task artefact.\n\n"
+        "Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the "
+        "adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph is stored in the task.\n\n"
+        f"--head-opt keys per head (defaults): {options_help()}."
+    )
+
+
+ADAPT_DOC = _adapt_doc()
 
 
 def _validation_table(report: dict) -> Table:
@@ -63,48 +83,70 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         model: Annotated[str, typer.Argument(help="timm model name, e.g. efficientnet_b0, resnet18, vit_small_patch16_224.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (replaced atomically).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write: a new name, or an existing bundle with --force (replaced atomically).")],
         adapter: Annotated[str, typer.Option(help="Adaptation module: none, case (UpperCaSE), toast (ViT).")] = "none",
-        checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights (.pth or .safetensors).")] = None,
+        checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights (.pth or .safetensors). Without it (and --pretrained) the weights are random: warned and recorded.")] = None,
         pretrained: Annotated[bool, typer.Option(help="Download timm's pretrained weights (needs network).")] = False,
-        img_size: Annotated[Optional[int], typer.Option(help="Input resolution (default: checkpoint's, then model's).")] = None,
-        opset: Annotated[int, typer.Option(help="ONNX opset; >= 17 keeps LayerNorm a single node.")] = 17,
+        img_size: Annotated[Optional[int], typer.Option(min=1, help="Input resolution in pixels (default: checkpoint's, then model's).")] = None,
+        opset: Annotated[int, typer.Option(min=OPSET_MIN, max=OPSET_MAX, help=f"ONNX opset {OPSET_MIN}-{OPSET_MAX}; >= 17 keeps LayerNorm a single node.")] = 17,
         validate: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch; refuse a bundle outside tolerance.")] = True,
         calib: Annotated[Optional[Path], typer.Option(help="Folder of your own images to validate on (default: shipped photos).")] = None,
         backbone_checkpoint: Annotated[
             Optional[Path], typer.Option(help="--adapter toast: the frozen backbone weights the TOAST checkpoint was tuned on.")
         ] = None,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out (its engines, int8 graph and task compatibility are lost). Other files are never replaced.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (files, id, validation) instead of tables.")] = False,
     ) -> None:
         """Export a timm backbone (+ adapter) to a validated ONNX bundle.
 
         Example: fsdeploy export efficientnet_b0 --checkpoint weights.safetensors --adapter case --out bundle/
         """
         from fsdeploy.exporters.export import export_bundle
+        from fsdeploy.outputs import check_bundle_out
 
-        with console.status("exporting") as status:
+        losses = check_bundle_out(out, overwrite=force)  # refuse before minutes of work
+        with progress(err if as_json else console, "exporting") as status:
             bundle, report = export_bundle(
                 model, out, adapter=adapter, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
                 opset=opset, validate=validate, calib=calib, progress=lambda m: status.update(m),
-                options={"backbone_checkpoint": str(backbone_checkpoint)} if backbone_checkpoint else None,
+                options={"backbone_checkpoint": str(backbone_checkpoint)} if backbone_checkpoint else None, overwrite=force,
             )
+        m = bundle.manifest
+        if as_json:
+            typer.echo(json.dumps({
+                "out": str(out), "model": m.model, "adapter": m.adapter, "bundle_id": m.bundle_id,
+                "files": sorted(m.files), "input_size": list(m.preprocess.input_size), "feature_dim": m.feature_dim,
+                "opset": m.opset, "validated": report is not None, "passed": bool(report.passed) if report else None,
+                "random_init": bool(m.source.get("random_init")), "replaced": losses,
+            }))
+            return
+        if losses:
+            console.print(f"[yellow]replaced the bundle at {out}: lost {losses}[/yellow]")
         if report is not None:
             console.print(_validation_table(report.to_dict()))
         else:
             console.print("[yellow]validation skipped (--no-validate); recorded in the manifest[/yellow]")
-        m = bundle.manifest
         console.print(
             f"wrote {out}: {', '.join(g.file for g in m.graphs.values())} | {m.model} adapter={m.adapter} "
             f"input={m.preprocess.input_size} features={m.feature_dim} opset={m.opset} id={m.bundle_id[:12]}"
         )
 
     @app.command()
-    def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
+    def info(
+        bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+        as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON (for scripts).")] = False,
+    ) -> None:
         """Show a bundle's model, graphs with their inputs/outputs, engines and validation."""
         from fsdeploy.exporters.bundle import load_bundle
 
         b = load_bundle(bundle)
         m = b.manifest
+        if as_json:
+            typer.echo(json.dumps({"path": str(bundle), "bundle_id": m.bundle_id, **json.loads(m.to_json())}, sort_keys=True))
+            return
         console.print(f"[bold]{bundle}[/bold]: {m.model} ({m.family}) adapter={m.adapter} id={m.bundle_id[:12]}")
+        if m.source.get("random_init"):
+            console.print("[yellow]weights: RANDOM INIT (exported without --checkpoint or --pretrained); features are not meaningful[/yellow]")
         console.print(f"preprocess: {m.preprocess}")
         table = Table(title="graphs")
         for col in ("graph", "file", "inputs", "outputs"):
@@ -118,41 +160,45 @@ def register(app: typer.Typer) -> None:
         if m.engines:
             console.print_json(json.dumps(m.engines))
 
-    @app.command()
+    @app.command(help=ADAPT_DOC)
     def adapt(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")],
-        support: Annotated[Path, typer.Argument(help="Support images: one sub-folder per class.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz).")],
+        support: Annotated[Path, typer.Argument(help="Support images: one sub-folder per class (nested sub-folders count for their class).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz); an existing task artefact is replaced, any other file refused.")],
         head: Annotated[str, typer.Option(help=HEAD_HELP)] = "linear",
         transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n, ci.")] = "none",
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
-        batch: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
-        threads: Annotated[Optional[int], typer.Option(help="CPU threads for the engine.")] = None,
+        batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
         adapter: Annotated[
             Optional[str],
-            typer.Option(help="Fine-tune per task through the backbone, then fold: tsa (ResNet residual adapters + β) or bn-affine."),
+            typer.Option(help="Fine-tune per task through the backbone, then fold: tsa (ResNet residual adapters + β) or bn-affine. Fits its own linear head: --head/--head-opt do not apply."),
         ] = None,
-        steps: Annotated[int, typer.Option(help="Optimiser steps for --adapter tsa / bn-affine (TSA recipe: 40).")] = 40,
+        steps: Annotated[int, typer.Option(min=1, help="Optimiser steps for --adapter tsa / bn-affine (TSA recipe: 40).")] = 40,
         head_opt: Annotated[
             Optional[list[str]],
-            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=olor --head-opt distance=cosine."),
+            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=olor (linear) or --head-opt distance=cosine (ncc); keys per head are listed above."),
         ] = None,
     ) -> None:
-        """Fit a per-task head on the engine features of a support set and write a task artefact.
-
-        Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the
-        adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph is stored in the task.
-        """
+        from fsdeploy.commands.head_options import check_head_options, resolve_method
         from fsdeploy.engines import EngineOptions
+        from fsdeploy.errors import InvalidInput
         from fsdeploy.exporters.bundle import load_bundle
+        from fsdeploy.outputs import check_task_out
         from fsdeploy.task import adapt_task
 
+        check_task_out(out)
         b = load_bundle(bundle)
-        with console.status("adapting"):
+        if adapter:
+            if head != "linear" or transform != "none" or head_opt:
+                raise InvalidInput(f"--adapter {adapter} fits its own linear head on the folded features; drop --head/--transform/--head-opt")
+        else:
+            head, transform = resolve_method(head, transform)
+            opts = check_head_options(head, parse_options(head_opt or []))
+        with progress(console, "adapting"):
             if adapter:
-                from fsdeploy.errors import InvalidInput
                 from fsdeploy.finetune_task import adapt_finetuned
 
                 if precision != "fp32":
@@ -164,7 +210,7 @@ def register(app: typer.Typer) -> None:
                 )
             else:
                 task, t = adapt_task(
-                    b, support, out, head=head, transform=transform, backend=backend, head_opts=parse_options(head_opt or []),
+                    b, support, out, head=head, transform=transform, backend=backend, head_opts=opts,
                     options=EngineOptions(threads=threads, precision=precision), batch=batch, seed=seed,
                 )
         console.print(
@@ -177,27 +223,40 @@ def register(app: typer.Typer) -> None:
         bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
         task: Annotated[Path, typer.Argument(help="Task artefact from `fsdeploy adapt`.")],
         images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-        topk: Annotated[int, typer.Option(help="How many labels per image.")] = 1,
+        topk: Annotated[int, typer.Option(min=1, help="How many labels per image (at most the task's classes).")] = 1,
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines.")] = False,
+        batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine and image decoding.")] = None,
+        skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Classify the readable images and report each unreadable one (exit 1 if any); default: refuse the run, naming them.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines; with --skip-bad an unreadable image is a line with an \"error\".")] = False,
     ) -> None:
         """Classify images with a stored task: top-k labels with probabilities."""
+        from fsdeploy.commands.predict_safe import predict_or_report
         from fsdeploy.engines import EngineOptions
         from fsdeploy.exporters.bundle import load_bundle
-        from fsdeploy.task import TaskArtefact, predict_images
+        from fsdeploy.task import TaskArtefact
 
         b = load_bundle(bundle)
         t = TaskArtefact.load(task)
         t.check_bundle(b, task)
-        preds = predict_images(b, t, images, topk=topk, backend=backend, options=EngineOptions(precision=precision))
+        preds, bad = predict_or_report(
+            b, t, images, topk=topk, backend=backend, options=EngineOptions(precision=precision, threads=threads), batch=batch,
+            skip_bad=skip_bad or as_json,
+        )
         if as_json:
             for p in preds:
                 typer.echo(json.dumps({"image": p.image, "labels": list(p.labels), "probs": list(p.probs)}))
-            return
-        table = Table(title=f"predictions ({task.name})")
-        table.add_column("image")
-        table.add_column("top labels (probability)")
-        for p in preds:
-            table.add_row(p.image, ", ".join(f"{lab} ({pr:.3f})" for lab, pr in zip(p.labels, p.probs)))
-        console.print(table)
+            for path, reason in bad:
+                typer.echo(json.dumps({"image": path, "error": reason}))
+        else:
+            table = Table(title=f"predictions ({task.name})")
+            table.add_column("image")
+            table.add_column("top labels (probability)")
+            for p in preds:
+                table.add_row(p.image, ", ".join(f"{lab} ({pr:.3f})" for lab, pr in zip(p.labels, p.probs)))
+            console.print(table)
+        if bad:
+            from fsdeploy.errors import InvalidInput
+
+            raise InvalidInput(f"{len(bad)} unreadable image(s) skipped, first {bad[0][0]} ({bad[0][1]}); the other {len(preds)} were classified")

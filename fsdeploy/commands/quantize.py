@@ -39,12 +39,12 @@ def register(app: typer.Typer) -> None:
         calib_dir: Annotated[
             Path, typer.Argument(help="Real images like those the model will serve (searched recursively; class folders are fine).")
         ],
-        images: Annotated[int, typer.Option(help="Calibrate on at most this many; up to a quarter of the folder is held out to check agreement.")] = 64,
+        images: Annotated[int, typer.Option(min=1, help="Calibrate on at most this many; up to a quarter of the folder is held out to check agreement.")] = 64,
         reduce_range: Annotated[
             bool, typer.Option("--reduce-range/--full-range", help="7-bit weights (default): the u8 x s8 kernels of CPUs without VNNI saturate on full-range weights (measured: efficientnet_b0 cosine 0.18 full-range vs 0.97 reduced; resnet18 no slower).")
         ] = True,
-        threads: Annotated[Optional[int], typer.Option(help="CPU threads for the latency comparison (default: all cores).")] = None,
-        iters: Annotated[int, typer.Option(help="Timed batch-1 runs per precision.")] = 10,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the latency comparison (default: all cores).")] = None,
+        iters: Annotated[int, typer.Option(min=1, help="Timed batch-1 runs per precision.")] = 10,
     ) -> None:
         """Add an INT8 features graph to a bundle for ONNX Runtime on CPU; print agreement with FP32 and speed.
 

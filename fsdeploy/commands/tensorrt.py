@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
     def compare(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder with engines from `fsdeploy build`.")],
         precision: Annotated[str, typer.Option(help="Which engines to compare: fp32 or fp16.")] = "fp32",
-        n: Annotated[int, typer.Option(help="Images per batch (real photo crops); must fit the engines' batch profile.")] = 8,
+        n: Annotated[int, typer.Option(min=1, help="Images per batch (real photo crops); must fit the engines' batch profile.")] = 8,
         graphs: Annotated[Optional[list[str]], typer.Option(help="Graphs to compare (default all).")] = None,
     ) -> None:
         """Run ONNX Runtime and TensorRT on the same inputs; print max |diff| and cosine per output (GPU only).

@@ -38,6 +38,7 @@ from fsdeploy.engines.trt_records import (
 from fsdeploy.errors import EngineError, InvalidInput
 from fsdeploy.exporters.bundle import Bundle, checked_sha256, load_bundle, write_manifest
 from fsdeploy.exporters.precision import fp16_onnx
+from fsdeploy.locks import manifest_lock
 
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"  # shared by every build of the bundle; not a listed artefact
 Progress = Callable[[str], None]
@@ -312,6 +313,12 @@ def _fp16_source(bundle: Bundle, graph: str, graph_rel: str, graph_sha: str, say
 
 
 def _record_engine(bundle: Bundle, record: EngineRecord) -> Bundle:
+    """Add `record` under the manifest lock, to the manifest as it is on disk now (another writer may have changed it)."""
+    with manifest_lock(bundle.path):
+        return _record_engine_locked(load_bundle(bundle.path, verify=False), record)
+
+
+def _record_engine_locked(bundle: Bundle, record: EngineRecord) -> Bundle:
     """List `record` (and its source) in the manifest; delete engines built from an older version of its graph."""
     m = bundle.manifest
     engines = dict(m.engines)

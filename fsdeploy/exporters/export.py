@@ -31,6 +31,8 @@ from fsdeploy.exporters.bundle import (
 from fsdeploy.exporters.graphs import AdaptedModel, BuildRequest, GraphExport, build_adapted
 from fsdeploy.exporters.onnx_export import export_onnx
 from fsdeploy.exporters.validate import ValidationReport, compare_outputs
+from fsdeploy.exporters.weights_checks import size_hint, warn_weights, weights_record
+from fsdeploy.outputs import check_bundle_out
 
 Progress = Callable[[str], None]
 
@@ -94,6 +96,7 @@ def export_bundle(
     n_validate: int = 4,
     options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> tuple[Bundle, ValidationReport | None]:
     """Export `model` (+ `adapter`) to a validated bundle folder at `out`.
 
@@ -108,12 +111,16 @@ def export_bundle(
         validate: compare ONNX Runtime with PyTorch and refuse a bundle outside tolerance.
         calib: folder of real images for validation (default: photos shipped with matplotlib).
         options: adapter-specific build options (recorded, used again when rebuilding the torch module).
+        overwrite: replace an existing bundle at `out` (anything else there is always refused).
 
     Raises:
         ValidationFailed: an output exceeded tolerance (nothing is written).
+        InvalidInput: `out` is not a new folder or (with `overwrite`) a bundle, or is not writable.
     """
     say = progress or (lambda _msg: None)
     out = Path(out)
+    check_bundle_out(out, overwrite=overwrite)
+    warn_weights(model, checkpoint, pretrained, img_size)
     request = BuildRequest(model, Path(checkpoint) if checkpoint else None, pretrained, img_size, dict(options or {}))
     say(f"building {model} (adapter {adapter})")
     built = build_adapted(adapter, request)
@@ -137,7 +144,7 @@ def export_bundle(
                 raise ValidationFailed(
                     f"{worst.graph}.{worst.name} differs from PyTorch by {worst.max_abs:.3g} on {worst.inputs} inputs "
                     f"(tolerance {report.atol:g} + {report.rtol:g} x max|output| {worst.ref_max_abs:.3g}); nothing was "
-                    "written — check the model, or pass --no-validate to keep it anyway"
+                    "written — check the model, or pass --no-validate to keep it anyway" + size_hint(checkpoint, img_size)
                 )
         from safetensors.torch import save_file
 
@@ -150,6 +157,7 @@ def export_bundle(
             "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
             "pretrained": pretrained,
             "options": request.options,
+            **weights_record(checkpoint, pretrained, built.preprocess),
         }
         manifest = BundleManifest(
             schema=SCHEMA,

@@ -29,8 +29,9 @@ from fsdeploy.data.folders import list_images
 from fsdeploy.data.images import load_checked
 from fsdeploy.deps import require
 from fsdeploy.errors import BundleError, InvalidInput
-from fsdeploy.exporters.bundle import Bundle, checked_sha256, write_manifest
+from fsdeploy.exporters.bundle import Bundle, checked_sha256, load_bundle, write_manifest
 from fsdeploy.exporters.validate import cosine
+from fsdeploy.locks import manifest_lock
 
 INT8_KEY = "int8"  # manifest.extra key
 CALIB_BATCH = 8  # images per calibration run; ranges are min/max over all runs, so only memory depends on it
@@ -216,6 +217,12 @@ def quantize_bundle(
 
 
 def _commit(bundle: Bundle, quantized: Path, report: QuantReport, digest: str) -> None:
+    """Commit under the manifest lock, to the manifest as it is on disk now (a build may have added engines)."""
+    with manifest_lock(bundle.path):
+        _commit_locked(load_bundle(bundle.path, verify=False), quantized, report, digest)
+
+
+def _commit_locked(bundle: Bundle, quantized: Path, report: QuantReport, digest: str) -> None:
     """Copy the int8 file in, then rewrite the manifest: the manifest's atomic replace is the commit point.
 
     The file name carries its hash, so the new file never overwrites the one the old manifest lists; a
