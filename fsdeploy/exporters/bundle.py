@@ -15,6 +15,7 @@ from fsdeploy.atomic import sha256_file, write_text
 from fsdeploy.backbones import Preprocess
 from fsdeploy.engines.base import TensorSpec
 from fsdeploy.errors import BundleError
+from fsdeploy.manifest_checks import check_manifest_shape
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -137,8 +138,10 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     if not mf.is_file():
         raise BundleError(f"{path} is not a bundle (no {MANIFEST}); create one with `fsdeploy export MODEL --out {path}`")
     try:
-        manifest = BundleManifest.from_json(mf.read_text())
-    except (ValueError, KeyError, TypeError) as exc:
+        text = mf.read_text()
+        check_manifest_shape(json.loads(text), mf)
+        manifest = BundleManifest.from_json(text)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"{mf} is not a valid fsdeploy manifest ({type(exc).__name__}: {exc}); re-export the bundle") from None
     if manifest.schema != SCHEMA:
         raise BundleError(f"{mf} has schema {manifest.schema}; this fsdeploy reads schema {SCHEMA}; re-export the bundle")
