@@ -610,3 +610,38 @@ def test_parallel_real_build_and_quantize(data: dict[str, Path], work: Path) -> 
             assert p.wait(600) == 0, p.stderr.read()
         m = load_bundle(folder).manifest
         assert m.engines and "int8" in m.extra and m.extra["int8"]["file"] in m.files, f"trial {trial}"
+
+
+def test_corrupt_engine_does_not_block_cpu_and_corrupt_int8_says_requantize(data: dict[str, Path], work: Path) -> None:
+    """A damaged TensorRT engine only matters to --backend trt; a damaged int8 graph names `fsdeploy quantize`."""
+    b = shutil.copytree(data["b32"], work / "bundle")
+    m = json.loads((b / "manifest.json").read_text())
+    (b / "engines").mkdir()
+    (b / "engines" / "features.x.engine").write_bytes(b"corrupted engine")
+    m["files"]["engines/features.x.engine"] = "0" * 64
+    m["engines"]["engines/features.x.engine"] = {"file": "engines/features.x.engine"}
+    (b / "manifest.json").write_text(json.dumps(m))
+    r = cli("predict", b, data["task"], data["query"], "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 6
+    (b / "features.int8.abc.onnx").write_bytes(b"damaged")
+    m["files"]["features.int8.abc.onnx"] = "0" * 64
+    m["extra"]["int8"] = {"file": "features.int8.abc.onnx"}
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert_refused(cli("predict", b, data["task"], data["query"]), 1, "features.int8.abc.onnx", "fsdeploy quantize")
+
+
+def test_version_quiet_and_json(data: dict[str, Path]) -> None:
+    from fsdeploy import __version__
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"fsdeploy {__version__}"
+    r = cli("--quiet", "adapt", data["b32"], data["support"], "--head", "ncc", "--out", data["root"] / "quiet.npz")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = cli("info", data["b32"], "--json")
+    row = json.loads(r.stdout)
+    assert row["model"] == "efficientnet_b0" and row["preprocess"]["input_size"] == [3, 32, 32] and row["source"]["random_init"] is False
+    r = cli("adapt", "--help")
+    for head in ("linear", "ncc", "simpleshot", "linear-newton", "baseline", "baseline++", "lt-ncc"):
+        assert head in r.stdout
+    assert "distance=sqeuclidean" in r.stdout and "iters=500" in r.stdout

@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option(help="Rebuild engines that are up to date.")] = False,
         opt_level: Annotated[Optional[int], typer.Option(help="Builder optimisation level 0-5 (0 builds fastest).")] = None,
         current_gpu: Annotated[bool, typer.Option(help="TensorRT-RTX: target this machine's GPU instead of all supported ones.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per engine record instead of the table.")] = False,
     ) -> None:
         """Build a TensorRT engine for each graph of a bundle and list it, with its sha256, in the manifest.
 
@@ -47,11 +48,19 @@ def register(app: typer.Typer) -> None:
         """
         from fsdeploy.engines.build import build_bundle
 
-        with console.status("building") as status:
+        from fsdeploy.commands.progress import progress
+
+        with progress(console, "building") as status:
             records = build_bundle(
                 bundle, precision=precision, batch=batch, graphs=_graph_list(graphs), force=force,
                 opt_level=opt_level, current_gpu=current_gpu, progress=lambda m: status.update(m),
             )
+        if as_json:
+            import json
+
+            for r in records:
+                typer.echo(json.dumps(r.to_dict(), sort_keys=True))
+            return
         table = Table(title=f"engines in {bundle}")
         for col in ("graph", "engine", "precision", "layers (by output type)", "batch", "build s", "MB"):
             table.add_column(col, overflow="fold")

@@ -147,8 +147,12 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{mf} has schema {manifest.schema}; this fsdeploy reads schema {SCHEMA}; re-export the bundle")
     if verify:
         for rel, digest in manifest.files.items():
+            if rel in manifest.engines:
+                continue  # an engine's hash is checked when it is selected, so a bad one never blocks the CPU engines
             f = path / rel
-            fix = "rebuild it with `fsdeploy build`" if rel.startswith("engines/") else "re-export the bundle"
+            int8 = manifest.extra.get("int8", {}).get("file") if isinstance(manifest.extra.get("int8"), dict) else None
+            fix = "re-run `fsdeploy quantize` (or remove it with a re-export)" if rel == int8 else (
+                "rebuild it with `fsdeploy build`" if rel.startswith("engines/") else "re-export the bundle")
             if not f.is_file():
                 raise BundleError(f"bundle {path} is missing {rel}; {fix}")
             if sha256_file(f) != digest:
