@@ -501,7 +501,7 @@ def test_export_signal_matrix(data: dict[str, Path], work: Path, sig, when, dela
     _signal_export(data, work, sig, when, delay)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL])
 def test_adapt_interrupted_keeps_old_task(data: dict[str, Path], work: Path, sig) -> None:  # noqa: ANN001
     """Ctrl-C used to exit 0: now 130 (143 for SIGTERM) with one line, and the old task stays."""
     out = work / "task.npz"
@@ -645,3 +645,23 @@ def test_version_quiet_and_json(data: dict[str, Path]) -> None:
     for head in ("linear", "ncc", "simpleshot", "linear-newton", "baseline", "baseline++", "lt-ncc"):
         assert head in r.stdout
     assert "distance=sqeuclidean" in r.stdout and "iters=500" in r.stdout
+
+
+def test_atomic_dir_without_exchange_parks_the_old_folder_and_sweep_restores_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where renameat2 is missing, the old folder is parked under an owner-tagged name between two renames; if the
+    process dies there, the next sweep puts the old folder back instead of deleting it."""
+    from fsdeploy import atomic, stale
+
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "a").write_text("old")
+    monkeypatch.setattr(stale, "exchange", lambda a, b: False)
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "a").write_text("new")
+    assert (target / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    # the state a SIGKILL between the two renames leaves: no target, the old folder parked by a dead pid
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    parked = tmp_path / (stale.temp_prefix("bundle").replace(f"p{os.getpid()}", f"p{dead.stdout.strip()}") + stale.PARKED_SUFFIX)
+    os.replace(target, parked)
+    assert stale.sweep(tmp_path) == [parked]
+    assert (target / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

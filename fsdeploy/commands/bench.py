@@ -166,7 +166,7 @@ def accuracy(
 def latency(
     bundle: BundleArg,
     backend: Annotated[str, typer.Option(help="Engine backend: ort (CPU default), trt (NVIDIA GPU), torch (eager reference).")] = "ort",
-    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    batch: Annotated[str, typer.Option("--batches", "--batch", help="Comma-separated batch sizes to time, one run each (--batch is the former name).")] = "1,8,32",
     warmup: Annotated[int, typer.Option(help="Untimed calls first (allocation, graph optimisation, caches).")] = 5,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per backend and batch (default 30).")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Or: seconds of timed calls per backend and batch.")] = None,
@@ -211,7 +211,7 @@ def latency(
     with tempfile.TemporaryDirectory() as tmp:
         files = list_images([images]) if images else list_images([write_photo_folder(Path(tmp) / "photos", classes=3, per_class=8)])
         with console.status(f"timing {', '.join(backends)} at batch {batch}"):
-            runs = path_latency(b, files, backends=backends, batches=_ints(batch, "--batch"), options=options,
+            runs = path_latency(b, files, backends=backends, batches=_ints(batch, "--batches"), options=options,
                                 warmup=warmup, iters=iters, budget_s=budget, rounds=rounds)
         rows = [{"kind": "latency", **r.row()} for r in runs]
         console.print(latency_table(rows, title=f"query latency (ms) of {b.manifest.model} ({b.manifest.adapter})"))

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     def build(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder made by `fsdeploy export`.")],
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
-        batch: Annotated[str, typer.Option(help="MIN:OPT:MAX batch sizes the engines accept; tuned for OPT.")] = "1:8:32",
+        batch: Annotated[str, typer.Option("--profile", "--batch", help="Batch profile MIN:OPT:MAX the engines accept, tuned for OPT (--batch is the former name).")] = "1:8:32",
         graphs: Annotated[Optional[list[str]], typer.Option(help="Graphs to build (repeat or comma-separate; default all).")] = None,
         force: Annotated[bool, typer.Option(help="Rebuild engines that are up to date.")] = False,
         opt_level: Annotated[Optional[int], typer.Option(help="Builder optimisation level 0-5 (0 builds fastest).")] = None,
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
 
         Engine files are named by graph hash, TensorRT version, precision and batch profile. An engine whose graph changed, or whose file is corrupt, is rebuilt; engines for another TensorRT version are kept for the machines that have it.
 
-        Example: fsdeploy build bundle/ --precision fp16 --batch 1:8:32
+        Example: fsdeploy build bundle/ --precision fp16 --profile 1:8:32
         """
         from fsdeploy.engines.build import build_bundle
 
