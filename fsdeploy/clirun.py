@@ -22,7 +22,7 @@ INTERRUPTED = 130  # what typer returns for a KeyboardInterrupt
 TRACEBACK_ENV = "FSDEPLOY_TRACEBACK"
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:
     """One line per warning on stderr; fsdeploy's own are yellow, others name their kind."""
     text = str(message).splitlines()[0] if str(message) else category.__name__
     if issubclass(category, FsdeployWarning):

@@ -120,7 +120,7 @@ def is_task_file(path: Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
             return "schema" in z.files and "bundle_id" in z.files
-    except Exception:  # anything unreadable as npz is not ours
+    except Exception:  # noqa: BLE001 - anything unreadable as npz is not ours
         return False
 
 

@@ -45,7 +45,7 @@ def _env(**extra: str) -> dict[str, str]:
 def cli(*args: object, cwd: Path | None = None, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
     """Run the console entry point as a child process, as a user's shell would."""
     return subprocess.run(
-        [sys.executable, "-m", "fsdeploy.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "fsdeploy.cli", *map(str, args)], check=False, capture_output=True, text=True, timeout=timeout,
         env=_env(**env), cwd=cwd,
     )
 
@@ -125,17 +125,17 @@ class ReadOnly:
             self.folder.chmod(0o555)
             self.undo.append(["chmod", "755", str(self.folder)])
             return self.folder
-        if subprocess.run(["chattr", "+i", str(self.folder)], capture_output=True).returncode == 0:
+        if subprocess.run(["chattr", "+i", str(self.folder)], check=False, capture_output=True).returncode == 0:
             self.undo.append(["chattr", "-i", str(self.folder)])
             return self.folder
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(self.folder)], capture_output=True).returncode == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(self.folder)], check=False, capture_output=True).returncode == 0:
             self.undo.append(["umount", str(self.folder)])
             return self.folder
         pytest.skip("running as root without chattr or mount: cannot make a read-only folder")
 
     def __exit__(self, *exc: object) -> None:
         for cmd in self.undo:
-            subprocess.run(cmd, capture_output=True)
+            subprocess.run(cmd, check=False, capture_output=True)
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -184,7 +184,7 @@ def test_export_refuses_user_files_and_bundles_without_force(data: dict[str, Pat
         (("..",), 1, ("'..'",)),
         (("",), 1, ("'.'",)),  # typer reads an empty path as '.'
     ]
-    def run(case):  # noqa: ANN001, ANN202
+    def run(case):
         (out,), code, needles = case
         return cli("export", TINY, "--img-size", "32", "--out", out, cwd=work), code, needles
     with ThreadPoolExecutor(4) as pool:
@@ -273,7 +273,7 @@ def test_bad_options_are_one_line(data: dict[str, Path], work: Path) -> None:
     fill = {"b": data["b32"], "s": data["support"], "t": data["task"], "q": data["query"], "w": work}
     before = snapshot(data["root"]), snapshot(work)
 
-    def run(case):  # noqa: ANN001, ANN202
+    def run(case):
         args, code, needles = case
         return cli(*(a.format(**fill) for a in args)), code, needles, args
     with ThreadPoolExecutor(4) as pool:
@@ -474,7 +474,7 @@ def test_sigkill_leftovers_are_swept_by_the_next_run(data: dict[str, Path], work
     shutil.copytree(data["tiny"], work / "bundle")
     (work / ".user.tmp").write_text("not ours")
     for kind, target in (("dir", work / "bundle"), ("file", work / "task.npz")):
-        r = subprocess.run([sys.executable, "-c", KILLED_WRITER, kind, str(target)], env=_env(), capture_output=True)
+        r = subprocess.run([sys.executable, "-c", KILLED_WRITER, kind, str(target)], env=_env(), check=False, capture_output=True)
         assert r.returncode == -signal.SIGKILL
     left = temps(work)  # the second writer already swept the first one's folder; its own temp remains
     assert len(left) == 2 and left[0].startswith(".task.npz.p") and left[1] == ".user.tmp", left
@@ -497,12 +497,12 @@ def test_sigkill_leftovers_are_swept_by_the_next_run(data: dict[str, Path], work
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 @pytest.mark.parametrize(("when", "delay"), [("building", 0.5), ("exporting features.onnx", 0.0), ("validating", 0.2), ("validating", 1.5)])
-def test_export_signal_matrix(data: dict[str, Path], work: Path, sig, when, delay) -> None:  # noqa: ANN001
+def test_export_signal_matrix(data: dict[str, Path], work: Path, sig, when, delay) -> None:
     _signal_export(data, work, sig, when, delay)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL])
-def test_adapt_interrupted_keeps_old_task(data: dict[str, Path], work: Path, sig) -> None:  # noqa: ANN001
+def test_adapt_interrupted_keeps_old_task(data: dict[str, Path], work: Path, sig) -> None:
     """Ctrl-C used to exit 0: now 130 (143 for SIGTERM) with one line, and the old task stays."""
     out = work / "task.npz"
     shutil.copy(data["task"], out)
@@ -531,7 +531,7 @@ def test_adapt_interrupted_keeps_old_task(data: dict[str, Path], work: Path, sig
 
 # ----------------------------------------------------------------------------------------------- manifest race
 
-def _writer(kind: str, folder: str, barrier, trial: int) -> None:  # noqa: ANN001
+def _writer(kind: str, folder: str, barrier, trial: int) -> None:
     """One of two concurrent manifest writers, through the functions `build` and `quantize` commit with."""
     from fsdeploy.engines import build
     from fsdeploy.engines.trt_records import EngineRecord
@@ -573,7 +573,7 @@ def test_parallel_build_and_quantize_records_both_survive(data: dict[str, Path],
 
     folder = work / "bundle"
     shutil.copytree(data["tiny"], folder)
-    import fsdeploy.engines.build  # noqa: F401  (imported once here, inherited by the forked writers)
+    import fsdeploy.engines.build
     import fsdeploy.exporters.quantize  # noqa: F401
 
     ctx = multiprocessing.get_context("fork")  # the children only touch files: no torch threads involved
@@ -660,7 +660,7 @@ def test_atomic_dir_without_exchange_parks_the_old_folder_and_sweep_restores_it(
         (tmp / "a").write_text("new")
     assert (target / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     # the state a SIGKILL between the two renames leaves: no target, the old folder parked by a dead pid
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=False, capture_output=True, text=True)
     parked = tmp_path / (stale.temp_prefix("bundle").replace(f"p{os.getpid()}", f"p{dead.stdout.strip()}") + stale.PARKED_SUFFIX)
     os.replace(target, parked)
     assert stale.sweep(tmp_path) == [parked]

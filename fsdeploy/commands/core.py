@@ -55,6 +55,15 @@ def _validation_table(report: dict) -> Table:
     return table
 
 
+def _duration(ms: float) -> str:
+    """Milliseconds as people read them: '412 ms', '5.3 s', '5 min 34 s'."""
+    if ms < 10_000:
+        return f"{ms:.0f} ms"
+    if ms < 120_000:
+        return f"{ms / 1e3:.1f} s"
+    return f"{int(ms // 60_000)} min {ms % 60_000 / 1e3:.0f} s"
+
+
 def parse_options(pairs: list[str]) -> dict[str, object]:
     """KEY=VALUE strings -> dict, values read as int, float or bool when they look like one."""
     from fsdeploy.errors import InvalidInput
@@ -193,7 +202,10 @@ def register(app: typer.Typer) -> None:
         b = load_bundle(bundle)
         if adapter:
             if head != "linear" or transform != "none" or head_opt:
-                raise InvalidInput(f"--adapter {adapter} fits its own linear head on the folded features; drop --head/--transform/--head-opt")
+                raise InvalidInput(
+                    f"--adapter {adapter} fits its own head on the folded features (tsa: lt-ncc, bn-affine: cosine ncc); "
+                    "drop --head/--transform/--head-opt"
+                )
         else:
             head, transform = resolve_method(head, transform)
             opts = check_head_options(head, parse_options(head_opt or []))
@@ -206,7 +218,8 @@ def register(app: typer.Typer) -> None:
                 task, t = adapt_finetuned(b, support, out, method=adapter, steps=steps)
                 console.print(
                     f"{adapter}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
-                    f"folded graph max |diff| {task.info['fold_max_abs']:.1e}"
+                    f"folded graph max |diff| {task.info['fold_max_abs']:.1e}; also wrote {out.with_suffix(f'.{adapter}.npz')} "
+                    "(the fitted adapter weights, for inspection: the task holds the folded graph and does not need it)"
                 )
             else:
                 task, t = adapt_task(
@@ -215,7 +228,7 @@ def register(app: typer.Typer) -> None:
                 )
         console.print(
             f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={task.info['head']} | "
-            f"load {t.load_ms:.0f} ms, features {t.features_ms:.0f} ms, fit {t.fit_ms:.0f} ms, write {t.write_ms:.0f} ms"
+            f"load {_duration(t.load_ms)}, features {_duration(t.features_ms)}, fit {_duration(t.fit_ms)}, write {_duration(t.write_ms)}"
         )
 
     @app.command()

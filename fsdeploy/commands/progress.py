@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 from rich.console import Console
 
-
 QUIET = False  # set by `fsdeploy --quiet`
 
 

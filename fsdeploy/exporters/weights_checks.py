@@ -32,7 +32,7 @@ def native_size(checkpoint: str | Path | None) -> int | None:
 
         with safe_open(str(checkpoint), framework="np") as f:
             meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-    except Exception:  # unreadable: create_backbone reports it with the full message
+    except Exception:  # noqa: BLE001 - unreadable: create_backbone reports it with the full message
         return None
     size = meta.get("input_size")
     return int(size[-1]) if isinstance(size, list) and size else None
@@ -120,7 +120,7 @@ def check_hub(model: str) -> None:
     timm = require("timm")
     try:
         cfg = timm.models.get_pretrained_cfg(model)
-    except Exception:  # unknown model: create_backbone names it
+    except Exception:  # noqa: BLE001 - unknown model: create_backbone names it
         return
     if cfg is None:
         return
