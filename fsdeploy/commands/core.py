@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         backbone_checkpoint: Annotated[
             Optional[Path], typer.Option(help="--adapter toast: the frozen backbone weights the TOAST checkpoint was tuned on.")
         ] = None,
-        force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out (its engines, int8 graph and task compatibility are lost). Other files are never replaced.")] = False,
+        force: Annotated[bool, typer.Option("--force", "--overwrite", help="Replace an existing bundle at --out (its engines, int8 graph and task compatibility are lost). Other files are never replaced.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (files, id, validation) instead of tables.")] = False,
     ) -> None:
         """Export a timm backbone (+ adapter) to a validated ONNX bundle.
@@ -183,7 +183,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
         adapter: Annotated[
             Optional[str],
-            typer.Option(help="Fine-tune per task through the backbone, then fold: tsa (ResNet residual adapters + β) or bn-affine. Fits its own linear head: --head/--head-opt do not apply."),
+            typer.Option(help="Fine-tune per task through the backbone, then fold: tsa (ResNet residual adapters + β) or bn-affine. Fits its own head (tsa: lt-ncc, bn-affine: cosine ncc): --head/--head-opt do not apply."),
         ] = None,
         steps: Annotated[int, typer.Option(min=1, help="Optimiser steps for --adapter tsa / bn-affine (TSA recipe: 40).")] = 40,
         head_opt: Annotated[
