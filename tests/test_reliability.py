@@ -300,6 +300,13 @@ def test_bad_files_are_one_line(data: dict[str, Path], work: Path) -> None:
     bomb = shutil.copytree(data["support"], work / "bomb")
     huge_png(bomb / "7" / "huge.png", 20000, 20000)
     assert_refused(cli("adapt", data["b32"], bomb, "--out", work / "t.npz"), 1, "huge.png", "megapixels")
+    big = shutil.copytree(data["support"], work / "big")
+    huge_png(big / "7" / "big.png", 10000, 9500)  # 95 MP: over PIL's warning size, under its refusal size
+    r = cli("adapt", data["b32"], big, "--head", "ncc", "--out", work / "big.npz")
+    assert r.returncode == 0 and "16 support images" in r.stdout, r.stderr  # decoded (PIL pads the short data) and used
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("warning")] == [
+        f"warning: image {big / '7' / 'big.png'} is 10000x9500 (95 megapixels); decoding it takes a lot of memory — downscale it"
+    ]
     dead = shutil.copytree(data["support"], work / "dead")
     (dead / "1" / "gone.png").symlink_to(work / "nowhere.png")
     assert_refused(cli("adapt", data["b32"], dead, "--out", work / "t.npz"), 1, "gone.png", "broken symlink")
