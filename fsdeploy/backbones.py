@@ -125,7 +125,7 @@ def create_backbone(
         raise UnknownName(f"unknown timm model {name!r}; try e.g. resnet18, efficientnet_b0, vit_small_patch16_224")
     state, meta = read_checkpoint(checkpoint) if checkpoint is not None else ({}, {})
     if meta.get("model") and meta["model"] != name:
-        raise InvalidInput(f"checkpoint {checkpoint} was trained for {meta['model']}, not {name}; pass --model {meta['model']}")
+        raise InvalidInput(f"checkpoint {checkpoint} was trained for {meta['model']}, not {name}; export it as {meta['model']} (`fsdeploy export {meta['model']} --checkpoint {checkpoint}`)")
     kwargs: dict[str, Any] = {"num_classes": 0}
     size = img_size or (meta.get("input_size") or [None, None, None])[-1]
     if size and family_of(name) in SIZED_AT_BUILD:

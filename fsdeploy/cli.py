@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Annotated
 
 import typer
 
@@ -38,10 +39,38 @@ for _name in _COMMAND_MODULES:
     _mod.register(app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fsdeploy import __version__
+
+        typer.echo(f"fsdeploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only results (--json lines), warnings and errors: no tables or progress.")] = False,
+) -> None:
+    """Take few-shot image classifiers from research code to edge GPUs."""
+    if quiet:
+        from fsdeploy import clirun
+
+        clirun.set_quiet()
+
+
 def main() -> None:
     """Console-script entry point: run the app, report FsdeployError as one line, exit 1."""
+    from fsdeploy import clirun
+
+    clirun.prepare()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        # typer returns the code of a raised Exit (130 for an interrupt) instead of exiting with it
+        if isinstance(rc, int) and rc:
+            clirun.exit_for_code(rc)
+    except KeyboardInterrupt:  # an interrupt outside the command (parsing, imports)
+        clirun.exit_for_code(130)
     except FsdeployError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(1)
@@ -53,9 +82,8 @@ def main() -> None:
     except Exception as exc:  # usage errors arrive here with standalone_mode=False
         # typer >= 0.29 vendors its own click, so match click's exception shape rather than its class
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+            clirun.usage_error(exc)
+        clirun.unexpected(exc)
 
 
 if __name__ == "__main__":

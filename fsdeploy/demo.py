@@ -66,7 +66,7 @@ def _reuse_or_export(folder: Path, adapter: str, ckpt: Path | None, say: Callabl
     except FsdeployError:
         pass
     say(f"exporting {DEFAULT_MODEL} (adapter {adapter}) to {folder}")
-    return export_bundle(DEFAULT_MODEL, folder, adapter=adapter, checkpoint=ckpt, img_size=DEFAULT_IMG_SIZE)[0]
+    return export_bundle(DEFAULT_MODEL, folder, adapter=adapter, checkpoint=ckpt, img_size=DEFAULT_IMG_SIZE, overwrite=True)[0]
 
 
 def run_demo(

@@ -32,3 +32,7 @@ class ValidationFailed(FsdeployError):
 
 class EngineError(FsdeployError):
     """An engine refused its inputs or failed to build or run."""
+
+
+class FsdeployWarning(UserWarning):
+    """Something was done that the user may not expect (random weights, a non-native size); the CLI shows one line."""

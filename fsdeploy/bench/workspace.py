@@ -128,7 +128,7 @@ def prepare_bundle(
     except BundleError:
         pass
     say(f"exporting {model} (adapter {adapter}, {img_size} px, {weights.description}) to {folder}")
-    bundle, _ = export_bundle(model, folder, adapter=adapter, checkpoint=weights.path, img_size=img_size)
+    bundle, _ = export_bundle(model, folder, adapter=adapter, checkpoint=weights.path, img_size=img_size, overwrite=True)
     return with_mean(bundle)
 
 

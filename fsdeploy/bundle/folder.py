@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fsdeploy.atomic import sha256_file, write_text
+from fsdeploy.bundle.checks import check_manifest_shape
 from fsdeploy.bundle.manifest import SCHEMA, BundleManifest, Variant
 from fsdeploy.errors import BundleError
 
@@ -74,7 +76,9 @@ def read_manifest(path: Path) -> BundleManifest:
     if not mf.is_file():
         raise BundleError(f"{path} is not a bundle (no {MANIFEST}); create one with `fsdeploy export MODEL --out {path}`")
     try:
-        manifest = BundleManifest.from_json(mf.read_text())
+        text = mf.read_text()
+        check_manifest_shape(json.loads(text), mf)
+        manifest = BundleManifest.from_json(text)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"{mf} is not a valid fsdeploy manifest ({type(exc).__name__}: {exc}); re-export the bundle") from None
     if manifest.schema != SCHEMA:
@@ -92,8 +96,12 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     manifest = read_manifest(path)
     if verify:
         for rel, digest in manifest.files.items():
+            variant = manifest.variants.get(rel)
+            if variant is not None and variant.kind == "trt":
+                continue  # a plan's hash is checked when it is selected, so a bad one never blocks the CPU engines
             f = path / rel
-            fix = "rebuild it with `fsdeploy build`" if rel.startswith("engines/") else "re-export the bundle"
+            fix = ("re-run `fsdeploy quantize` (or remove it with a re-export)" if variant is not None and variant.precision == "int8"
+                   else "rebuild it with `fsdeploy build`" if rel.startswith("engines/") or variant is not None else "re-export the bundle")
             if not f.is_file():
                 raise BundleError(f"bundle {path} is missing {rel}; {fix}")
             if sha256_file(f) != digest:

@@ -48,7 +48,7 @@ BundleArg = Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy ex
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the rows to this .csv or .json file.")]
 ThreadsOpt = Annotated[
     Optional[int],
-    typer.Option(help="CPU threads per engine, every backend alike (default: the backend's choice). On a busy shared "
+    typer.Option(min=1, help="CPU threads per engine, every backend alike (default: the backend's choice). On a busy shared "
                       "machine 1 avoids threads spinning at barriers, which slows PyTorch most."),
 ]
 
@@ -56,8 +56,8 @@ ThreadsOpt = Annotated[
 @bench.command("macs")
 def macs(
     bundle: BundleArg,
-    ways: Annotated[int, typer.Option(help="Classes in the task (K).")] = 5,
-    shots: Annotated[int, typer.Option(help="Support images per class; the task has ways x shots.")] = 1,
+    ways: Annotated[int, typer.Option(min=1, help="Classes in the task (K).")] = 5,
+    shots: Annotated[int, typer.Option(min=1, help="Support images per class; the task has ways x shots.")] = 1,
     setting: Annotated[
         Optional[list[str]],
         typer.Option(help="Named task shape instead of --ways/--shots: 5w1s, 5w5s, md-max (50 ways, 500 images). Repeatable."),
@@ -112,10 +112,10 @@ def accuracy(
     bundle: BundleArg,
     data: Annotated[Path, typer.Option(help="ImageFolder of labelled images (e.g. a glyph corpus from `fsdeploy data glyphs`).")],
     split: Annotated[str, typer.Option(help="With DATA/splits.json: the split whose classes episodes use (novel, val, base, all).")] = "novel",
-    ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
+    ways: Annotated[int, typer.Option(min=1, help="Classes per episode.")] = 5,
     shots: Annotated[str, typer.Option(help="Comma-separated support images per class, one run each.")] = "1,5",
-    queries: Annotated[int, typer.Option(help="Query images per class per episode.")] = 15,
-    episodes: Annotated[int, typer.Option(help="Episodes per setting (600 for paper-style 95% CIs).")] = 600,
+    queries: Annotated[int, typer.Option(min=1, help="Query images per class per episode.")] = 15,
+    episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting (600 for paper-style 95% CIs).")] = 600,
     heads: Annotated[
         Optional[str],
         typer.Option(help="Comma-separated methods: head methods ncc, simpleshot, ci, linear, linear-newton, baseline, baseline++, "
@@ -172,9 +172,9 @@ def accuracy(
 def latency(
     bundle: BundleArg,
     backend: Annotated[str, typer.Option(help="Engine backend: ort (CPU default), trt (NVIDIA GPU), torch (eager reference).")] = "ort",
-    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    batch: Annotated[str, typer.Option("--batches", "--batch", help="Comma-separated batch sizes to time, one run each (--batch is the former name).")] = "1,8,32",
     warmup: Annotated[int, typer.Option(help="Untimed calls first (allocation, graph optimisation, caches).")] = 5,
-    iters: Annotated[Optional[int], typer.Option(help="Timed calls per backend and batch (default 30).")] = None,
+    iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per backend and batch (default 30).")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Or: seconds of timed calls per backend and batch.")] = None,
     compare: Annotated[
         Optional[str], typer.Option(help="Two backends timed side by side in one run, e.g. ort,torch; prints ratios.")
@@ -217,7 +217,7 @@ def latency(
     with tempfile.TemporaryDirectory() as tmp:
         files = list_images([images]) if images else list_images([write_photo_folder(Path(tmp) / "photos", classes=3, per_class=8)])
         with console.status(f"timing {', '.join(backends)} at batch {batch}"):
-            runs = path_latency(b, files, backends=backends, batches=_ints(batch, "--batch"), options=options,
+            runs = path_latency(b, files, backends=backends, batches=_ints(batch, "--batches"), options=options,
                                 warmup=warmup, iters=iters, budget_s=budget, rounds=rounds)
         rows = [{"kind": "latency", **r.row()} for r in runs]
         console.print(latency_table(rows, title=f"query latency (ms) of {b.manifest.model} ({b.manifest.adapter})"))
@@ -245,11 +245,11 @@ def perf(
     quick: Annotated[bool, typer.Option(help="Fewer repeats/episodes and support sizes up to 200: a few minutes on 2 cores.")] = False,
     workdir: Annotated[Path, typer.Option(help="Where bundles, images and corpora are made once and reused.")] = Path("fsdeploy-perf"),
     targets: Annotated[str, typer.Option(help="Which of issue #8's targets to measure (1-5).")] = "1,2,3,4,5",
-    threads: Annotated[int, typer.Option(help="Threads for every side (torch, BLAS, ONNX Runtime).")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="Threads for every side (torch, BLAS, ONNX Runtime).")] = 2,
     data: Annotated[Optional[Path], typer.Option(help="Glyph corpus for target 5 (default: render a slice into WORKDIR).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="efficientnet_b0 weights (default: the shipped checkpoint).")] = None,
-    episodes: Annotated[Optional[int], typer.Option(help="Episodes per shot for target 5 (default 600, quick 100).")] = None,
-    img_size: Annotated[Optional[int], typer.Option(help="Input size of targets 1, 3, 4 (default 224).")] = None,
+    episodes: Annotated[Optional[int], typer.Option(min=1, help="Episodes per shot for target 5 (default 600, quick 100).")] = None,
+    img_size: Annotated[Optional[int], typer.Option(min=1, help="Input size of targets 1, 3, 4 (default 224).")] = None,
     models: Annotated[Optional[str], typer.Option(help="Plain models of target 1 (default resnet18,efficientnet_b0).")] = None,
     case_model: Annotated[Optional[str], typer.Option(help="CaSE model of targets 1, 3, 4, 5 (default efficientnet_b0).")] = None,
     support: Annotated[Optional[int], typer.Option(help="Support images of target 3 (default 100).")] = None,

@@ -9,8 +9,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fsdeploy.commands.progress import progress
+
 console = Console()
 err = Console(stderr=True)
+OPSET_MIN, OPSET_MAX = 9, 20  # 9: lowest that exports these backbones (checked); 20: torch.onnx TorchScript exporter max
+
+PRECISION_HELP = (
+    "Engine precision: fp32; int8 on --backend ort (the graph from `fsdeploy quantize`); fp16 on --backend trt "
+    "(engines from `fsdeploy build --precision fp16`)."
+)
+
 
 def _adapter_help(exported: bool) -> str:
     """The adapter kinds of the registry, each with its one-line summary (for --help)."""
@@ -20,16 +29,27 @@ def _adapter_help(exported: bool) -> str:
 
 
 def _head_help() -> str:
+    from fsdeploy.commands.head_options import METHOD_ALIASES
     from fsdeploy.heads import HEADS
 
-    return (f"Per-task head: {', '.join(HEADS.names())} (see `fsdeploy heads`). Default linear: UpperCaSE's zero-init "
-            "head, 500 Adam steps. Ignored by per-task fine-tuners, which store their own head.")
+    return (f"Per-task head: {', '.join([*HEADS.names(), *METHOD_ALIASES])} (see `fsdeploy heads`). Default linear: "
+            "UpperCaSE's zero-init head, 500 Adam steps. Per-task fine-tuners (--adapter) store their own head.")
 
 
-PRECISION_HELP = (
-    "Engine precision: fp32; int8 on --backend ort (the graph from `fsdeploy quantize`); fp16 on --backend trt "
-    "(engines from `fsdeploy build --precision fp16`)."
-)
+def _adapt_doc() -> str:
+    from fsdeploy.commands.head_options import options_help
+
+    return (
+        "Adapt to one task from a support set and write a task artefact.\n\n"
+        "Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the "
+        "adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph and the weights it "
+        "was folded from are stored in the task. TSA on images like the backbone's training data: --adapter tsa "
+        "--domain seen. OLOR fine-tuning of the BatchNorm affine weights: --adapter bn-affine --optimizer olor.\n\n"
+        f"--head-opt keys per head (defaults): {options_help()}."
+    )
+
+
+ADAPT_DOC = _adapt_doc()
 
 
 def _validation_table(report: dict) -> Table:
@@ -37,6 +57,15 @@ def _validation_table(report: dict) -> Table:
     from fsdeploy.compare import CompareReport
 
     return compare_table(CompareReport.from_dict(report), title="validation: ONNX Runtime vs PyTorch", ref="max |output|")
+
+
+def _duration(ms: float) -> str:
+    """Milliseconds as people read them: '412 ms', '5.3 s', '5 min 34 s'."""
+    if ms < 10_000:
+        return f"{ms:.0f} ms"
+    if ms < 120_000:
+        return f"{ms / 1e3:.1f} s"
+    return f"{int(ms // 60_000)} min {ms % 60_000 / 1e3:.0f} s"
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
@@ -67,12 +96,12 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         model: Annotated[str, typer.Argument(help="timm model name, e.g. efficientnet_b0, resnet18, vit_small_patch16_224.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (replaced atomically).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write: a new name, or an existing bundle with --force (replaced atomically).")],
         adapter: Annotated[str, typer.Option(help="Adaptation module exported into the bundle. " + _adapter_help(True))] = "none",
-        checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights (.pth or .safetensors).")] = None,
+        checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights (.pth or .safetensors). Without it (and --pretrained) the weights are random: warned and recorded.")] = None,
         pretrained: Annotated[bool, typer.Option(help="Download timm's pretrained weights (needs network).")] = False,
-        img_size: Annotated[Optional[int], typer.Option(help="Input resolution (default: checkpoint's, then model's).")] = None,
-        opset: Annotated[int, typer.Option(help="ONNX opset; >= 17 keeps LayerNorm a single node.")] = 17,
+        img_size: Annotated[Optional[int], typer.Option(min=1, help="Input resolution in pixels (default: checkpoint's, then model's).")] = None,
+        opset: Annotated[int, typer.Option(min=OPSET_MIN, max=OPSET_MAX, help=f"ONNX opset {OPSET_MIN}-{OPSET_MAX}; >= 17 keeps LayerNorm a single node.")] = 17,
         validate: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch; refuse a bundle outside tolerance.")] = True,
         calib: Annotated[Optional[Path], typer.Option(help="Folder of your own images to validate on (default: shipped photos).")] = None,
         backbone_checkpoint: Annotated[
@@ -84,6 +113,8 @@ def register(app: typer.Typer) -> None:
                               "feature is stored for SimpleShot (--transform cl2n). Not for --adapter case."),
         ] = None,
         base_split: Annotated[str, typer.Option(help="With BASE_DATA/splits.json (a glyph corpus): the split to average (all: every class).")] = "base",
+        force: Annotated[bool, typer.Option("--force", "--overwrite", help="Replace an existing bundle at --out (its engines, int8 graph and task compatibility are lost). Other files are never replaced.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (files, id, validation) instead of tables.")] = False,
     ) -> None:
         """Export a timm backbone (+ adapter) to a validated ONNX bundle.
 
@@ -92,48 +123,69 @@ def register(app: typer.Typer) -> None:
         For SimpleShot, add the base-class mean: fsdeploy export efficientnet_b0 --checkpoint fsdeploy/weights/efficientnet_b0_glyphs.safetensors --base-data data/glyphs --out bundle/
         (the glyph corpus's base split is what the shipped checkpoint was trained on; the bundle id does not change).
         """
+        from fsdeploy.outputs import check_bundle_out
         from fsdeploy.pipeline.export import export_bundle
 
+        losses = check_bundle_out(out, overwrite=force)  # refuse before minutes of work
         if base_data is not None:  # check the folder (and the adapter) before the export, not after it
-            from fsdeploy.pipeline.base_mean import STATIC_ADAPTERS, split_classes
             from fsdeploy.data.folders import scan_image_folder
             from fsdeploy.errors import InvalidInput
+            from fsdeploy.pipeline.base_mean import STATIC_ADAPTERS, split_classes
 
             if adapter not in STATIC_ADAPTERS:
                 raise InvalidInput(f"--base-data is for bundles whose features do not depend on the support set ({', '.join(STATIC_ADAPTERS)}); drop it for --adapter {adapter}")
             scan_image_folder(base_data, classes=split_classes(base_data, base_split))
-        with console.status("exporting") as status:
+        with progress(err if as_json else console, "exporting") as status:
             bundle, report = export_bundle(
                 model, out, adapter=adapter, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
                 opset=opset, validate=validate, calib=calib, progress=lambda m: status.update(m),
-                options={"backbone_checkpoint": str(backbone_checkpoint)} if backbone_checkpoint else None,
+                options={"backbone_checkpoint": str(backbone_checkpoint)} if backbone_checkpoint else None, overwrite=force,
             )
         if base_data is not None:
             from fsdeploy.pipeline.base_mean import add_base_mean, split_classes
 
-            with console.status("computing the base-class mean feature") as status:
+            with progress(err if as_json else console, "computing the base-class mean feature") as status:
                 bundle = add_base_mean(bundle, base_data, classes=split_classes(base_data, base_split),
                                        progress=lambda i, n: status.update(f"base-class mean: {i}/{n} images"))
             rec = bundle.manifest.extra["base_mean"]
-            console.print(f"base-class mean of {rec['images']} images in {rec['classes']} classes -> {rec['file']}")
+            if not as_json:
+                console.print(f"base-class mean of {rec['images']} images in {rec['classes']} classes -> {rec['file']}")
+        m = bundle.manifest
+        if as_json:
+            typer.echo(json.dumps({
+                "out": str(out), "model": m.model, "adapter": m.adapter, "bundle_id": m.bundle_id,
+                "files": sorted(m.files), "input_size": list(m.preprocess.input_size), "feature_dim": m.feature_dim,
+                "opset": m.opset, "validated": report is not None, "passed": bool(report.passed) if report else None,
+                "random_init": bool(m.source.get("random_init")), "replaced": losses,
+            }))
+            return
+        if losses:
+            console.print(f"[yellow]replaced the bundle at {out}: lost {losses}[/yellow]")
         if report is not None:
             console.print(_validation_table(report.to_dict()))
         else:
             console.print("[yellow]validation skipped (--no-validate); recorded in the manifest[/yellow]")
-        m = bundle.manifest
         console.print(
             f"wrote {out}: {', '.join(g.file for g in m.graphs.values())} | {m.model} adapter={m.adapter} "
             f"input={m.preprocess.input_size} features={m.feature_dim} opset={m.opset} id={m.bundle_id[:12]}"
         )
 
     @app.command()
-    def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
+    def info(
+        bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+        as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON (for scripts).")] = False,
+    ) -> None:
         """Show a bundle's model, graphs with their inputs/outputs, engines and validation."""
         from fsdeploy.bundle import load_bundle
 
         b = load_bundle(bundle)
         m = b.manifest
+        if as_json:
+            typer.echo(json.dumps({"path": str(bundle), "bundle_id": m.bundle_id, **json.loads(m.to_json())}, sort_keys=True))
+            return
         console.print(f"[bold]{bundle}[/bold]: {m.model} ({m.family}) adapter={m.adapter} id={m.bundle_id[:12]}")
+        if m.source.get("random_init"):
+            console.print("[yellow]weights: RANDOM INIT (exported without --checkpoint or --pretrained); features are not meaningful[/yellow]")
         console.print(f"preprocess: {m.preprocess}")
         table = Table(title="graphs")
         for col in ("graph", "file", "inputs", "outputs"):
@@ -152,58 +204,63 @@ def register(app: typer.Typer) -> None:
                 vt.add_row(v.file, v.graph, v.kind, v.precision, v.sha256[:12])
             console.print(vt)
 
-    @app.command()
+    @app.command(help=ADAPT_DOC)
     def adapt(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")],
-        support: Annotated[Path, typer.Argument(help="Support images: one sub-folder per class.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz).")],
+        support: Annotated[Path, typer.Argument(help="Support images: one sub-folder per class (nested sub-folders count for their class).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz); an existing task artefact is replaced, any other file refused.")],
         head: Annotated[str, typer.Option(help=_head_help())] = "linear",
         transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n (SimpleShot: the bundle's base-class mean, see export --base-data), cl2n-support, ci (pair with --head-opt distance=cosine).")] = "none",
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
-        batch: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
-        threads: Annotated[Optional[int], typer.Option(help="CPU threads for the engine.")] = None,
+        batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
         adapter: Annotated[
             Optional[str],
-            typer.Option(help="Fit per task through the backbone, then fold into the weights (default: the bundle's own kind). "
-                         + _adapter_help(False)),
+            typer.Option(help="Fit per task through the backbone, then fold into the weights (default: the bundle's own kind; "
+                              "a fine-tuner fits its own head: --head/--head-opt do not apply). " + _adapter_help(False)),
         ] = None,
-        steps: Annotated[int, typer.Option(help="Optimiser steps of a per-task --adapter (TSA recipe: 40).")] = 40,
+        steps: Annotated[int, typer.Option(min=1, help="Optimiser steps of a per-task --adapter (TSA recipe: 40).")] = 40,
         domain: Annotated[Optional[str], typer.Option(help="--adapter tsa learning rates (URL/TSA): unseen (default) = α 0.5, β 1.0 (images unlike the backbone's training data); seen = α 0.05, β 0.1.")] = None,
         optimizer: Annotated[Optional[str], typer.Option(help="--adapter bn-affine optimiser: adadelta (default, lr 0.5) or olor (OLOR: Adam lr 1e-3, rollback towards the pretrained BN weights, 0.01 on the first layer decaying linearly to 0).")] = None,
         head_opt: Annotated[
             Optional[list[str]],
-            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback --head-opt distance=cosine."),
+            typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback (linear) or --head-opt distance=cosine (ncc); keys per head are listed above."),
         ] = None,
     ) -> None:
-        """Adapt to one task from a support set and write a task artefact.
-
-        Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the
-        adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph is stored in the task.
-        TSA on images like the backbone's training data: --adapter tsa --domain seen. OLOR fine-tuning of the
-        BatchNorm affine weights: --adapter bn-affine --optimizer olor.
-        """
+        from fsdeploy.adapters import ADAPTERS
         from fsdeploy.bundle import load_bundle
+        from fsdeploy.commands.head_options import check_head_options, resolve_method
         from fsdeploy.engines import EngineOptions
+        from fsdeploy.errors import InvalidInput
+        from fsdeploy.outputs import check_task_out
         from fsdeploy.runtime import adapt_task
 
+        check_task_out(out)
         b = load_bundle(bundle)
-        with console.status("adapting"):
-            fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer)) if v is not None}
+        opts: dict[str, object] = {}
+        if adapter and ADAPTERS.get(adapter).finetuner:
+            if head != "linear" or transform != "none" or head_opt:
+                raise InvalidInput(f"--adapter {adapter} fits its own head on the folded features; drop --head/--transform/--head-opt")
+        else:
+            head, transform = resolve_method(head, transform)
+            opts = check_head_options(head, parse_options(head_opt or []))
+        fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer)) if v is not None}
+        with progress(console, "adapting"):
             task, t = adapt_task(
-                b, support, out, adapter=adapter, head=head, transform=transform, backend=backend,
-                head_opts=parse_options(head_opt or []), options=EngineOptions(threads=threads, precision=precision),
-                batch=batch, seed=seed, steps=steps, fit_opts=fit_opts,
+                b, support, out, adapter=adapter, head=head, transform=transform, backend=backend, head_opts=opts,
+                options=EngineOptions(threads=threads, precision=precision), batch=batch, seed=seed, steps=steps,
+                fit_opts=fit_opts,
             )
         if "adapt_macs" in task.info:
             console.print(
                 f"{task.info['adapter']}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
-                f"folded graph max |diff| {task.info['fold_max_abs']:.1e}"
+                f"folded graph max |diff| {task.info['fold_max_abs']:.1e}; the task holds the folded graph and its weights"
             )
         console.print(
             f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={task.info['head']} | "
-            f"load {t.load_ms:.0f} ms, features {t.features_ms:.0f} ms, fit {t.fit_ms:.0f} ms, write {t.write_ms:.0f} ms"
+            f"load {_duration(t.load_ms)}, features {_duration(t.features_ms)}, fit {_duration(t.fit_ms)}, write {_duration(t.write_ms)}"
         )
 
     @app.command()
@@ -211,27 +268,40 @@ def register(app: typer.Typer) -> None:
         bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
         task: Annotated[Path, typer.Argument(help="Task artefact from `fsdeploy adapt`.")],
         images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-        topk: Annotated[int, typer.Option(help="How many labels per image.")] = 1,
+        topk: Annotated[int, typer.Option(min=1, help="How many labels per image (at most the task's classes).")] = 1,
         backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines.")] = False,
+        batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine and image decoding.")] = None,
+        skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Classify the readable images and report each unreadable one (exit 1 if any); default: refuse the run, naming them.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines; with --skip-bad an unreadable image is a line with an \"error\".")] = False,
     ) -> None:
         """Classify images with a stored task: top-k labels with probabilities."""
+        from fsdeploy.commands.predict_safe import predict_or_report
         from fsdeploy.engines import EngineOptions
         from fsdeploy.bundle import load_bundle
-        from fsdeploy.runtime import TaskArtefact, predict_images
+        from fsdeploy.runtime import TaskArtefact
 
         b = load_bundle(bundle)
         t = TaskArtefact.load(task)
         t.check_bundle(b, task)
-        preds = predict_images(b, t, images, topk=topk, backend=backend, options=EngineOptions(precision=precision))
+        preds, bad = predict_or_report(
+            b, t, images, topk=topk, backend=backend, options=EngineOptions(precision=precision, threads=threads), batch=batch,
+            skip_bad=skip_bad or as_json,
+        )
         if as_json:
             for p in preds:
                 typer.echo(json.dumps({"image": p.image, "labels": list(p.labels), "probs": list(p.probs)}))
-            return
-        table = Table(title=f"predictions ({task.name})")
-        table.add_column("image")
-        table.add_column("top labels (probability)")
-        for p in preds:
-            table.add_row(p.image, ", ".join(f"{lab} ({pr:.3f})" for lab, pr in zip(p.labels, p.probs)))
-        console.print(table)
+            for path, reason in bad:
+                typer.echo(json.dumps({"image": path, "error": reason}))
+        else:
+            table = Table(title=f"predictions ({task.name})")
+            table.add_column("image")
+            table.add_column("top labels (probability)")
+            for p in preds:
+                table.add_row(p.image, ", ".join(f"{lab} ({pr:.3f})" for lab, pr in zip(p.labels, p.probs)))
+            console.print(table)
+        if bad:
+            from fsdeploy.errors import InvalidInput
+
+            raise InvalidInput(f"{len(bad)} unreadable image(s) skipped, first {bad[0][0]} ({bad[0][1]}); the other {len(preds)} were classified")

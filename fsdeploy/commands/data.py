@@ -31,7 +31,7 @@ def glyphs(
     classes: Annotated[Optional[int], typer.Option(help="Keep only N classes, shared across the splits (a quick slice for tests).")] = None,
     styles_per_family: Annotated[int, typer.Option(help="1: one regular font per family; 2: regular and bold.")] = 2,
     font_dir: Annotated[Optional[list[Path]], typer.Option("--font-dir", help="Where to look for .ttf/.otf files (repeatable).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing glyph corpus at --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing glyph corpus at --out (--force: same, the spelling export uses).")] = False,
 ) -> None:
     """Render a few-shot corpus of characters from the installed typefaces.
 

@@ -20,10 +20,10 @@ def register(app: typer.Typer) -> None:
         workdir: Annotated[Path, typer.Option(help="Where the corpus and bundles go (reused between runs).")] = Path(
             "fsdeploy-demo"
         ),
-        episodes: Annotated[int, typer.Option(help="Episodes per setting (600 for paper-style CIs).")] = 100,
-        ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
+        episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting (600 for paper-style CIs).")] = 100,
+        ways: Annotated[int, typer.Option(min=1, help="Classes per episode.")] = 5,
         shots: Annotated[str, typer.Option(help="Comma-separated support images per class.")] = "1,5",
-        threads: Annotated[Optional[int], typer.Option(help="CPU threads for ONNX Runtime.")] = None,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for ONNX Runtime.")] = None,
     ) -> None:
         """Export the shipped backbone, adapt to novel glyph classes with every head, print accuracy and times.
 
@@ -32,7 +32,9 @@ def register(app: typer.Typer) -> None:
         """
         from fsdeploy.demo import run_demo
 
-        k = tuple(int(s) for s in shots.split(","))
+        from fsdeploy.commands.bench import _ints
+
+        k = _ints(shots, "--shots")
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("episodes", total=episodes * len(k) * 2)
             result = run_demo(

@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def heads(
-        ways: Annotated[int, typer.Option(help="Classes in the task (K).")] = 5,
-        shots: Annotated[int, typer.Option(help="Support images per class; the support set has ways x shots.")] = 5,
+        ways: Annotated[int, typer.Option(min=1, help="Classes in the task (K).")] = 5,
+        shots: Annotated[int, typer.Option(min=1, help="Support images per class; the support set has ways x shots.")] = 5,
         dim: Annotated[int, typer.Option(help="Feature size D of the backbone (1280 for efficientnet_b0).")] = 1280,
     ) -> None:
         """List the heads `fsdeploy adapt --head` accepts and the transforms `--transform` accepts.

@@ -31,11 +31,12 @@ def register(app: typer.Typer) -> None:
     def build(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder made by `fsdeploy export`.")],
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
-        batch: Annotated[str, typer.Option(help="MIN:OPT:MAX batch sizes the engines accept; tuned for OPT.")] = "1:8:32",
+        batch: Annotated[str, typer.Option("--profile", "--batch", help="Batch profile MIN:OPT:MAX the engines accept, tuned for OPT (--batch is the former name).")] = "1:8:32",
         graphs: Annotated[Optional[list[str]], typer.Option(help="Graphs to build (repeat or comma-separate; default all).")] = None,
         force: Annotated[bool, typer.Option(help="Rebuild engines that are up to date.")] = False,
         opt_level: Annotated[Optional[int], typer.Option(help="Builder optimisation level 0-5 (0 builds fastest).")] = None,
         current_gpu: Annotated[bool, typer.Option(help="TensorRT-RTX: target this machine's GPU instead of all supported ones.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per engine record instead of the table.")] = False,
     ) -> None:
         """Build a TensorRT engine for each graph of a bundle and list it, with its sha256, in the manifest.
 
@@ -43,15 +44,23 @@ def register(app: typer.Typer) -> None:
 
         Engine files are named by graph hash, TensorRT version, precision and batch profile. An engine whose graph changed, or whose file is corrupt, is rebuilt; engines for another TensorRT version are kept for the machines that have it.
 
-        Example: fsdeploy build bundle/ --precision fp16 --batch 1:8:32
+        Example: fsdeploy build bundle/ --precision fp16 --profile 1:8:32
         """
         from fsdeploy.engines.build import build_bundle
 
-        with console.status("building") as status:
+        from fsdeploy.commands.progress import progress
+
+        with progress(console, "building") as status:
             records = build_bundle(
                 bundle, precision=precision, batch=batch, graphs=_graph_list(graphs), force=force,
                 opt_level=opt_level, current_gpu=current_gpu, progress=lambda m: status.update(m),
             )
+        if as_json:
+            import json
+
+            for r in records:
+                typer.echo(json.dumps(r.to_dict(), sort_keys=True))
+            return
         table = Table(title=f"engines in {bundle}")
         for col in ("graph", "engine", "precision", "layers (by output type)", "batch", "build s", "MB"):
             table.add_column(col, overflow="fold")
@@ -67,7 +76,7 @@ def register(app: typer.Typer) -> None:
     def compare(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder with engines from `fsdeploy build`.")],
         precision: Annotated[str, typer.Option(help="Which engines to compare: fp32 or fp16.")] = "fp32",
-        n: Annotated[int, typer.Option(help="Images per batch (real photo crops); must fit the engines' batch profile.")] = 8,
+        n: Annotated[int, typer.Option(min=1, help="Images per batch (real photo crops); must fit the engines' batch profile.")] = 8,
         graphs: Annotated[Optional[list[str]], typer.Option(help="Graphs to compare (default all).")] = None,
     ) -> None:
         """Run ONNX Runtime and TensorRT on the same inputs; print max |diff| and cosine per output (GPU only).

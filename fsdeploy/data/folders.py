@@ -4,6 +4,7 @@ Every problem is reported up front, naming the files, so a long adaptation never
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,14 +63,20 @@ def scan_image_folder(root: str | Path, *, min_classes: int = 2, classes: list[s
     labels: list[int] = []
     empty: list[str] = []
     foreign: list[str] = []
+    broken: list[str] = []
     for label, d in enumerate(class_dirs):
-        files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+        # images in nested sub-folders belong to their top-level class folder (e.g. class/session1/img.png)
+        found = _walk(d)
+        broken += [str(p) for p in found if p.is_symlink() and not p.exists()]
+        files = sorted(p for p in found if p.is_file())
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         foreign += [str(p) for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not images:
             empty.append(d.name)
         paths += images
         labels += [label] * len(images)
+    if broken:
+        raise InvalidInput(f"broken symlink(s) in {root}: {', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}; fix or remove them")
     if empty:
         raise InvalidInput(f"class folder(s) with no images in {root}: {', '.join(empty)}; add images or remove the folder")
     if foreign:
@@ -80,12 +87,36 @@ def scan_image_folder(root: str | Path, *, min_classes: int = 2, classes: list[s
     return LabelledFiles(tuple(paths), np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs))
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Every non-hidden entry that is not a folder, under `folder` and its non-hidden sub-folders (symlinked folders followed)."""
+    out: list[Path] = []
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for n in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, n))
+            if not n.startswith(".") and real not in seen:  # a symlink loop is walked once
+                seen.add(real)
+                keep.append(n)
+        dirnames[:] = keep
+        out += [Path(dirpath) / n for n in filenames if not n.startswith(".")]
+    return out
+
+
 def list_images(items: list[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively, image suffixes only) into a sorted list of image paths."""
+    """Expand files and folders (recursively, image suffixes only) into a sorted list of image paths.
+
+    Raises:
+        InvalidInput: an item does not exist, a folder holds broken symlinks, or no images were found.
+    """
     out: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            out += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = _walk(item)
+            broken = [str(p) for p in found if p.is_symlink() and not p.exists()]
+            if broken:
+                raise InvalidInput(f"broken symlink(s) in {item}: {', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}; fix or remove them")
+            out += sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif item.is_file():
             out.append(item)
         else:

@@ -6,16 +6,21 @@ size / crop_pct, centre-crop to size, scale to [0, 1], normalise by mean/std, CH
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fsdeploy.backbones import Preprocess
-from fsdeploy.errors import InvalidInput
+from fsdeploy.errors import FsdeployWarning, InvalidInput
+
+_EXIF_ORIENTATION = 0x0112
+# PIL's own warning names no file; load_image warns instead, naming it (one line in the CLI)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -50,10 +55,23 @@ def load_image(path: str | Path) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns up to twice its limit
+                warnings.warn(
+                    f"image {path} is {img.width}x{img.height} ({img.width * img.height / 1e6:.0f} megapixels); decoding "
+                    "it takes a lot of memory — downscale it", FsdeployWarning, stacklevel=2,
+                )
             img.load()  # forces a full decode so truncated files fail here, not later
+            # phones store photos sideways with an EXIF Orientation tag; torchvision/timm users expect it applied
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                return to_rgb(ImageOps.exif_transpose(img))
             return to_rgb(img)
     except FileNotFoundError:
         raise InvalidInput(f"image {path} does not exist") from None
+    except Image.DecompressionBombError:
+        raise InvalidInput(
+            f"image {path} is larger than PIL's decompression-bomb limit ({2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); "
+            "downscale it before classifying"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"cannot decode image {path} ({type(exc).__name__}); replace or remove the file") from None
 
@@ -90,11 +108,11 @@ def normalise(pixels: NDArray[np.uint8], cfg: Preprocess) -> NDArray[np.float32]
     return out
 
 
-def _load_one(path: str | Path, cfg: Preprocess) -> NDArray[np.float32] | None:
+def _load_one(path: str | Path, cfg: Preprocess) -> NDArray[np.float32] | InvalidInput:
     try:
         return preprocess_image(load_image(path), cfg)
-    except InvalidInput:
-        return None
+    except InvalidInput as exc:  # collected, so one error can name every bad file
+        return exc
 
 
 def load_checked(paths: Sequence[str | Path], cfg: Preprocess, *, workers: int = 1) -> NDArray[np.float32]:
@@ -108,12 +126,13 @@ def load_checked(paths: Sequence[str | Path], cfg: Preprocess, *, workers: int =
             loaded = list(pool.map(lambda p: _load_one(p, cfg), paths))
     else:
         loaded = [_load_one(p, cfg) for p in paths]
-    out = [a for a in loaded if a is not None]
-    bad = [str(p) for p, a in zip(paths, loaded) if a is None]
+    out = [a for a in loaded if not isinstance(a, InvalidInput)]
+    errors = [a for a in loaded if isinstance(a, InvalidInput)]
+    bad = [str(p) for p, a in zip(paths, loaded) if isinstance(a, InvalidInput)]
     if bad:
         raise InvalidInput(
             f"{len(bad)} unreadable image file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-            "replace or remove them"
+            f"replace or remove them (first: {errors[0]})"
         )
     return np.stack(out) if out else np.zeros((0, *cfg.input_size), dtype=np.float32)
 

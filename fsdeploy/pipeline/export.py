@@ -34,6 +34,8 @@ from fsdeploy.bundle import (
 )
 from fsdeploy.exporters.graphs import AdaptedModel, GraphExport
 from fsdeploy.exporters.onnx_export import export_onnx
+from fsdeploy.exporters.weights_checks import size_hint, warn_weights, weights_record
+from fsdeploy.outputs import check_bundle_out
 
 Progress = Callable[[str], None]
 
@@ -102,6 +104,7 @@ def export_bundle(
     n_validate: int = 4,
     options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> tuple[Bundle, CompareReport | None]:
     """Export `model` (+ `adapter`) to a validated bundle folder at `out`.
 
@@ -116,12 +119,16 @@ def export_bundle(
         validate: compare ONNX Runtime with PyTorch and refuse a bundle outside tolerance.
         calib: folder of real images for validation (default: photos shipped with matplotlib).
         options: adapter-specific build options (recorded, used again when rebuilding the torch module).
+        overwrite: replace an existing bundle at `out` (anything else there is always refused).
 
     Raises:
         ValidationFailed: an output exceeded tolerance (nothing is written).
+        InvalidInput: `out` is not a new folder or (with `overwrite`) a bundle, or is not writable.
     """
     say = progress or (lambda _msg: None)
     out = Path(out)
+    check_bundle_out(out, overwrite=overwrite)
+    warn_weights(model, checkpoint, pretrained, img_size)
     request = BuildRequest(model, Path(checkpoint) if checkpoint else None, pretrained, img_size, dict(options or {}))
     say(f"building {model} (adapter {adapter})")
     built = build_adapted(adapter, request)
@@ -142,6 +149,7 @@ def export_bundle(
             if not report.passed:
                 raise ValidationFailed(
                     f"{report.describe_worst()}; nothing was written — check the model, or pass --no-validate to keep it anyway"
+                    + size_hint(checkpoint, img_size)
                 )
         from safetensors.torch import save_file
 
@@ -154,6 +162,7 @@ def export_bundle(
             "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
             "pretrained": pretrained,
             "options": request.options,
+            **weights_record(checkpoint, pretrained, built.preprocess),
         }
         manifest = BundleManifest(
             schema=SCHEMA,

@@ -55,8 +55,19 @@ class TaskArtefact:
             raise InvalidInput(f"task artefact {path} does not exist; create it with `fsdeploy adapt`") from None
         except Exception as exc:
             raise BundleError(f"{path} is not a readable task artefact ({type(exc).__name__}); re-run `fsdeploy adapt`") from None
-        if "schema" not in d or int(d["schema"]) != TASK_SCHEMA:
+        try:
+            schema = int(d["schema"])
+        except (KeyError, TypeError, ValueError):
+            schema = None
+        if schema != TASK_SCHEMA:
             raise BundleError(f"{path} is not an fsdeploy task artefact of schema {TASK_SCHEMA}; re-run `fsdeploy adapt`")
+        missing = [k for k in ("bundle_id", "model", "adapter", "classes", "info") if k not in d]
+        if missing:
+            raise BundleError(f"{path} is an incomplete task artefact (no {', '.join(missing)}); re-run `fsdeploy adapt`")
+        try:
+            info = json.loads(str(d["info"]))
+        except ValueError:
+            raise BundleError(f"{path} has an unreadable info record; re-run `fsdeploy adapt`") from None
         return cls(
             bundle_id=str(d["bundle_id"]),
             model=str(d["model"]),
@@ -64,7 +75,7 @@ class TaskArtefact:
             classes=tuple(str(c) for c in d["classes"]),
             model_state={k[5:]: v for k, v in d.items() if k.startswith("head/")},
             task_state={k[5:]: v for k, v in d.items() if k.startswith("task/")},
-            info=json.loads(str(d["info"])),
+            info=info,
         )
 
     def check_bundle(self, bundle: Bundle, path: str | Path = "task") -> None:
