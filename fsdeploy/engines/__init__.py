@@ -29,6 +29,8 @@ class EngineOptions:
     # machine 1.4-3x, so no other session spins once its run has returned.
     spinning: str | None = None
     cpu_arena: bool = True  # ONNX Runtime's CPU memory arena: keeps peak buffers of a session for reuse
+    # OpenVINO's PERFORMANCE_HINT: latency | throughput (`fsdeploy.engines.openvino.hint_for_batch`); None: latency
+    hint: str | None = None
 
 
 Opener = Callable[[Any, str, EngineOptions], Engine]
