@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fsdeploy.engines import Engine, EngineOptions, open_engine
+from fsdeploy.engines import openvino as _openvino  # noqa: F401 - registers "openvino" (the package loads on open)
 from fsdeploy.errors import UnknownName
 from fsdeploy.exporters.bundle import Bundle
 
