@@ -224,8 +224,12 @@ def latency(
                 for other in backends[1:]:
                     c = next(r.engine for r in runs if r.batch == bs and r.backend == other)
                     ratio_rows += [{"kind": "compare", "batch": bs, "vs": other, **row}
-                                   for row in compare_stats(a, c, names=(backends[0], "other"))]
-            console.print(compare_table([{k: v for k, v in r.items() if k != "kind"} for r in ratio_rows],
+                                   for row in compare_stats(a, c, names=(backends[0], other))]
+            if len(backends) > 2:  # one table: each row's compared backend is named in "vs", its value in "other"
+                shown = [{("other" if k == r["vs"] else k): v for k, v in r.items() if k != "kind"} for r in ratio_rows]
+            else:
+                shown = [{k: v for k, v in r.items() if k not in ("kind", "vs")} for r in ratio_rows]
+            console.print(compare_table(shown,
                                         title=f"side by side: speedup = how many times faster each is than {backends[0]}"))
             rows += ratio_rows
         if specs:
