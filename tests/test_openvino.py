@@ -15,7 +15,6 @@ import pytest
 
 pytest.importorskip("openvino")
 
-from fsdeploy.bench.measure import write_photo_folder  # noqa: E402
 from fsdeploy.data.folders import list_images  # noqa: E402
 from fsdeploy.data.images import load_checked  # noqa: E402
 from fsdeploy.engines import EngineOptions, open_engine  # noqa: E402
@@ -23,9 +22,8 @@ from fsdeploy.engines.openvino import OpenVinoEngine, OpenVinoOptions, cache_dir
 from fsdeploy.errors import BundleError, EngineError, UnknownName  # noqa: E402
 from fsdeploy.exporters.bundle import load_bundle  # noqa: E402
 from fsdeploy.exporters.export import export_bundle  # noqa: E402
-from fsdeploy.exporters.quantize import quantize_bundle  # noqa: E402
 from fsdeploy.modules.case_context import context_pass, query_pass  # noqa: E402
-from tests.helpers import glyph_folder, make_checkpoint  # noqa: E402
+from tests.helpers import glyph_folder  # noqa: E402
 
 # Tolerances against ORT FP32, relative to max |FP32 feature| (max_abs) and per-image cosine. FP32 differs
 # from ORT by kernel order only (measured ~1e-6 relative); bf16 keeps 8 mantissa bits per product (measured
@@ -56,16 +54,10 @@ def _close(got: np.ndarray, ref: np.ndarray, precision: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ov")
-    ckpt = make_checkpoint("resnet18", tmp / "w.safetensors", img_size=32)
-    plain, _ = export_bundle("resnet18", tmp / "plain", checkpoint=ckpt, validate=False)
-    photos = write_photo_folder(tmp / "photos", classes=3, per_class=8, side=64, seed=0)
-    quantize_bundle(plain, [photos], reduce_range=False)
-    plain = load_bundle(plain.path)
-    images = load_checked(list_images([photos]), plain.manifest.preprocess)
-    glyphs = glyph_folder(tmp / "glyphs", classes="ABC", per_class=4, size=40)
-    return SimpleNamespace(tmp=tmp, plain=plain, photos=photos, images=images, glyphs=glyphs)
+def ws(int8_resnet18):
+    plain = int8_resnet18.bundle
+    images = load_checked(list_images([int8_resnet18.photos]), plain.manifest.preprocess)
+    return SimpleNamespace(plain=plain, photos=int8_resnet18.photos, images=images, glyphs=int8_resnet18.glyphs)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
@@ -150,9 +142,10 @@ def test_case_query_and_stage_chain_follow_ort(tmp_path) -> None:
 def test_folded_task_graph_runs_from_bytes(ws, tmp_path) -> None:
     from fsdeploy.finetune_task import adapt_finetuned
 
-    task, _ = adapt_finetuned(ws.plain, ws.glyphs, None, method="bn-affine", steps=2)
+    glyphs = glyph_folder(tmp_path / "glyphs", classes="ABC", per_class=4, size=40)
+    task, _ = adapt_finetuned(ws.plain, glyphs, None, method="bn-affine", steps=2)
     graph = task.task_state["graph"].tobytes()
-    x = load_checked(list_images([ws.glyphs]), ws.plain.manifest.preprocess)
+    x = load_checked(list_images([glyphs]), ws.plain.manifest.preprocess)
     ref = _ort(graph, {"images": x})["features"]
     with OpenVinoEngine(graph, OpenVinoOptions(cache_dir=tmp_path / "c")) as eng:
         _close(eng.run({"images": x})["features"], ref, "fp32")

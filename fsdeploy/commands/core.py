@@ -13,9 +13,11 @@ console = Console()
 err = Console(stderr=True)
 
 PRECISION_HELP = (
-    "Engine precision: fp32; int8 on --backend ort (the graph from `fsdeploy quantize`); fp16 on --backend trt "
-    "(engines from `fsdeploy build --precision fp16`)."
+    "Engine precision: fp32; int8 on --backend ort or openvino (the graph from `fsdeploy quantize`); bf16 or default "
+    "on --backend openvino (CPUs with AVX512-BF16 / AMX); fp16 on --backend trt (engines from `fsdeploy build "
+    "--precision fp16`). Default: the bundle's `fsdeploy tune` choice on this CPU, else fp32."
 )
+BACKEND_HELP = "Engine backend: ort, openvino, torch, trt. Default: the bundle's `fsdeploy tune` choice on this CPU, else ort."
 HEAD_HELP = "Per-task head: linear (UpperCaSE zero-init, 500 Adam steps), ncc (prototypes), and the others in `fsdeploy heads`."
 
 
@@ -117,6 +119,10 @@ def register(app: typer.Typer) -> None:
             console.print(_validation_table(m.validation))
         if m.engines:
             console.print_json(json.dumps(m.engines))
+        if m.extra.get("tuned"):
+            from fsdeploy.commands.tune import tune_table
+
+            console.print(tune_table(m.extra["tuned"]))
 
     @app.command()
     def adapt(
@@ -125,8 +131,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz).")],
         head: Annotated[str, typer.Option(help=HEAD_HELP)] = "linear",
         transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n, ci.")] = "none",
-        backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
-        precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+        backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP)] = None,
+        precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
         batch: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads for the engine.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
@@ -145,9 +151,9 @@ def register(app: typer.Typer) -> None:
         Example: fsdeploy adapt bundle/ my_support/ --head linear --out task.npz. With --adapter tsa the
         adapters are fitted in PyTorch, folded into the conv weights, and the re-exported graph is stored in the task.
         """
-        from fsdeploy.engines import EngineOptions
         from fsdeploy.exporters.bundle import load_bundle
         from fsdeploy.task import adapt_task
+        from fsdeploy.tune import resolve_choice
 
         b = load_bundle(bundle)
         with console.status("adapting"):
@@ -155,7 +161,7 @@ def register(app: typer.Typer) -> None:
                 from fsdeploy.errors import InvalidInput
                 from fsdeploy.finetune_task import adapt_finetuned
 
-                if precision != "fp32":
+                if precision not in (None, "fp32"):
                     raise InvalidInput(f"--adapter {adapter} runs its own folded fp32 graph; drop --precision {precision}")
                 task, t = adapt_finetuned(b, support, out, method=adapter, steps=steps)
                 console.print(
@@ -163,9 +169,12 @@ def register(app: typer.Typer) -> None:
                     f"folded graph max |diff| {task.info['fold_max_abs']:.1e}"
                 )
             else:
+                choice = resolve_choice(b, backend, precision, threads=threads)
+                if choice.note:
+                    err.print(choice.note)
                 task, t = adapt_task(
-                    b, support, out, head=head, transform=transform, backend=backend, head_opts=parse_options(head_opt or []),
-                    options=EngineOptions(threads=threads, precision=precision), batch=batch, seed=seed,
+                    b, support, out, head=head, transform=transform, backend=choice.backend, head_opts=parse_options(head_opt or []),
+                    options=choice.options, batch=batch, seed=seed,
                 )
         console.print(
             f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={task.info['head']} | "
@@ -178,19 +187,23 @@ def register(app: typer.Typer) -> None:
         task: Annotated[Path, typer.Argument(help="Task artefact from `fsdeploy adapt`.")],
         images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
         topk: Annotated[int, typer.Option(help="How many labels per image.")] = 1,
-        backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
-        precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+        backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP)] = None,
+        precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines.")] = False,
     ) -> None:
         """Classify images with a stored task: top-k labels with probabilities."""
-        from fsdeploy.engines import EngineOptions
         from fsdeploy.exporters.bundle import load_bundle
         from fsdeploy.task import TaskArtefact, predict_images
+        from fsdeploy.tune import resolve_choice
 
         b = load_bundle(bundle)
         t = TaskArtefact.load(task)
         t.check_bundle(b, task)
-        preds = predict_images(b, t, images, topk=topk, backend=backend, options=EngineOptions(precision=precision))
+        # a task with its own folded graph runs that graph (ort fp32): a tuned choice does not apply to it
+        choice = resolve_choice(b, backend, precision) if "graph" not in t.task_state else resolve_choice(b, backend or "ort", precision)
+        if choice.note:
+            err.print(choice.note)
+        preds = predict_images(b, t, images, topk=topk, backend=choice.backend, options=choice.options)
         if as_json:
             for p in preds:
                 typer.echo(json.dumps({"image": p.image, "labels": list(p.labels), "probs": list(p.probs)}))
