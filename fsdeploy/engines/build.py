@@ -24,6 +24,7 @@ from typing import Any
 from fsdeploy.atomic import sha256_file, write_bytes
 from fsdeploy.deps import require
 from fsdeploy.engines.trt_backend import TrtBackend, gpu_present, load_backend
+from fsdeploy.engines.trt_targets import check_build_target
 from fsdeploy.engines.trt_precision import check_label, inspect_precisions, network_precisions
 from fsdeploy.engines.trt_records import (
     BATCH_AXIS,
@@ -124,6 +125,7 @@ def build_engine(
     if precision not in PRECISIONS:
         raise InvalidInput(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     backend = backend or load_backend()
+    check_build_target(backend.name)  # TensorRT-RTX has no SM80/SM90/SM100 target: say so before building
     trt = backend.trt
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     shapes = input_shapes(onnx_path, profile)
