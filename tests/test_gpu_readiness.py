@@ -177,3 +177,16 @@ def test_tensorrt_rtx_targets(cap, fails) -> None:
 def test_hopper_message_names_it() -> None:
     with pytest.raises(EngineError, match=r"TensorRT-RTX cannot build for Hopper \(SM90\)"):
         check_build_target("tensorrt_rtx", (9, 0))
+
+
+def test_tensorrt_compare_reports_centred_cosine() -> None:
+    from fsdeploy.bench.agreement import row_cosines
+    from fsdeploy.engines.trt import _centred
+
+    rng = np.random.default_rng(0)
+    want = (5.0 + rng.standard_normal((8, 32))).astype(np.float32)
+    got = (5.0 + rng.standard_normal((8, 32))).astype(np.float32)  # same mean, image part replaced
+    assert row_cosines(got, want).min() > 0.9 and _centred(got, want) < 0.6
+    mu = want.astype(np.float64).mean(0)
+    assert _centred(want + 1e-3, want) == pytest.approx(row_cosines(want + 1e-3 - mu, want - mu).min())
+    assert np.isnan(_centred(got[:1], want[:1])) and np.isnan(_centred(None, want)) and np.isnan(_centred(got[:, :4, None], want[:, :4, None]))

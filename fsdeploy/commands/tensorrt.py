@@ -85,12 +85,14 @@ def register(app: typer.Typer) -> None:
             report = compare_bundle(b, precision=precision, n=n, graphs=_graph_list(graphs), progress=lambda m: status.update(m))
         tol = report.tolerance
         table = Table(title=f"TensorRT {precision} vs ONNX Runtime (batch {report.batch})")
-        for col in ("graph", "output", "max |diff|", "max |ORT|", "cosine", "ok"):
+        for col in ("graph", "output", "max |diff|", "max |ORT|", "cosine", "centred cos", "ok"):
             table.add_column(col)
         for c in report.checks:
             ok = "[green]✓[/green]" if c.ok(tol) else "[red]✗[/red]"
-            table.add_row(c.graph, c.name, f"{c.max_abs:.2e}", f"{c.ref_max_abs:.3g}", f"{c.cosine:.6f}", ok)
-        table.caption = f"tolerance: max |diff| <= {tol.atol:g} + {tol.rtol:g}·max|ORT|, cosine >= {tol.min_cosine}"
+            cc = "-" if c.centred_cosine != c.centred_cosine else f"{c.centred_cosine:.5f}"
+            table.add_row(c.graph, c.name, f"{c.max_abs:.2e}", f"{c.ref_max_abs:.3g}", f"{c.cosine:.6f}", cc, ok)
+        table.caption = (f"tolerance: max |diff| <= {tol.atol:g} + {tol.rtol:g}·max|ORT|, cosine >= {tol.min_cosine}; centred cos: "
+                         "features minus their ORT mean (decision agreement: `fsdeploy tune`)")
         console.print(table)
         if not report.passed:
             w = report.worst()

@@ -195,6 +195,9 @@ class OutputAgreement:
     max_abs: float
     ref_max_abs: float
     cosine: float
+    # min over images of cos(x - μ, x_ort - μ), μ the ORT mean over the compared images (feature outputs
+    # (N, D) with N > 1; NaN otherwise): what raw cosine hides (`fsdeploy.bench.agreement`)
+    centred_cosine: float = float("nan")
 
     def ok(self, tol: Tolerance) -> bool:
         return self.shape_ok and self.max_abs <= tol.atol + tol.rtol * self.ref_max_abs and self.cosine >= tol.min_cosine
@@ -260,5 +263,14 @@ def compare_bundle(
         with TrtEngine(path, record=record, backend=backend) as trt_engine:
             got = trt_engine.run(feeds)
         for c in compare_outputs(g, "real", got, want):
-            checks.append(OutputAgreement(g, c.name, c.shape_ok, c.max_abs, c.ref_max_abs, c.cosine))
+            checks.append(OutputAgreement(g, c.name, c.shape_ok, c.max_abs, c.ref_max_abs, c.cosine, _centred(got.get(c.name), want[c.name])))
     return CompareReport(precision, TOLERANCES[precision], n, tuple(checks))
+
+
+def _centred(got: np.ndarray | None, want: np.ndarray) -> float:
+    """Min centred cosine of per-image feature rows `(N, D)`, N > 1; NaN for other outputs."""
+    from fsdeploy.bench.agreement import centred_cosines
+
+    if got is None or got.shape != want.shape or want.ndim != 2 or len(want) < 2:
+        return float("nan")
+    return float(centred_cosines(got, want).min())
