@@ -247,7 +247,7 @@ def latency(
 def perf(
     quick: Annotated[bool, typer.Option(help="Fewer repeats/episodes and support sizes up to 200: a few minutes on 2 cores.")] = False,
     workdir: Annotated[Path, typer.Option(help="Where bundles, images and corpora are made once and reused.")] = Path("fsdeploy-perf"),
-    targets: Annotated[str, typer.Option(help="Which of issue #8's targets to measure (1-5).")] = "1,2,3,4,5",
+    targets: Annotated[str, typer.Option(help="Which targets to measure: issue #8's 1-5, and 6 (fsdeploy engines vs PyTorch peers, matmul peaks).")] = "1,2,3,4,5",
     threads: Annotated[int, typer.Option(help="Threads for every side (torch, BLAS, ONNX Runtime).")] = 2,
     data: Annotated[Optional[Path], typer.Option(help="Glyph corpus for target 5 (default: render a slice into WORKDIR).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="efficientnet_b0 weights (default: the shipped checkpoint).")] = None,
