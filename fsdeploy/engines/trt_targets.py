@@ -1,8 +1,8 @@
 """Which GPUs TensorRT-RTX can build engines for, checked before a build rather than failing inside it.
 
-TensorRT-RTX compiles for the compute capabilities in its `ComputeCapability` enum; its support matrix lists
-Turing (7.5), Ampere GA10x (8.6), Ada (8.9) and Blackwell (12.0, 12.1) — no data-centre Ampere (8.0), Hopper
-(9.0) or Blackwell B200 (10.0). NVIDIA's full TensorRT, which does target those, is not installable from
+TensorRT-RTX compiles for the compute capabilities in its `ComputeCapability` enum; its support matrix (TensorRT-RTX
+1.5) lists Turing (7.5), Ampere GA10x (8.6), Ada (8.9) and Blackwell (12.0, 12.1): no data-centre Ampere (8.0),
+Hopper (9.0) or Blackwell B200 (10.0). NVIDIA's full TensorRT, which does target those, is not installable from
 PyPI: its `tensorrt-cu*-libs` wheels are stubs that download the libraries from NVIDIA at install time.
 """
 from __future__ import annotations
