@@ -120,9 +120,9 @@ def register(app: typer.Typer) -> None:
         if m.engines:
             console.print_json(json.dumps(m.engines))
         if m.extra.get("tuned"):
-            from fsdeploy.commands.tune import tune_table
+            from fsdeploy.commands.tune import print_tuned
 
-            console.print(tune_table(m.extra["tuned"]))
+            print_tuned(m.extra["tuned"])
 
     @app.command()
     def adapt(

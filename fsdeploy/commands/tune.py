@@ -23,7 +23,7 @@ def tune_table(record: dict[str, Any]) -> Table:
     for r in record["rows"]:
         name = f"{r['backend']} {r['precision']}" + (" *" if r["chosen"] else "")
         if r["status"] != "ok":
-            table.add_row(name, "-", "-", "-", "-", f"n/a: {r['reason']}")
+            table.add_row(name, "-", "-", "-", "-", "n/a")
             continue
         a = r["agreement"]
         table.add_row(
@@ -37,6 +37,17 @@ def tune_table(record: dict[str, Any]) -> Table:
         f"{cal.get('ways', '?')}-way {cal.get('shots', '?')}-shot episodes"
     )
     return table
+
+
+def unavailable_lines(record: dict[str, Any]) -> list[str]:
+    """Why each n/a row could not run, one line each (kept out of the table so it stays 80 columns wide)."""
+    return [f"n/a {r['backend']} {r['precision']}: {r['reason']}" for r in record["rows"] if r["status"] != "ok"]
+
+
+def print_tuned(record: dict[str, Any]) -> None:
+    console.print(tune_table(record))
+    for line in unavailable_lines(record):
+        console.print(line, markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -81,6 +92,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(rec.to_dict()))
             return
-        console.print(tune_table(rec.to_dict()))
+        print_tuned(rec.to_dict())
         console.print(f"{'recorded in' if record else 'not recorded (--no-record):'} {bundle / 'manifest.json'}; "
                       f"adapt/predict use {rec.backend} {rec.precision} unless --backend/--precision is given")
