@@ -244,7 +244,7 @@ def tune_bundle(
             say(f"measuring {cand.label}")
             try:
                 measured[cand] = _measure(bundle, cand, images, eps, batch_images, threads)
-            except Exception as exc:  # noqa: BLE001 - any engine failure makes that row n/a, with its message
+            except Exception as exc:  # any engine failure makes that row n/a, with its message
                 if (cand.backend, cand.precision) == REFERENCE:
                     raise
                 reasons[cand] = str(exc).splitlines()[0] if isinstance(exc, FsdeployError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

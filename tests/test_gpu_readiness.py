@@ -124,7 +124,6 @@ class _Recorder:
 
 def _gamma_graph() -> bytes:
     """features = images.mean((2, 3)) * gamma: a batch input and a γ-like input without a batch axis."""
-    import onnx
     from onnx import TensorProto, helper
 
     g = helper.make_graph(

@@ -15,15 +15,15 @@ import pytest
 
 pytest.importorskip("openvino")
 
-from fsdeploy.data.folders import list_images  # noqa: E402
-from fsdeploy.data.images import load_checked  # noqa: E402
-from fsdeploy.engines import EngineOptions, open_engine  # noqa: E402
-from fsdeploy.engines.openvino import OpenVinoEngine, OpenVinoOptions, cache_dir, compile_config, hint_for_batch  # noqa: E402
-from fsdeploy.errors import BundleError, EngineError, UnknownName  # noqa: E402
-from fsdeploy.exporters.bundle import load_bundle  # noqa: E402
-from fsdeploy.exporters.export import export_bundle  # noqa: E402
-from fsdeploy.modules.case_context import context_pass, query_pass  # noqa: E402
-from tests.helpers import glyph_folder  # noqa: E402
+from fsdeploy.data.folders import list_images
+from fsdeploy.data.images import load_checked
+from fsdeploy.engines import EngineOptions, open_engine
+from fsdeploy.engines.openvino import OpenVinoEngine, OpenVinoOptions, cache_dir, compile_config, hint_for_batch
+from fsdeploy.errors import BundleError, EngineError, UnknownName
+from fsdeploy.exporters.bundle import load_bundle
+from fsdeploy.exporters.export import export_bundle
+from fsdeploy.modules.case_context import context_pass, query_pass
+from tests.helpers import glyph_folder
 
 # Tolerances against ORT FP32, relative to max |FP32 feature| (max_abs) and per-image cosine. FP32 differs
 # from ORT by kernel order only (measured ~1e-6 relative); bf16 keeps 8 mantissa bits per product (measured

@@ -6,9 +6,10 @@ import pytest
 
 pytest.importorskip("openvino")
 
-from fsdeploy.bench.perf_engines import SIDES, _int8_ort, engine_peer_throughput, matmul_peaks  # noqa: E402
+from fsdeploy.bench.perf_engines import SIDES, _int8_ort, engine_peer_throughput, matmul_peaks
 
 
+@pytest.mark.slow  # ~20 s of timing on 2 cores; the default suite keeps the peak test below
 def test_rows_and_ratios(int8_resnet18) -> None:
     images = sorted(int8_resnet18.photos.rglob("*.jpg"))
     rows = engine_peer_throughput(int8_resnet18.bundle, "resnet18", images, batches=(1, 2), threads=1, iters=1, rounds=1)

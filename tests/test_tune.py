@@ -76,7 +76,7 @@ def bundle(int8_resnet18, tmp_path: Path):
 
 
 def test_a_faster_engine_is_chosen_only_when_it_passes(bundle, int8_resnet18) -> None:
-    kw = dict(batch=2, episodes=6, candidates=CANDIDATES, record=False)
+    kw = {"batch": 2, "episodes": 6, "candidates": CANDIDATES, "record": False}
     fast_torch = FakeTimer({"ort fp32": 10.0, "ort int8": 2.0, "torch fp32": 1.0})
     rec = tune_bundle(bundle, int8_resnet18.glyphs, gate=Gate(0.0, -1.0), timer=fast_torch, **kw)
     assert sorted(fast_torch.timed) == ["ort fp32", "ort int8", "torch fp32"]

@@ -161,7 +161,7 @@ def check_model(bundle: Any, label: str, plan: Plan, images: np.ndarray, say: Ca
                     torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
                     torch.backends.cudnn.allow_tf32 = cfg["tf32"]
 
-                def run(cfg: dict[str, Any] = cfg) -> Any:
+                def run(cfg: dict[str, Any] = cfg, xt: Any = xt) -> Any:
                     with torch.inference_mode(), torch.autocast(plan.device, dtype=cfg["autocast"] or torch.float32,
                                                                 enabled=cfg["autocast"] is not None):
                         return module(xt, gamma) if gamma is not None else module(xt)
@@ -173,7 +173,7 @@ def check_model(bundle: Any, label: str, plan: Plan, images: np.ndarray, say: Ca
                                 "skipped: onnxruntime-gpu not installed (pip install 'fsdeploy[gpu]')"))
             else:
                 got = ort_cuda.query(x, state)
-                rows.append(Row(label, "ort cuda", batch, timer(lambda: ort_cuda.query(x, state), plan.iters), *_compare(got, ref, mean)))
+                rows.append(Row(label, "ort cuda", batch, timer(lambda x=x: ort_cuda.query(x, state), plan.iters), *_compare(got, ref, mean)))
         if ort_cuda is not None:
             ort_cuda.close()
     finally:

@@ -129,17 +129,17 @@ def engine_peer_throughput(
                 files = [images[i % len(images)] for i in range(b)]
                 args = (gamma,) if gamma is not None else ()
 
-                def torch_fp32(files: list[Path] = files) -> Any:
+                def torch_fp32(files: list[Path] = files, args: tuple[Any, ...] = args) -> Any:
                     with torch.inference_mode():
                         return fp32(load_images_torch(files, transform), *args)
 
-                def torch_bf16(files: list[Path] = files) -> Any:
+                def torch_bf16(files: list[Path] = files, args: tuple[Any, ...] = args) -> Any:
                     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                         return bf16(load_images_torch(files, transform).contiguous(memory_format=torch.channels_last), *args)
 
                 fns = {
                     "ort_fp32": lambda files=files: ort.query(load_checked(files, pre, workers=threads), state),
-                    "openvino_default": lambda files=files: ov.query(load_checked(files, pre, workers=threads), state),
+                    "openvino_default": lambda files=files, ov=ov: ov.query(load_checked(files, pre, workers=threads), state),
                     "torch_fp32": torch_fp32, "torch_bf16_cl": torch_bf16,
                     "pre": lambda files=files: load_checked(files, pre, workers=threads),
                 }

@@ -22,7 +22,7 @@ def gpu_capability() -> tuple[int, int] | None:
             return None
         major, minor = torch.cuda.get_device_capability(0)
         return int(major), int(minor)
-    except Exception:  # torch without CUDA, or a broken driver: no GPU to check against
+    except Exception:  # noqa: BLE001 - torch without CUDA, or a broken driver: no GPU to check against
         return None
 
 
