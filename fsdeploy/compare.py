@@ -48,6 +48,9 @@ class OutputCheck:
     max_abs: float
     cosine: float
     ref_max_abs: float = 0.0  # max |reference output|: the scale `rtol` applies to
+    # min over rows of cos(x - μ, ref - μ), μ the reference's mean row: for feature outputs (N, D), N > 1, what
+    # raw cosine hides (a shared offset dominates it); NaN where not measured (`fsdeploy.agreement`)
+    centred_cosine: float = float("nan")
 
     def ok(self, tol: Tolerance) -> bool:
         return (self.shape_ok and self.max_abs <= tol.bound(self.ref_max_abs)

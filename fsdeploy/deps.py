@@ -8,7 +8,8 @@ from fsdeploy.errors import MissingDependency
 
 # module name -> pip requirement that provides it
 _PROVIDERS = {
-    "onnxruntime": "onnxruntime (or onnxruntime-gpu)",
+    "onnxruntime": "'fsdeploy[cpu]' (onnxruntime; or 'fsdeploy[gpu]' for onnxruntime-gpu, never both)",
+    "openvino": "'fsdeploy[openvino]' (openvino)",
     "onnx": "onnx",
     "torch": "torch",
     "timm": "timm",
@@ -22,6 +23,10 @@ _PROVIDERS = {
 
 def require(module: str) -> ModuleType:
     """Import `module` or raise MissingDependency naming what to pip install."""
+    if module.split(".")[0] == "onnxruntime":
+        from fsdeploy.engines.ort_dist import check_once
+
+        check_once()  # two ONNX Runtime distributions shadow each other: refuse with the fix
     try:
         return importlib.import_module(module)
     except ImportError as exc:

@@ -25,3 +25,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def int8_resnet18(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny resnet18 bundle (32 px, realistic random weights, full-range INT8 graph) and real image folders.
+
+    Shared by the OpenVINO and tune tests; tests that write to the bundle copy it first.
+    """
+    from types import SimpleNamespace
+
+    from fsdeploy.bench.measure import write_photo_folder
+    from fsdeploy.bundle import load_bundle
+    from fsdeploy.pipeline.export import export_bundle
+    from fsdeploy.pipeline.quantize import quantize_bundle
+    from tests.helpers import glyph_folder, make_checkpoint
+
+    tmp = tmp_path_factory.mktemp("int8-resnet18")
+    ckpt = make_checkpoint("resnet18", tmp / "w.safetensors", img_size=32)
+    plain, _ = export_bundle("resnet18", tmp / "plain", checkpoint=ckpt, validate=False)
+    photos = write_photo_folder(tmp / "photos", classes=3, per_class=8, side=64, seed=0)
+    quantize_bundle(plain, [photos], reduce_range=False)
+    glyphs = glyph_folder(tmp / "glyphs", classes="ABCDEF", per_class=7, size=40)
+    return SimpleNamespace(tmp=tmp, bundle=load_bundle(plain.path), photos=photos, glyphs=glyphs)

@@ -124,7 +124,10 @@ def test_bundle_id_kept_and_int8_file_hash_checked(ws) -> None:
     assert m.bundle_id == old.bundle_id and m.graphs == old.graphs
     info = _int8(m)
     assert info == ws.report.to_dict()
-    assert info["source_file"] == "features.onnx" and info["onnxruntime"] and info["reduce_range"] is True
+    from fsdeploy.pipeline.int8_range import int8_kernels
+
+    assert info["source_file"] == "features.onnx" and info["onnxruntime"]
+    assert info["reduce_range"] is (not int8_kernels().full_range) and info["range_chosen_by"] == "cpu"
     assert m.files[info["file"]] and set(m.files) == set(old.files) | {info["file"]}
     load_bundle(ws.bundle.path, verify=True)
 
@@ -232,3 +235,59 @@ def test_cli_empty_calibration_folder(ws, tmp_path) -> None:
     code, out = invoke("quantize", str(folder), str(tmp_path / "empty"))
     assert code != 0 and "no images found" in out and "\n" not in out.strip(), out
     assert (folder / "manifest.json").read_bytes() == manifest
+
+
+# /proc/cpuinfo excerpts of the two CPU kinds (flags trimmed to the relevant ones)
+AVX2_ONLY = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+VNNI = "processor\t: 0\nflags\t\t: fpu avx avx2 avx512f avx512bw avx512_vnni avx512_bf16\n"
+
+
+def test_int8_range_follows_the_cpu_flags() -> None:
+    from fsdeploy.pipeline.int8_range import cpu_flags, int8_kernels
+
+    assert int8_kernels(cpu_flags(AVX2_ONLY)).full_range is False
+    assert int8_kernels(cpu_flags(AVX2_ONLY)).isa == "AVX2 without VNNI"
+    assert int8_kernels(cpu_flags(VNNI)) == int8_kernels({"avx512_vnni"}) and int8_kernels(cpu_flags(VNNI)).full_range
+    assert int8_kernels({"avx2", "avx_vnni"}).isa == "AVX-VNNI" and int8_kernels({"amx_int8", "avx512_vnni"}).isa == "AMX-INT8"
+    assert int8_kernels({"fp", "asimd", "asimddp"}).full_range and int8_kernels(set()).full_range is False
+    assert cpu_flags("Features\t: fp asimd asimddp\n") == {"fp", "asimd", "asimddp"}
+
+
+@pytest.mark.parametrize(("cpuinfo", "reduce_range"), [(AVX2_ONLY, True), (VNNI, False)], ids=["avx2-only", "vnni"])
+def test_quantize_picks_the_range_and_warns_only_where_true(ws, tmp_path, monkeypatch, cpuinfo, reduce_range) -> None:
+    from fsdeploy.pipeline import int8_range
+
+    parse = int8_range.cpu_flags
+    monkeypatch.setattr(int8_range, "cpu_flags", lambda text=None: parse(cpuinfo))  # this machine read as that CPU
+    folder = _copy(ws.fresh, tmp_path / "b")
+    code, out = invoke("quantize", str(folder), str(ws.photos), "--iters", "1", "--images", "8")
+    assert code == 0, out
+    info = _int8(load_bundle(folder).manifest)
+    assert info["reduce_range"] is reduce_range and info["range_chosen_by"] == "cpu"
+    assert ("7-bit (chosen for this CPU" if reduce_range else "full-range 8-bit (chosen for this CPU") in out
+    assert "saturate" not in out and "costs accuracy" not in out
+    for word in ("centred cosine", "few-shot decisions as FP32", "raw cosine"):
+        assert word in out, out
+    code, out = invoke("quantize", str(folder), str(ws.photos), "--iters", "1", "--images", "8", "--full-range" if reduce_range else "--reduce-range")
+    assert code == 0, out
+    assert ("saturate" in out) is reduce_range and ("costs accuracy" in out) is (not reduce_range)
+
+
+def test_report_agreement_recomputed(ws) -> None:
+    """Centred cosine and decision agreement of the report, recomputed from plain ORT sessions."""
+    from fsdeploy.agreement import agreement_of_features
+
+    paths = list_images([ws.photos])
+    cal, held = split_images(paths, 64)
+    pre = ws.bundle.manifest.preprocess
+    ref_cal = _ort_features(ws.bundle.graph_path("features"), load_checked(cal, pre))
+    q = ws.bundle.file(ws.report.file)
+    ref_h, got_h = (_ort_features(f, load_checked(held, pre)) for f in (ws.bundle.graph_path("features"), q))
+    mu = ref_cal.astype(np.float64).mean(0)
+    cc = _row_cosine(got_h - mu, ref_h - mu)
+    assert ws.report.centred_cosine_min == pytest.approx(cc.min(), abs=1e-5) and ws.report.centred_cosine_mean == pytest.approx(cc.mean(), abs=1e-5)
+    allp = cal + held
+    ref, got = (_ort_features(f, load_checked(allp, pre)) for f in (ws.bundle.graph_path("features"), q))
+    labels = np.unique([p.parent.name for p in allp], return_inverse=True)[1]
+    a = agreement_of_features(got, ref, labels, shots=5, episodes=100)
+    assert ws.report.decision_agreement == pytest.approx(a.decision_agreement) and ws.report.agreement_decisions == a.decisions > 0

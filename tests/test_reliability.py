@@ -523,7 +523,7 @@ def test_adapt_interrupted_keeps_old_task(data: dict[str, Path], work: Path, sig
     for p in list(big.rglob("*.png")):
         for k in range(6):
             shutil.copy(p, p.with_name(f"{k}_{p.name}"))
-    child = _spawn("adapt", data["b32"], big, "--head", "linear", "--head-opt", "iters=3000", "--out", out)
+    child = _spawn("adapt", data["b32"], big, "--head", "linear", "--head-opt", "iters=30000", "--out", out)
     _wait_for(child, "adapting")
     time.sleep(0.5)
     child.send_signal(sig)

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,13 @@ def _cycle(paths: Sequence[Path], n: int, start: int = 0) -> list[Path]:
     return [paths[(start + i) % len(paths)] for i in range(n)]
 
 
+def backend_options(spec: str, options: EngineOptions | None) -> tuple[str, EngineOptions]:
+    """`backend` or `backend:precision` (e.g. openvino:bf16, ort:int8) as a backend name and its options."""
+    name, _, precision = spec.partition(":")
+    base = options or EngineOptions()
+    return name, replace(base, precision=precision) if precision else base
+
+
 def path_latency(
     bundle: Bundle,
     images: Sequence[Path],
@@ -173,7 +180,7 @@ def path_latency(
     if not images:
         raise InvalidInput("no images to time; pass a folder of real images")
     pre = bundle.manifest.preprocess
-    paths = {b: feature_path(bundle, b, options) for b in backends}
+    paths = {b: feature_path(bundle, *backend_options(b, options)) for b in backends}
     try:
         context = load_checked(_cycle(images, min(8, len(images))), pre)
         states = {b: p.support([context])[1] for b, p in paths.items()}

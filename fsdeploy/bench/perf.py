@@ -52,6 +52,8 @@ TARGETS: dict[int, Target] = {t.number: t for t in (
     Target(3, "adapt one task", "adapt_task >= 4x PyTorch eager UpperCaSE, >= 99% same predictions", 4.0),
     Target(4, "memory", "fsdeploy adapt peak RSS <= 2 GiB at 500 images; time linear in N", 2048.0),
     Target(5, "fast head solver", "linear-newton within linear's 95% CI with >= 10x fewer head MACs", 10.0),
+    Target(6, "engine peers", "best fsdeploy engine (ORT FP32, OpenVINO default) >= 4x PyTorch eager FP32 and >= the best "
+                              "peer (+ bf16 autocast channels_last), img/s, preprocessing included", 4.0),
 )}
 AGREEMENT = 0.99
 WEIGHT_ATOL = 1e-5
@@ -304,7 +306,30 @@ def _run_5(run: _Run) -> TargetResult:
     return _result(5, "; ".join(parts), min(ratios), status)
 
 
-_RUNNERS: dict[int, Callable[[_Run], TargetResult]] = {1: _run_1, 2: _run_2, 3: _run_3, 4: _run_4, 5: _run_5}
+def _run_6(run: _Run) -> TargetResult:
+    from fsdeploy.bench.perf_engines import engine_peer_throughput, matmul_peaks
+
+    cfg, images = run.cfg, run.photos()
+    bundles = {m: run.bundle(m) for m in cfg.models}
+    bundles[f"CaSE {cfg.case_model}"] = run.bundle(cfg.case_model, "case")
+    peaks = [matmul_peaks(cfg.threads)]
+    rows = []
+    for label, b in bundles.items():
+        rows += engine_peer_throughput(b, label, images, batches=cfg.batches, threads=cfg.threads, iters=cfg.iters, rounds=cfg.rounds)
+    peaks.append(matmul_peaks(cfg.threads))
+    peak = {k: max(p[k] for p in peaks) for k in peaks[0]}
+    run.report.tables["6a: matmul peaks (GMAC/s, 1024^3, fastest seen at start and end)"] = [peak]
+    run.report.tables["6: query throughput, fsdeploy engines vs PyTorch peers (decode + preprocess + features)"] = rows
+    worst = min(rows, key=lambda r: r["vs_torch_fp32"])
+    peer = min(rows, key=lambda r: r["vs_best_peer"])
+    ok = worst["vs_torch_fp32"] >= TARGETS[6].threshold and peer["vs_best_peer"] >= 1.0
+    measured = (f"vs torch FP32 min {worst['vs_torch_fp32']:.2f}x ({worst['model']}, batch {worst['batch']}); vs best peer min "
+                f"{peer['vs_best_peer']:.2f}x ({peer['model']}, batch {peer['batch']}); peaks fp32 {peak['fp32_gmacs_s']:.0f}, "
+                f"bf16 {peak['bf16_gmacs_s']:.0f}, int8 {peak['int8_gmacs_s']:.0f} GMAC/s")
+    return _result(6, measured, worst["vs_torch_fp32"], _status(ok))
+
+
+_RUNNERS: dict[int, Callable[[_Run], TargetResult]] = {1: _run_1, 2: _run_2, 3: _run_3, 4: _run_4, 5: _run_5, 6: _run_6}
 
 
 def with_overrides(cfg: PerfConfig, **changes: Any) -> PerfConfig:

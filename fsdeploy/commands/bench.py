@@ -177,7 +177,9 @@ def latency(
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per backend and batch (default 30).")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Or: seconds of timed calls per backend and batch.")] = None,
     compare: Annotated[
-        Optional[str], typer.Option(help="Two backends timed side by side in one run, e.g. ort,torch; prints ratios.")
+        Optional[str],
+        typer.Option(help="Backends timed side by side in one run, the first as reference, e.g. ort,openvino,torch or "
+                          "ort,openvino:bf16,ort:int8 (backend:precision); prints each one's speedup over the first."),
     ] = None,
     threads: ThreadsOpt = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of real images to time (default: photo crops).")] = None,
@@ -198,7 +200,7 @@ def latency(
     throughput it leaves. A run whose spread is too wide is flagged as unstable. Adaptation is timed per
     method as load + engine pass over the support set (CaSE: context pass and γ) + head fit + write.
 
-    Example: fsdeploy bench latency bundle/ --batch 1,8,32 --compare ort,torch --iters 50
+    Example: fsdeploy bench latency bundle/ --batch 1,8,32 --compare ort,openvino,torch --iters 50
     """
     from fsdeploy.bench.latency import compare as compare_stats
     from fsdeploy.bench.measure import adaptation_times, path_latency, write_photo_folder
@@ -210,8 +212,8 @@ def latency(
 
     b = load_bundle(bundle)
     backends = [s.strip() for s in compare.split(",")] if compare else [backend]
-    if compare and len(backends) != 2:
-        raise InvalidInput(f"--compare takes two backends like ort,torch; got {compare!r}")
+    if compare and len(backends) < 2:
+        raise InvalidInput(f"--compare takes two or more backends like ort,openvino,torch; got {compare!r}")
     options = EngineOptions(threads=threads)
     specs = adaptation_specs([k.strip() for k in methods.split(",") if k.strip()])
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,10 +226,17 @@ def latency(
         if compare:
             ratio_rows = []
             for bs in sorted({r.batch for r in runs}):
-                a, c = (next(r.engine for r in runs if r.batch == bs and r.backend == n) for n in backends)
-                ratio_rows += [{"kind": "compare", "batch": bs, **row} for row in compare_stats(a, c, names=(backends[0], backends[1]))]
-            console.print(compare_table([{k: v for k, v in r.items() if k != "kind"} for r in ratio_rows],
-                                        title=f"side by side: speedup = how many times faster {backends[1]} is than {backends[0]}"))
+                a = next(r.engine for r in runs if r.batch == bs and r.backend == backends[0])
+                for other in backends[1:]:
+                    c = next(r.engine for r in runs if r.batch == bs and r.backend == other)
+                    ratio_rows += [{"kind": "compare", "batch": bs, "vs": other, **row}
+                                   for row in compare_stats(a, c, names=(backends[0], other))]
+            if len(backends) > 2:  # one table: each row's compared backend is named in "vs", its value in "other"
+                shown = [{("other" if k == r["vs"] else k): v for k, v in r.items() if k != "kind"} for r in ratio_rows]
+            else:
+                shown = [{k: v for k, v in r.items() if k not in ("kind", "vs")} for r in ratio_rows]
+            console.print(compare_table(shown,
+                                        title=f"side by side: speedup = how many times faster each is than {backends[0]}"))
             rows += ratio_rows
         if specs:
             folder = support or write_photo_folder(Path(tmp) / "support", classes=5, per_class=5, seed=1)
@@ -244,7 +253,7 @@ def latency(
 def perf(
     quick: Annotated[bool, typer.Option(help="Fewer repeats/episodes and support sizes up to 200: a few minutes on 2 cores.")] = False,
     workdir: Annotated[Path, typer.Option(help="Where bundles, images and corpora are made once and reused.")] = Path("fsdeploy-perf"),
-    targets: Annotated[str, typer.Option(help="Which of issue #8's targets to measure (1-5).")] = "1,2,3,4,5",
+    targets: Annotated[str, typer.Option(help="Which targets to measure: issue #8's 1-5, and 6 (fsdeploy engines vs PyTorch peers, matmul peaks).")] = "1,2,3,4,5",
     threads: Annotated[int, typer.Option(min=1, help="Threads for every side (torch, BLAS, ONNX Runtime).")] = 2,
     data: Annotated[Optional[Path], typer.Option(help="Glyph corpus for target 5 (default: render a slice into WORKDIR).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="efficientnet_b0 weights (default: the shipped checkpoint).")] = None,

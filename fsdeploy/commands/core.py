@@ -16,8 +16,9 @@ err = Console(stderr=True)
 OPSET_MIN, OPSET_MAX = 9, 20  # 9: lowest that exports these backbones (checked); 20: torch.onnx TorchScript exporter max
 
 PRECISION_HELP = (
-    "Engine precision: fp32; int8 on --backend ort (the graph from `fsdeploy quantize`); fp16 on --backend trt "
-    "(engines from `fsdeploy build --precision fp16`)."
+    "Engine precision: fp32; int8 on --backend ort or openvino (the graph from `fsdeploy quantize`); bf16 or default "
+    "on --backend openvino (CPUs with AVX512-BF16 / AMX); fp16 on --backend trt (engines from `fsdeploy build "
+    "--precision fp16`). Default: the bundle's `fsdeploy tune` choice on this CPU, else fp32."
 )
 
 
@@ -50,6 +51,7 @@ def _adapt_doc() -> str:
 
 
 ADAPT_DOC = _adapt_doc()
+BACKEND_HELP = "Engine backend: ort, openvino, torch, trt. Default: the bundle's `fsdeploy tune` choice on this CPU, else ort."
 
 
 def _validation_table(report: dict) -> Table:
@@ -203,6 +205,10 @@ def register(app: typer.Typer) -> None:
             for v in m.variants.values():
                 vt.add_row(v.file, v.graph, v.kind, v.precision, v.sha256[:12])
             console.print(vt)
+        if m.extra.get("tuned"):
+            from fsdeploy.commands.tune import print_tuned
+
+            print_tuned(m.extra["tuned"])
 
     @app.command(help=ADAPT_DOC)
     def adapt(
@@ -211,8 +217,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Task artefact to write (.npz); an existing task artefact is replaced, any other file refused.")],
         head: Annotated[str, typer.Option(help=_head_help())] = "linear",
         transform: Annotated[str, typer.Option(help="Feature transform before the head: none, l2, cl2n (SimpleShot: the bundle's base-class mean, see export --base-data), cl2n-support, ci (pair with --head-opt distance=cosine).")] = "none",
-        backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
-        precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+        backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP)] = None,
+        precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
         batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
@@ -232,10 +238,10 @@ def register(app: typer.Typer) -> None:
         from fsdeploy.adapters import ADAPTERS
         from fsdeploy.bundle import load_bundle
         from fsdeploy.commands.head_options import check_head_options, resolve_method
-        from fsdeploy.engines import EngineOptions
         from fsdeploy.errors import InvalidInput
         from fsdeploy.outputs import check_task_out
         from fsdeploy.runtime import adapt_task
+        from fsdeploy.pipeline.tune import resolve_choice
 
         check_task_out(out)
         b = load_bundle(bundle)
@@ -247,11 +253,15 @@ def register(app: typer.Typer) -> None:
             head, transform = resolve_method(head, transform)
             opts = check_head_options(head, parse_options(head_opt or []))
         fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer)) if v is not None}
+        # a fine-tuner runs its own folded fp32 graph: a tuned choice does not apply to it
+        tuner = bool(adapter) and ADAPTERS.get(adapter).finetuner
+        choice = resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads)
+        if choice.note:
+            err.print(choice.note)
         with progress(console, "adapting"):
             task, t = adapt_task(
-                b, support, out, adapter=adapter, head=head, transform=transform, backend=backend, head_opts=opts,
-                options=EngineOptions(threads=threads, precision=precision), batch=batch, seed=seed, steps=steps,
-                fit_opts=fit_opts,
+                b, support, out, adapter=adapter, head=head, transform=transform, backend=choice.backend, head_opts=opts,
+                options=choice.options, batch=batch, seed=seed, steps=steps, fit_opts=fit_opts,
             )
         if "adapt_macs" in task.info:
             console.print(
@@ -269,8 +279,8 @@ def register(app: typer.Typer) -> None:
         task: Annotated[Path, typer.Argument(help="Task artefact from `fsdeploy adapt`.")],
         images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
         topk: Annotated[int, typer.Option(min=1, help="How many labels per image (at most the task's classes).")] = 1,
-        backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
-        precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+        backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP)] = None,
+        precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
         batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine and image decoding.")] = None,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Classify the readable images and report each unreadable one (exit 1 if any); default: refuse the run, naming them.")] = False,
@@ -278,16 +288,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Classify images with a stored task: top-k labels with probabilities."""
         from fsdeploy.commands.predict_safe import predict_or_report
-        from fsdeploy.engines import EngineOptions
         from fsdeploy.bundle import load_bundle
         from fsdeploy.runtime import TaskArtefact
+        from fsdeploy.pipeline.tune import resolve_choice
 
         b = load_bundle(bundle)
         t = TaskArtefact.load(task)
         t.check_bundle(b, task)
+        # a task with its own folded graph runs that graph (fp32): a tuned choice does not apply to it
+        choice = resolve_choice(b, backend, precision, threads=threads) if "graph" not in t.task_state else resolve_choice(b, backend or "ort", precision, threads=threads)
+        if choice.note:
+            err.print(choice.note)
         preds, bad = predict_or_report(
-            b, t, images, topk=topk, backend=backend, options=EngineOptions(precision=precision, threads=threads), batch=batch,
-            skip_bad=skip_bad or as_json,
+            b, t, images, topk=topk, backend=choice.backend, options=choice.options, batch=batch, skip_bad=skip_bad or as_json,
         )
         if as_json:
             for p in preds:

@@ -20,13 +20,22 @@ def _report_table(report: dict, latency: dict) -> Table:
     table.add_column("value")
     table.add_row("calibration images", str(report["calibration_images"]))
     table.add_row("compared on", f"{report['validation_images']} {report['validated_on']} images")
-    colour = "green" if report["cosine_min"] >= CLOSE_COSINE else "yellow"
-    table.add_row("feature cosine min / mean", f"[{colour}]{report['cosine_min']:.4f}[/{colour}] / {report['cosine_mean']:.4f}")
+    colour = "green" if report["centred_cosine_min"] >= CLOSE_COSINE else "yellow"
+    table.add_row("centred cosine min / mean", f"[{colour}]{report['centred_cosine_min']:.4f}[/{colour}] / {report['centred_cosine_mean']:.4f}")
+    if report["agreement_decisions"]:
+        table.add_row("few-shot decisions as FP32", f"{100 * report['decision_agreement']:.2f}% of {report['agreement_decisions']} "
+                      f"({report['agreement_episodes']} episodes)")
+    else:
+        table.add_row("few-shot decisions as FP32", "n/a: needs class folders with 2+ images each")
+    table.add_row("raw cosine min / mean", f"{report['cosine_min']:.4f} / {report['cosine_mean']:.4f}")
+    how = "chosen for this CPU" if report["range_chosen_by"] == "cpu" else "as asked"
+    table.add_row("weights", f"{'7-bit' if report['reduce_range'] else 'full-range 8-bit'} ({how}; INT8 kernels: {report['int8_kernels']})")
     table.add_row("max |diff| (max |FP32|)", f"{report['max_abs']:.3g} ({report['ref_max_abs']:.3g})")
     fp32, int8 = latency["fp32"].median, latency["int8"].median
     table.add_row(f"batch-1 median, {latency['fp32'].n} runs each", f"FP32 {fp32:.2f} ms, INT8 {int8:.2f} ms")
     table.add_row("speed-up FP32 / INT8", f"{fp32 / int8:.2f}x")
-    table.caption = report["scheme"] + (", 7-bit weights" if report["reduce_range"] else "")
+    table.caption = (report["scheme"] + (", 7-bit weights" if report["reduce_range"] else "")
+                     + "; centred cosine: features minus the calibration images' mean FP32 feature")
     return table
 
 
@@ -41,8 +50,9 @@ def register(app: typer.Typer) -> None:
         ],
         images: Annotated[int, typer.Option(min=1, help="Calibrate on at most this many; up to a quarter of the folder is held out to check agreement.")] = 64,
         reduce_range: Annotated[
-            bool, typer.Option("--reduce-range/--full-range", help="7-bit weights (default): the u8 x s8 kernels of CPUs without VNNI saturate on full-range weights (measured: efficientnet_b0 cosine 0.18 full-range vs 0.97 reduced; resnet18 no slower).")
-        ] = True,
+            Optional[bool],
+            typer.Option("--reduce-range/--full-range", help="Weight range. Default: from this CPU's flags: full range where the INT8 kernels accumulate in int32 (AVX512-VNNI, AVX-VNNI, AMX-INT8, ARM dot product), 7-bit where only AVX2 (its u8 x s8 kernels saturate int16 sums on full-range weights). Serve on CPUs of the same kind."),
+        ] = None,
         threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the latency comparison (default: all cores).")] = None,
         iters: Annotated[int, typer.Option(min=1, help="Timed batch-1 runs per precision.")] = 10,
         as_json: Annotated[bool, typer.Option("--json", help="Print the report and median latencies as one JSON object instead of the table.")] = False,
@@ -51,7 +61,7 @@ def register(app: typer.Typer) -> None:
 
         Activation ranges come from your images (static quantization), so use images like the ones you will classify. The bundle id does not change, so existing tasks keep working; serve with --precision int8.
 
-        Agreement depends on the model (resnet18 keeps cosine about 0.998, efficientnet_b0 less): check it before serving. Re-running replaces the INT8 graph.
+        Agreement depends on the model and the CPU: the report shows centred cosine (features minus the calibration mean, which raw cosine hides) and the share of few-shot nearest-centroid decisions that match FP32 on episodes from your class folders. Check them, or let `fsdeploy tune` gate it. Re-running replaces the INT8 graph.
 
         Example: fsdeploy quantize bundle/ photos/ then fsdeploy predict bundle/ task.npz img.jpg --precision int8
         """
@@ -73,8 +83,14 @@ def register(app: typer.Typer) -> None:
                                    "fp32_median_ms": latency["fp32"].median, "int8_median_ms": latency["int8"].median}, sort_keys=True))
             return
         console.print(_report_table(report.to_dict(), latency))
-        if report.cosine_min < CLOSE_COSINE and not report.reduce_range:
-            console.print("[yellow]agreement is low: CPUs without VNNI saturate in full-range int8 kernels; re-run without --full-range[/yellow]")
+        from fsdeploy.pipeline.int8_range import int8_kernels
+
+        if not report.reduce_range and not int8_kernels().full_range:
+            console.print(f"[yellow]full-range weights on a CPU without VNNI ({report.int8_kernels}): its u8 x s8 kernels saturate "
+                          "int16 sums, so agreement may be low; re-run without --full-range[/yellow]")
+        elif report.reduce_range and int8_kernels().full_range:
+            console.print(f"[yellow]7-bit weights on a CPU whose INT8 kernels are exact at full range ({report.int8_kernels}): "
+                          "this costs accuracy here; re-run without --reduce-range unless you serve on AVX2-only CPUs[/yellow]")
         if report.validated_on == "calibration":
             console.print("[yellow]agreement was measured on the calibration images themselves; pass 16 or more images for a held-out check[/yellow]")
         console.print(f"wrote {bundle / report.file}; serve it with --precision int8 (adapt, predict)")

@@ -8,7 +8,7 @@ backend)` is the convenience that resolves a bundle graph for that backend first
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsdeploy.bundle.manifest import TensorSpec
@@ -35,6 +35,8 @@ class EngineOptions:
     spinning: str | None = None
     cpu_arena: bool = True  # ONNX Runtime's CPU memory arena: keeps peak buffers of a session for reuse
     batch: int | None = None  # TensorRT: pick an engine whose profile holds this batch
+    # OpenVINO's PERFORMANCE_HINT: latency | throughput (`fsdeploy.engines.openvino.hint_for_batch`); None: latency
+    hint: str | None = None
 
 
 Opener = Callable[[GraphSource, EngineOptions], Engine]
@@ -50,6 +52,12 @@ class Backend:
     open: Opener
     summary: str = ""
     where: str = ""  # how to get it, for errors and `--help` (an extra to install, a GPU)
+    # run precision -> the precision of the graph variant it opens (OpenVINO runs bf16 from the FP32 graph);
+    # precisions not listed open their own variant (int8: the QDQ graph, fp16: the FP16 transform or plans)
+    reads: dict[str, str] = field(default_factory=dict)
+
+    def source_precision(self, precision: str) -> str:
+        return self.reads.get(precision, precision)
 
 
 def _load_backends() -> None:
@@ -61,11 +69,12 @@ def _load_backends() -> None:
 BACKENDS: Registry[Backend] = Registry("engine backend", _load_backends)
 
 
-def register_backend(name: str, kind: str, precisions: tuple[str, ...], *, summary: str = "", where: str = "") -> Callable[[Opener], Opener]:
+def register_backend(name: str, kind: str, precisions: tuple[str, ...], *, summary: str = "", where: str = "",
+                     reads: dict[str, str] | None = None) -> Callable[[Opener], Opener]:
     """Decorator adding a backend opener `(source, options) -> Engine`."""
 
     def add(fn: Opener) -> Opener:
-        BACKENDS.add(name, Backend(name, kind, precisions, fn, summary, where))
+        BACKENDS.add(name, Backend(name, kind, precisions, fn, summary, where, dict(reads or {})))
         return fn
 
     return add

@@ -26,6 +26,7 @@ from fsdeploy.bundle import Bundle, Variant, checked_sha256, load_bundle, record
 from fsdeploy.deps import require
 from fsdeploy.engines.onnx_fp16 import fp16_onnx
 from fsdeploy.engines.trt_backend import TrtBackend, gpu_present, load_backend
+from fsdeploy.engines.trt_targets import check_build_target
 from fsdeploy.engines.trt_precision import check_label, inspect_precisions, network_precisions
 from fsdeploy.engines.trt_records import (
     BATCH_AXIS,
@@ -126,6 +127,7 @@ def build_engine(
     if precision not in PRECISIONS:
         raise InvalidInput(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     backend = backend or load_backend()
+    check_build_target(backend.name)  # TensorRT-RTX has no SM80/SM90/SM100 target: say so before building
     trt = backend.trt
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     shapes = input_shapes(onnx_path, profile)

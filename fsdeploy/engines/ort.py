@@ -14,6 +14,7 @@ from fsdeploy.deps import require
 from fsdeploy.engines import EngineOptions, register_backend
 from fsdeploy.engines.base import Engine
 from fsdeploy.engines.ort_cache import open_cached
+from fsdeploy.engines.ort_cuda import CUDA, CudaIO, preload_cuda, provider_list
 from fsdeploy.errors import UnknownName
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -101,11 +102,14 @@ class OrtEngine(Engine):
             self.session = open_cached(ort, Path(onnx_path), make_options, self.providers, options.cache_dir)  # type: ignore[arg-type]
         else:
             model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-            self.session = ort.InferenceSession(model, sess_options=make_options(True), providers=list(self.providers))
+            preload_cuda(ort, self.providers)
+            self.session = ort.InferenceSession(model, sess_options=make_options(True), providers=provider_list(self.providers))
         label = "in-memory graph" if isinstance(onnx_path, bytes) else Path(onnx_path).name
         self.name = f"onnxruntime[{self.session.get_providers()[0]}]:{label}"
         self._inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self._outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
+        self._cuda = CudaIO(ort, self.session, {n for n, s in self._inputs.items() if s.shape and not isinstance(s.shape[0], int)}) \
+            if self.session.get_providers()[0] == CUDA else None  # device buffers; γ stays on the GPU
 
     def input_specs(self) -> dict[str, TensorSpec]:
         return dict(self._inputs)
@@ -115,10 +119,15 @@ class OrtEngine(Engine):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = list(self._outputs)
+        if self._cuda is not None:
+            return self._cuda.run(feeds, names)
         return dict(zip(names, self.session.run(names, feeds)))
 
     def _run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """IOBinding: ORT reads the feeds in place and writes straight into the caller's buffers."""
+        if self._cuda is not None:  # device buffers, then one copy into the caller's host arrays
+            super()._run_into(feeds, outputs)
+            return
         binding = self.session.io_binding()
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, arr)

@@ -20,20 +20,17 @@ versions do not pile up.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import os
-import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fsdeploy.errors import InvalidInput
+from fsdeploy.engines.cache_files import (  # noqa: F401 - re-exported: the ORT cache's settings
+    DEFAULT_MAX_MB, MAX_ENV, cache_limit_bytes, cpu_signature, evict_entries, mark_used, remove_entry,
+)
 
 ENV = "FSDEPLOY_ORT_CACHE"
-MAX_ENV = "FSDEPLOY_ORT_CACHE_MAX_MB"
-DEFAULT_MAX_MB = 2048
 OFF = {"0", "off", "no", "false", "none", ""}
 
 
@@ -44,34 +41,6 @@ def cache_dir() -> Path | None:
         return None if value.strip().lower() in OFF else Path(value).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fsdeploy" / "ort"
-
-
-def cache_limit_bytes() -> int:
-    """Most bytes the cache folder keeps (`FSDEPLOY_ORT_CACHE_MAX_MB`, default 2048).
-
-    Raises:
-        InvalidInput: the variable is not a non-negative number of megabytes.
-    """
-    value = os.environ.get(MAX_ENV, "").strip() or str(DEFAULT_MAX_MB)
-    try:
-        mb = float(value)
-    except ValueError:
-        mb = -1.0
-    if not mb >= 0:
-        raise InvalidInput(f"{MAX_ENV}={value!r} is not a size in MB; set it to e.g. 2048 (or unset it for the default)")
-    return int(mb * 2**20)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_signature() -> str:
-    """Machine, processor and (on Linux) the first CPU's feature flags: what the optimised graph depends on."""
-    parts = [platform.machine(), platform.processor()]
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            parts += [line for line in f if line.startswith(("flags", "Features"))][:1]
-    except OSError:
-        pass
-    return "|".join(parts)
 
 
 def cache_key(source: Path, ort_version: str) -> str:
@@ -96,8 +65,7 @@ def open_cached(
         except Exception:  # noqa: BLE001 - ORT raises its own types (InvalidProtobuf, Fail, ...); rebuild below
             _remove(target)
         else:
-            with contextlib.suppress(OSError):
-                os.utime(target)  # marks it used: eviction removes the least recently used first
+            mark_used(target)
             return session
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -116,24 +84,8 @@ def open_cached(
 def evict(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
     """Delete the least recently used cached graphs (oldest modification time first, never `keep`) until
     the folder's graphs take at most `limit` bytes; returns what was deleted."""
-    entries = []
-    for path in folder.glob("*.onnx"):
-        with contextlib.suppress(OSError):
-            st = path.stat()
-            entries.append((st.st_mtime_ns, st.st_size, path))
-    total = sum(size for _, size, _ in entries)
-    removed = []
-    for _, size, path in sorted(entries):
-        if total <= limit:
-            break
-        if path == keep:
-            continue
-        _remove(path)
-        total -= size
-        removed.append(path)
-    return removed
+    return evict_entries(folder, limit, pattern="*.onnx", keep=keep)
 
 
 def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
+    remove_entry(path)

@@ -58,6 +58,16 @@ class QuantReport:
     ref_max_abs: float  # max |FP32 feature|: the scale max_abs is read against
     onnxruntime: str
     scheme: str = "QDQ, weights int8 per channel, activations uint8, min/max calibration"
+    # centred cosine (features minus the calibration images' mean FP32 feature) on the compared images, and
+    # few-shot decision agreement on episodes from the class folders of all images (fsdeploy.agreement);
+    # NaN / 0 decisions when the images are not in class folders with enough images each
+    centred_cosine_min: float = float("nan")
+    centred_cosine_mean: float = float("nan")
+    decision_agreement: float = float("nan")
+    agreement_decisions: int = 0
+    agreement_episodes: int = 0
+    int8_kernels: str = ""  # the CPU's INT8 kernel kind the range was chosen for (fsdeploy.pipeline.int8_range)
+    range_chosen_by: str = "user"  # "cpu": detected from the CPU flags; "user": --reduce-range / --full-range
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,7 +149,7 @@ def quantize_bundle(
     *,
     graph: str = "features",
     max_images: int = 64,
-    reduce_range: bool = True,
+    reduce_range: bool | None = None,
     say: Say | None = None,
 ) -> QuantReport:
     """Write an INT8 version of `graph` into the bundle, calibrated and validated on real images.
@@ -151,7 +161,8 @@ def quantize_bundle(
         calib_images: image files or folders (searched recursively), preprocessed as the bundle says.
         graph: the graph to quantize.
         max_images: at most this many images calibrate; others (up to a quarter) are held out to validate.
-        reduce_range: 7-bit weights, which avoid int16 saturation in the u8 x s8 kernels of CPUs without VNNI.
+        reduce_range: 7-bit weights, which avoid int16 saturation in the u8 x s8 kernels of CPUs without VNNI;
+            None picks from this CPU's flags (full range with VNNI / AMX, `fsdeploy.pipeline.int8_range`).
         say: progress messages.
 
     Returns:
@@ -161,7 +172,12 @@ def quantize_bundle(
         InvalidInput: another adapter, no images, or unreadable images (all named).
         BundleError: the FP32 graph changed since export.
     """
+    from fsdeploy.pipeline.int8_range import int8_kernels
+
     say = say or (lambda _msg: None)
+    kernels = int8_kernels()
+    chosen_by = "user" if reduce_range is not None else "cpu"
+    reduce_range = (not kernels.full_range) if reduce_range is None else reduce_range
     src_rel, input_name = _check_quantizable(bundle, graph)
     try:
         paths = list_images(list(calib_images))
@@ -184,6 +200,7 @@ def quantize_bundle(
         ref = _features(src, input_name, held)
         got = _features(quantized, input_name, held)
         cos = row_cosines(got, ref)
+        agree = _agreement(src, quantized, input_name, cal, held if held_paths else None, cal_paths + held_paths, ref, got)
         digest = sha256_file(quantized)
         report = QuantReport(
             graph=graph,
@@ -199,10 +216,40 @@ def quantize_bundle(
             max_abs=float(np.abs(got.astype(np.float64) - ref).max()),
             ref_max_abs=float(np.abs(ref).max()),
             onnxruntime=ort_version,
+            int8_kernels=kernels.isa,
+            range_chosen_by=chosen_by,
+            **agree,
         )
         _commit(bundle, quantized, report, digest)
     say(f"wrote {report.file}")
     return report
+
+
+def _agreement(
+    src: Path, quantized: Path, input_name: str, cal: NDArray[np.float32], held: NDArray[np.float32] | None,
+    paths: Sequence[Path], ref_held: NDArray[np.float32], got_held: NDArray[np.float32],
+) -> dict[str, Any]:
+    """Centred cosine on the compared images (centred on the calibration images' mean FP32 feature) and
+    decision agreement on episodes over every image, labelled by its folder."""
+    from fsdeploy.agreement import agreement_of_features, centred_cosines
+
+    ref_cal = _features(src, input_name, cal)
+    cc = centred_cosines(got_held, ref_held, ref_cal.astype(np.float64).mean(0))
+    out: dict[str, Any] = {"centred_cosine_min": float(cc.min()), "centred_cosine_mean": float(cc.mean())}
+    names = [p.parent.name for p in paths]
+    classes = sorted(set(names))
+    labels = np.array([classes.index(n) for n in names], dtype=np.int64)
+    got_cal = _features(quantized, input_name, cal)
+    ref_all = ref_cal if held is None else np.concatenate([ref_cal, ref_held])
+    got_all = got_cal if held is None else np.concatenate([got_cal, got_held])
+    for shots in (5, 1):  # 5-shot where the folders have the images, else 1-shot
+        try:
+            a = agreement_of_features(got_all, ref_all, labels, shots=shots, episodes=100)
+        except InvalidInput:
+            continue
+        out.update(decision_agreement=a.decision_agreement, agreement_decisions=a.decisions, agreement_episodes=a.episodes)
+        break
+    return out
 
 
 def _commit(bundle: Bundle, quantized: Path, report: QuantReport, digest: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -49,5 +50,14 @@ def compare_bundle(
             want = ort_engine.run(feeds)
         with open_graph(bundle, g, "trt", EngineOptions(precision=precision, batch=n)) as trt_engine:
             got = trt_engine.run(feeds)
-        checks += compare(g, "real", got, want)
+        checks += [replace(c, centred_cosine=_centred(got.get(c.name), want[c.name])) for c in compare(g, "real", got, want)]
     return CompareReport(tuple(checks), TOLERANCES[precision], what=f"TensorRT {precision} vs ONNX Runtime (batch {n})")
+
+
+def _centred(got: np.ndarray | None, want: np.ndarray) -> float:
+    """Min centred cosine of per-image feature rows `(N, D)`, N > 1; NaN for other outputs."""
+    from fsdeploy.agreement import centred_cosines
+
+    if got is None or got.shape != want.shape or want.ndim != 2 or len(want) < 2:
+        return float("nan")
+    return float(centred_cosines(got, want).min())

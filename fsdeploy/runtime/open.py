@@ -34,7 +34,7 @@ def graph_source(bundle: Bundle, graph: str, backend: str = "ort", precision: st
     """The source of `graph` for `backend` (with the rebuilt module attached for torch)."""
     info = backend_info(backend)
     check_precision(info, precision)  # before looking for a variant: the error says where the precision runs
-    source = resolve(bundle, graph, precision, info.kind)
+    source = resolve(bundle, graph, info.source_precision(precision), info.kind)
     if info.kind == "torch":
         g = torch_graphs(bundle)[graph]
         source = replace(source, torch=TorchModule(g.module, tuple(g.spec.inputs), tuple(g.spec.outputs)))
