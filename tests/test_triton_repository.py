@@ -6,6 +6,7 @@ that an ensemble step may only map names its model declares.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from fsdeploy.serving.repository import write_repository
 from fsdeploy.serving.roles import FeaturesRole, HeadRole, PreprocessRole, TaskStateRole, make_role
 from fsdeploy.serving.store import TaskStore, UnknownTask, add_task, remove_task
 from fsdeploy.task import TaskArtefact, adapt_task
-from helpers import glyph_folder, make_checkpoint
+from tests.helpers import glyph_folder, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +288,27 @@ def test_features_role_mixes_tasks_in_one_run(tmp_path: Path) -> None:
         np.testing.assert_allclose(res["FEATURES"], ref, atol=1e-6)
     assert isinstance(out[3], InvalidInput)
     role.close()
+
+
+def test_cli_export_add_remove(plain: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fsdeploy.cli import app
+
+    runner = CliRunner()
+    repo = tmp_path / "repo"
+    res = runner.invoke(app, ["triton", "export", str(plain["bundle"].path), f"t1={plain['task_path']}", "--out", str(repo),
+                              "--max-batch", "8", "--json"], standalone_mode=False, catch_exceptions=True)
+    assert res.exception is None, res.output
+    out = json.loads(res.output)
+    assert out["tasks"] == ["t1"] and "classify" in out["models"] and out["backend"] == "python"
+    assert "max_batch_size: 8" in (repo / "models" / "features" / "config.pbtxt").read_text()
+    res = runner.invoke(app, ["triton", "add-task", str(repo), str(plain["task_path"]), "--id", "t2"], standalone_mode=False)
+    assert res.exception is None and (repo / "tasks" / "t2.npz").is_file()
+    res = runner.invoke(app, ["triton", "remove-task", str(repo), "t2"], standalone_mode=False)
+    assert res.exception is None and not (repo / "tasks" / "t2.npz").exists()
+    res = runner.invoke(app, ["triton", "remove-task", str(repo), "t2"], standalone_mode=False, catch_exceptions=True)
+    assert isinstance(res.exception, UnknownTask)
+    res = runner.invoke(app, ["triton", "export", str(plain["bundle"].path), "--out", str(tmp_path / "x"), "--backend", "tflite"],
+                        standalone_mode=False, catch_exceptions=True)
+    assert isinstance(res.exception, UnknownName) and "python, onnxruntime, tensorrt" in str(res.exception)

@@ -17,7 +17,7 @@ import pytest
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.exporters.bundle import Bundle, load_bundle
 from fsdeploy.task import TaskArtefact, adapt_task, predict_images
-from helpers import glyph_folder, make_checkpoint
+from tests.helpers import glyph_folder, make_checkpoint
 
 pytestmark = pytest.mark.triton
 
@@ -357,3 +357,29 @@ def test_kill_mid_adapt_leaves_repository_loadable(kits: dict, work: Path) -> No
             info = c.adapt("big", images, labels, head="ncc")
             assert info["classes"] == list("QRSTUV")
             assert c.classify([images[0]], "big")[0].labels[0] == labels[0]
+
+
+def test_cli_serve_prints_endpoints_and_stops_on_ctrl_c(kits: dict, work: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fsdeploy.serving import Client
+
+    bundle, tasks = kits["plain"]
+    repo = _write("plain", kits, work, name="repo_cli")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "fsdeploy.cli", "triton", "serve", str(repo), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        endpoints = json.loads(proc.stdout.readline())
+        assert endpoints["http"].startswith("http://127.0.0.1:")
+        files = sorted((work / "query" / "t_abcd").rglob("*.png"))[:2]
+        ref = _local(bundle, tasks["t_abcd"], files)
+        with Client(endpoints["http"].removeprefix("http://")) as c:
+            assert [a.labels[0] for a in c.classify([f.read_bytes() for f in files], "t_abcd")] == [r.labels[0] for r in ref]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, proc.stderr.read()
