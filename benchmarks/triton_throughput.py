@@ -44,7 +44,6 @@ def bench_model(model: str, adapter: str, args: argparse.Namespace, console: Con
         task, _ = adapt_task(bundle, support, work / f"triton_{model}_{adapter}_{i}.npz", head="linear")
         tasks[f"task{i}"] = work / f"triton_{model}_{adapter}_{i}.npz"
         files = sorted(query.rglob("*.jpg"))
-        t0 = time.perf_counter()
         for f in files:
             s = time.perf_counter()
             ref = predict_images(bundle, task, [f])[0]

@@ -23,7 +23,13 @@ from fsdeploy.heads.pipeline import TaskModel
 from fsdeploy.runtime import feature_path
 from fsdeploy.serving.batched_gamma import batched_gamma_graph, validate_batched
 from fsdeploy.serving.repository import write_repository
-from fsdeploy.serving.roles import FeaturesRole, HeadRole, PreprocessRole, TaskStateRole, make_role
+from fsdeploy.serving.roles import (
+    FeaturesRole,
+    HeadRole,
+    PreprocessRole,
+    TaskStateRole,
+    make_role,
+)
 from fsdeploy.serving.store import TaskStore, UnknownTask, add_task, remove_task
 from fsdeploy.task import TaskArtefact, adapt_task
 from tests.helpers import glyph_folder, make_checkpoint
@@ -183,7 +189,7 @@ def test_per_request_errors_leave_other_requests_answered(plain: dict, tmp_path:
     assert isinstance(out[1], InvalidInput) and "not a decodable image" in str(out[1])
     store = TaskStore(tasks, plain["bundle"].manifest.bundle_id)
     state = TaskStateRole(store, case=False)
-    ask = lambda t: {"TASK_ID": np.array([[t.encode()]], dtype=object)}  # noqa: E731
+    ask = lambda t: {"TASK_ID": np.array([[t.encode()]], dtype=object)}
     res = state.run([ask("letters"), ask("nope"), ask("../etc")])
     assert res[0]["TASK_KEY"][0, 0].decode().startswith("letters@")
     assert isinstance(res[1], UnknownTask) and "letters" in str(res[1])

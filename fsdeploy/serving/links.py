@@ -5,6 +5,7 @@ names imported here, so a refactor of those modules only has to re-point these i
 """
 from __future__ import annotations
 
+from fsdeploy import __version__  # noqa: F401
 from fsdeploy.atomic import atomic_dir, atomic_path, write_text  # noqa: F401
 from fsdeploy.backbones import Preprocess  # noqa: F401
 from fsdeploy.data.images import preprocess_image, to_rgb  # noqa: F401
@@ -14,7 +15,6 @@ from fsdeploy.exporters.bundle import Bundle, load_bundle  # noqa: F401
 from fsdeploy.heads.pipeline import TaskModel  # noqa: F401
 from fsdeploy.runtime import feature_path  # noqa: F401
 from fsdeploy.task import TaskArtefact  # noqa: F401
-from fsdeploy import __version__  # noqa: F401
 
 QUERY_GRAPH = "query"  # the CaSE query graph: images (B,3,H,W), gamma (G,) -> features (B,D)
 FEATURES_GRAPH = "features"  # the plain graph: images (B,3,H,W) -> features (B,D)

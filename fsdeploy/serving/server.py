@@ -100,7 +100,8 @@ class TritonServer:
     Args:
         repo: repository from `fsdeploy triton export`.
         http_port: default a free port.
-        log: file for the server's output (default: REPO/../<repo>.server.log is not used; a temp file).
+        log: file for the server's output (default: a file in a private temp folder, removed on exit).
+        verbose: Triton's --log-verbose=1.
     """
 
     def __init__(self, repo: str | Path, *, http_port: int | None = None, log: str | Path | None = None,
