@@ -139,7 +139,7 @@ def test_classify_equals_local_predict(kind: str, kits: dict, work: Path) -> Non
                         assert a.labels == ref.labels[:4], (task_id, how)
                         np.testing.assert_allclose(a.scores, ref.probs[:4], atol=1e-5, rtol=0, err_msg=f"{task_id} {how}")
                         np.testing.assert_allclose(np.sort(a.probs)[::-1], ref.probs, atol=1e-5, rtol=0, err_msg=f"{task_id} {how}")
-            # requests of two tasks were merged into one features execution somewhere along the way
+            # a multi-image request runs as one features execution (merging single-image requests: the load test)
             assert max(c.batch_stats("features")) > 1
 
 
