@@ -318,3 +318,13 @@ def test_cli_export_add_remove(plain: dict, tmp_path: Path) -> None:
     res = runner.invoke(app, ["triton", "export", str(plain["bundle"].path), "--out", str(tmp_path / "x"), "--backend", "tflite"],
                         standalone_mode=False, catch_exceptions=True)
     assert isinstance(res.exception, UnknownName) and "python, onnxruntime, tensorrt" in str(res.exception)
+
+
+def test_store_keeps_at_most_max_tasks_loaded(plain: dict, tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        add_task(tmp_path, name, plain["task_path"])
+    store = TaskStore(tmp_path, plain["bundle"].manifest.bundle_id, max_tasks=2)
+    keys = [store.resolve(n).key for n in ("a", "b", "a", "c")]
+    assert list(store._entries) == ["a", "c"]  # b was the least recently used
+    assert store.resolve("b").key == keys[1]  # read again from disk, same version
+    assert store.known() == ["a", "b", "c"]

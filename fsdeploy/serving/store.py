@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fsdeploy.serving.links import TaskArtefact, TaskModel
 TASKS_DIR = "tasks"
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 KEEP_VERSIONS = 2  # per task: the current version and the one before (requests in flight across a replace)
+MAX_CACHED_TASKS = 20_000  # per process; the least recently used task is dropped (and read again when asked)
 
 
 class UnknownTask(InvalidInput):
@@ -69,14 +71,17 @@ class TaskStore:
         bundle_id: tasks fitted on another bundle are refused.
         gamma_size: CaSE γ length the query graph takes (None: not a CaSE bundle).
         folded: tasks with their own folded graph (TSA, BN-affine) are servable (the Python features model).
+        max_tasks: most task ids kept loaded (least recently used dropped first).
     """
 
-    def __init__(self, root: str | Path, bundle_id: str, gamma_size: int | None = None, *, folded: bool = True) -> None:
+    def __init__(self, root: str | Path, bundle_id: str, gamma_size: int | None = None, *, folded: bool = True,
+                 max_tasks: int = MAX_CACHED_TASKS) -> None:
         self.root = Path(root)
         self.folded = folded
         self.bundle_id = bundle_id
         self.gamma_size = gamma_size
-        self._entries: dict[str, list[TaskEntry]] = {}  # task id -> newest first
+        self.max_tasks = max_tasks
+        self._entries: OrderedDict[str, list[TaskEntry]] = OrderedDict()  # task id -> newest first; LRU order
 
     def path(self, task_id: str) -> Path:
         return self.root / f"{check_task_id(task_id)}.npz"
@@ -118,6 +123,9 @@ class TaskStore:
             versions = self._entries.setdefault(task_id, [])
             versions.insert(0, entry)
             del versions[KEEP_VERSIONS:]
+            self._entries.move_to_end(task_id)
+            while len(self._entries) > self.max_tasks:
+                self._entries.popitem(last=False)
             return entry
         raise BundleError(f"task {task_id!r} is being rewritten continuously; retry the request")
 
@@ -141,6 +149,7 @@ class TaskStore:
     def _find(self, task_id: str, version: str) -> TaskEntry | None:
         for e in self._entries.get(task_id, []):
             if e.version == version:
+                self._entries.move_to_end(task_id)
                 return e
         return None
 
