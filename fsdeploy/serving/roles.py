@@ -330,7 +330,7 @@ def make_role(name: str, repo: str | Path, params: dict[str, str]) -> Role:
     info = read_manifest(repo)
     case = info["adapter"] == links.CASE_ADAPTER
     store = TaskStore(repo / "tasks", info["bundle_id"], info.get("gamma_size") if case else None,
-                      folded=bool(info.get("folded_tasks")))
+                      folded=bool(info.get("folded_tasks")), keep_graphs=name == "features")
     threads = int(params["threads"]) if params.get("threads") else None
     if name == "preprocess":
         return PreprocessRole(links.Preprocess.from_dict(info["preprocess"]))
