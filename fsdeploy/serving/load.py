@@ -51,7 +51,7 @@ def run_load(url: str, work: Sequence[tuple[bytes, str]], *, clients: int, per_c
                 t = time.perf_counter()
                 try:
                     a = c.classify([blob], task)[0]
-                except Exception as exc:
+                except Exception as exc:  # counted; the load goes on
                     with lock:
                         errors.append(str(exc))
                     continue

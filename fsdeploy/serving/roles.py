@@ -79,7 +79,7 @@ class PreprocessRole:
                 blobs = np.asarray(req["IMAGE"]).reshape(-1)
                 pixels = [decode_image(b, self.cfg, f"image {i} of the request") for i, b in enumerate(blobs)]
                 out.append({"PIXELS": np.stack(pixels).astype(np.float32)})
-            except Exception as exc:
+            except Exception as exc:  # one request's failure must not fail the batch
                 out.append(exc)
         return out
 
@@ -105,7 +105,7 @@ class TaskStateRole:
                 if self.case:
                     res["GAMMA"] = np.stack([np.asarray(e.artefact.task_state["gamma"], np.float32) for e in entries])
                 out.append(res)
-            except Exception as exc:
+            except Exception as exc:  # one request's failure must not fail the batch
                 out.append(exc)
         return out
 
@@ -175,7 +175,7 @@ class FeaturesRole:
                         keys.append(key if has_graph else None)
                 for row, key in enumerate(keys):
                     groups.setdefault(key, []).append((r, row))
-            except Exception as exc:
+            except Exception as exc:  # this request fails alone
                 out[r] = exc
         feats: dict[int, np.ndarray] = {}
         for key, rows in groups.items():
@@ -189,7 +189,7 @@ class FeaturesRole:
                     if r not in feats:
                         feats[r] = np.empty((len(requests[r]["PIXELS"]), got.shape[1]), np.float32)
                     feats[r][i] = f
-            except Exception as exc:
+            except Exception as exc:  # a broken folded graph fails only its task's requests
                 for r, _ in rows:
                     out[r] = exc
         for r, req in enumerate(requests):
@@ -242,7 +242,7 @@ class HeadRole:
                     top = np.sort(p)[::-1][: len(labels_rows[j])]
                     scores[j, : len(top)] = top
                 out.append({"PROBS": probs_out, "LABELS": _bytes_array(labels_rows), "SCORES": scores})
-            except Exception as exc:
+            except Exception as exc:  # one request's failure must not fail the batch
                 out.append(exc)
         return out
 
@@ -268,7 +268,7 @@ class AdaptRole:
         for req in requests:
             try:
                 out.append({"INFO": np.array([json.dumps(self.adapt(req)).encode()], dtype=object)})
-            except Exception as exc:
+            except Exception as exc:  # one request's failure must not fail the batch
                 out.append(exc)
         return out
 
