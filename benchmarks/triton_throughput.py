@@ -54,9 +54,9 @@ def bench_model(model: str, adapter: str, args: argparse.Namespace, console: Con
             ref = predict_images(bundle, task, [f])[0]
             local.append((time.perf_counter() - s) * 1e3)
             pool.append((f.read_bytes(), f"task{i}", ref.labels[0]))
-            model = TaskModel.from_state(task.model_state)
+            head = TaskModel.from_state(task.model_state)
             s = time.perf_counter()
-            model.predict_proba(path.query(load_checked([f], bundle.manifest.preprocess), task.task_state))
+            head.predict_proba(path.query(load_checked([f], bundle.manifest.preprocess), task.task_state))
             warm.append((time.perf_counter() - s) * 1e3)
     path.close()
     repo = write_repository(bundle.path, [f"{k}={v}" for k, v in tasks.items()], work / f"triton_repo_{model}_{adapter}",

@@ -329,3 +329,11 @@ def test_store_keeps_at_most_max_tasks_loaded(plain: dict, tmp_path: Path) -> No
     assert list(store._entries) == ["a", "c"]  # b was the least recently used
     assert store.resolve("b").key == keys[1]  # read again from disk, same version
     assert store.known() == ["a", "b", "c"]
+
+
+def test_server_refuses_repository_paths_its_stub_cannot_take(plain: dict, tmp_path: Path) -> None:
+    from fsdeploy.serving.server import TritonServer
+
+    info = write_repository(plain["bundle"].path, [], tmp_path / "my repo")
+    with pytest.raises(InvalidInput, match="move the repository"):
+        TritonServer(info.path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from fsdeploy.errors import InvalidInput, MissingDependency
 from fsdeploy.serving.roles import read_manifest
 
 VENV_ENV = "FSDEPLOY_TRITON_VENV"
+SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
 UTILS = "triton_python_backend_utils.py"
 # The stub imports this module (and numpy through it) before any model.py runs, with the interpreter's own
 # site-packages on sys.path and PYTHONPATH ignored. PyTriton's stub needs numpy<2 (with numpy 2 the BYTES
@@ -107,6 +109,12 @@ class TritonServer:
     def __init__(self, repo: str | Path, *, http_port: int | None = None, log: str | Path | None = None,
                  verbose: bool = False) -> None:
         self.repo = Path(repo).resolve()
+        if not SAFE_PATH.match(str(self.repo)):
+            # measured: a '<' in the path made every stub fail to start and the server hang unready
+            raise InvalidInput(
+                f"repository path {self.repo} has characters Triton's Python backend cannot pass to its stub (it starts "
+                "it through a shell); move the repository to a path of letters, digits and . _ - + /"
+            )
         info = read_manifest(self.repo)
         if info.get("pending"):
             raise InvalidInput(
