@@ -316,6 +316,30 @@ def test_faults_and_live_task_changes(kits: dict, work: Path) -> None:
     assert served[0] > 5 and not bad, bad[:5]
 
 
+def _stub_pid(model_dir: Path) -> int:
+    """The Python-backend stub process serving `model_dir` (its command line names the model's model.py)."""
+    want = str(model_dir.resolve() / "1" / "model.py")
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if want in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    return int(proc.name)
+            except OSError:
+                continue
+    raise AssertionError(f"no stub process for {model_dir}")
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (/proc/PID/stat fields 14 and 15)."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_kill_mid_adapt_leaves_repository_loadable(kits: dict, work: Path) -> None:
     from fsdeploy.serving import Client, ServerError, TritonServer
 
@@ -331,13 +355,19 @@ def test_kill_mid_adapt_leaves_repository_loadable(kits: dict, work: Path) -> No
     def adapt() -> None:
         try:
             with Client(server.url) as c:
-                outcome.append(c.adapt("big", images, labels, head="linear", head_opts={"iters": 20000}))
+                outcome.append(c.adapt("big", images, labels, head="linear", head_opts={"iters": 100_000, "batch": 16}))
         except Exception as exc:  # the connection dies with the server
             outcome.append(exc)
 
     t = threading.Thread(target=adapt)
     t.start()
-    time.sleep(2.5)  # decoding, features and the long head fit are under way
+    # kill once the adapt model's stub has spent 1 s of CPU on this request: decoding and features are done
+    # and the long head fit (100,000 steps) is under way, on a fast machine as on a loaded one
+    stub = _stub_pid(repo / "models" / "adapt")
+    start = _cpu_s(stub)
+    deadline = time.monotonic() + 120
+    while _cpu_s(stub) - start < 1.0 and time.monotonic() < deadline and not outcome:
+        time.sleep(0.05)
     server.kill()
     t.join(60)
     server.stop()
