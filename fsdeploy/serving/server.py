@@ -102,7 +102,7 @@ class TritonServer:
     Args:
         repo: repository from `fsdeploy triton export`.
         http_port: default a free port.
-        log: file for the server's output (default: a file in a private temp folder, removed on exit).
+        log: file for the server's output (default: a file in a private temp folder, removed by `stop`).
         verbose: Triton's --log-verbose=1.
     """
 
@@ -168,12 +168,15 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise InvalidInput(f"tritonserver exited with code {self.proc.returncode} on {self.repo}:\n{self.log_tail()}")
+                tail = self.log_tail()
+                self.stop()
+                raise InvalidInput(f"tritonserver exited with code {self.proc.returncode} on {self.repo}:\n{tail}")
             if self.ready():
                 return self
             time.sleep(0.25)
+        tail = self.log_tail()
         self.stop()
-        raise InvalidInput(f"tritonserver was not ready after {timeout_s:.0f} s on {self.repo}:\n{self.log_tail()}")
+        raise InvalidInput(f"tritonserver was not ready after {timeout_s:.0f} s on {self.repo}:\n{tail}")
 
     def ready(self) -> bool:
         try:
@@ -209,16 +212,17 @@ class TritonServer:
                 self.kill()
         if getattr(self, "_log", None) is not None:
             self._log.close()
+        # the private backends folder (and the default log) go with the server
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:
         if self.proc is None:
             try:
                 self.start()
-            except BaseException:
-                self.__exit__()
+            except BaseException:  # Ctrl-C while waiting: stop what was started
+                self.stop()
                 raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        shutil.rmtree(self._tmp, ignore_errors=True)
