@@ -9,7 +9,8 @@ An adapter kind is how a frozen backbone adapts to a task. Two shapes exist:
   graph; `head` is the head they store.
 
 Each kind lives in its own file under `fsdeploy/adapters/` and registers one `AdapterKind`; generic code
-(export, runtime, benchmarks, CLI help) only reads `ADAPTERS`, which imports every module of the package the
+(export, runtime, benchmarks, CLI help) only reads `ADAPTERS`. Kind files import torch and the layers above
+lazily, inside their functions, so the registry also loads where torch is absent (a Triton Python backend), which imports every module of the package the
 first time it is read: a new kind is one new file plus its test.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ class AdapterKind:
         build: exported kinds: `BuildRequest -> AdaptedModel` (torch module + graphs).
         feature_path: exported kinds: `(bundle, backend, options, **kw) -> FeaturePath`.
         count: `(rebuilt torch module, image size) -> CountedMacs` for the cost table.
+        cost: the cost formula of cost-table rows of this kind (`Method.kind == name`; see
+            `fsdeploy.bench.costs.Formula`), when the kind has rows of its own.
         bundle_adapter: fine-tuners: the exported kind whose bundles they adapt (e.g. "none").
         families: timm families the kind supports (empty: any backbone).
         fit: fine-tuners: `(backbone, images, labels, steps, **opts) -> result` with `.model` (the fitted
@@ -52,6 +55,7 @@ class AdapterKind:
     build: Callable[..., Any] | None = None
     feature_path: Callable[..., Any] | None = None
     count: Callable[..., Any] | None = None
+    cost: Callable[..., Any] | None = None
     bundle_adapter: str | None = None
     families: tuple[str, ...] = ()
     fit: Callable[..., Any] | None = None
@@ -94,7 +98,7 @@ class AdapterKind:
 
 
 def _load_builtin() -> None:
-    import_package_modules("fsdeploy.adapters")
+    import_package_modules("fsdeploy.adapters", skip=("base", "folded"))  # folded: the fine-tuners' shared fit, loaded on use
 
 
 ADAPTERS: Registry[AdapterKind] = Registry("adapter kind", _load_builtin)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from fsdeploy.adapters.base import AdapterKind, register_adapter
-from fsdeploy.bench.costs import BACKWARD_TEXT, Cost, register_formula
 
 
 def fit(backbone: Any, images: Any, labels: Any, *, steps: int, domain: str = "unseen", device: str | None = None) -> Any:
@@ -35,9 +34,10 @@ def fit_macs(backbone: Any, size: int, n_support: int, steps: int) -> int:
     return tsa_adapt_macs(backbone, size, n_support, steps=steps)
 
 
-@register_formula("tsa")
-def tsa_cost(m: Any, c: Any, task: Any, head: Any, tf: Any) -> Cost:
+def tsa_cost(m: Any, c: Any, task: Any, head: Any, tf: Any) -> Any:
     """S steps on the whole support set with the NCC loss, then one pass to build the final prototypes."""
+    from fsdeploy.bench.costs import BACKWARD_TEXT, Cost
+
     n, k, d = task.n_support, task.ways, c.dim
     g = c.tsa
     s = m.steps or 0
@@ -56,6 +56,7 @@ KIND = register_adapter(AdapterKind(
     fit=fit,
     head=head,
     fit_macs=fit_macs,
+    cost=tsa_cost,
     methods={"tsa": {}, "tsa-seen": {"domain": "seen"}},
     options={"domain": "unseen (α 0.5, β 1.0: images unlike the backbone's training data) or seen (α 0.05, β 0.1)"},
     why_missing="TSA residual adapters are defined for ResNet backbones only",

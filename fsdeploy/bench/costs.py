@@ -283,14 +283,16 @@ Formula = Callable[[Method, CountedMacs, TaskShape, CountingHead, Callable[[int]
 def _load_kind_formulas() -> None:
     from fsdeploy.adapters import ADAPTERS
 
-    ADAPTERS.names()  # importing the adapter kinds registers their formulas (case, toast, tsa)
+    for kind in ADAPTERS.values():  # an adapter kind with rows of its own carries their formula (case, toast, tsa)
+        if kind.cost is not None:
+            FORMULAS.add(kind.name, kind.cost)
 
 
 FORMULAS: Registry[Formula] = Registry("cost formula (Method.kind)", _load_kind_formulas)
 
 
 def register_formula(kind: str) -> Callable[[Formula], Formula]:
-    """Decorator adding the cost formula of methods of `kind` (an adapter kind's file registers its own)."""
+    """Decorator adding the cost formula of methods of `kind` (adapter kinds carry theirs: `AdapterKind.cost`)."""
     return FORMULAS.register(kind)
 
 
