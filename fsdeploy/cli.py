@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 
 # Modules under fsdeploy/commands that contribute commands; order is the order in --help.
-_COMMAND_MODULES = ("demo", "core", "heads", "data", "train", "quantize", "tensorrt", "bench")
+_COMMAND_MODULES = ("demo", "core", "heads", "data", "train", "distill", "quantize", "tensorrt", "bench")
 
 for _name in _COMMAND_MODULES:
     try:
