@@ -273,7 +273,7 @@ def _train(cfg: IdmmConfig, on_step: Any, on_epoch: Any) -> IdmmResult:
     return IdmmResult(cfg.out, tuple(history), n, step, digest, time.perf_counter() - start)
 
 
-def parse_crops(text: str, scales: Sequence[tuple[float, float]] = (c.scale for c in OFFICIAL_CROPS)) -> tuple[CropGroup, ...]:
+def parse_crops(text: str, scales: Sequence[tuple[float, float]] = tuple(c.scale for c in OFFICIAL_CROPS)) -> tuple[CropGroup, ...]:
     """`2,4` -> the official two groups with those counts (global scale 0.14–1, local 0.05–0.4); `2` -> global only."""
     scales = list(scales)
     try:
