@@ -31,6 +31,8 @@ def distill_command(
     pairs: Annotated[str, typer.Option(help="(teacher layer)-(student layer) pairs over the 4 tapped stages, 0-based, e.g. 3-3,2-2; or all (16 pairs).")] = "all",
     student_checkpoint: Annotated[Optional[Path], typer.Option(help="Start the student from these weights (with --method finetune: plain fine-tuning).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (smoke runs).")] = None,
+    aug_scale: Annotated[float, typer.Option(help="Random resized crop drops up to this share of the area (0 = off).")] = 0.25,
+    aug_rotation: Annotated[float, typer.Option(help="Random rotation up to +- this many degrees (0 = off).")] = 10.0,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and batch order.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
@@ -54,6 +56,7 @@ def distill_command(
     cfg = DistillConfig(teacher=teacher, student=student, data=data, out=out, method=method, split=split, img_size=img_size,
                         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, beta=beta, meta_lr=meta_lr,
                         inner_steps=inner_steps, pairs=pairs, student_checkpoint=student_checkpoint, max_steps=max_steps,
+                        aug_scale=aug_scale, aug_rotation=aug_rotation,
                         seed=seed, device=device, threads=threads, fp16=fp16)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ce {task.fields[ce]:.3f} match {task.fields[match]:.3f}"))

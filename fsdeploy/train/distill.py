@@ -10,7 +10,8 @@ Methods (the paper's comparison, Jang et al., ICML 2019, Table 1/2):
 
 Optimisation as the official code (alinlab/L2T-ww, train_l2t_ww.py): student SGD (lr 0.1, momentum 0.9, weight
 decay 1e-4, cosine over epochs), meta-networks Adam (lr 1e-4, weight decay 1e-4), β = 0.5, T = 2 inner steps,
-pair weights relu6 with bias 1. Each iteration: one real step on CE + β·L_wfm, then one meta step on the same
+pair weights relu6 with bias 1. Augmentation is `fsdeploy pretrain`'s (mild random resized crop and rotation in
+one affine warp, no flips, since glyphs are the target). Each iteration: one real step on CE + β·L_wfm, then one meta step on the same
 batch. Images go through the teacher's preprocessing, and the student checkpoint records it.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from fsdeploy.backbones import Preprocess, create_backbone, read_checkpoint, save_checkpoint
 from fsdeploy.deps import require
 from fsdeploy.errors import InvalidInput
+from fsdeploy.train.pretrain import _augment
 
 METHODS = ("l2t-ww", "uniform", "finetune")
 
@@ -57,6 +59,8 @@ class DistillConfig:
     pairs: str = "all"
     student_checkpoint: Path | None = None
     max_steps: int | None = None  # stop after this many iterations (smoke runs)
+    aug_scale: float = 0.25  # augmentation as `fsdeploy pretrain`: random resized crop keeps 75-100% of the area
+    aug_rotation: float = 10.0  # and a rotation up to +- this many degrees (no flips: glyphs)
     seed: int = 0
     device: str | None = None
     threads: int | None = None
@@ -67,7 +71,7 @@ class DistillConfig:
                  "--out", str(self.out), "--method", self.method, "--split", self.split, "--epochs", str(self.epochs),
                  "--batch-size", str(self.batch_size), "--lr", f"{self.lr:g}", "--beta", f"{self.beta:g}",
                  "--meta-lr", f"{self.meta_lr:g}", "--inner-steps", str(self.inner_steps), "--pairs", self.pairs,
-                 "--seed", str(self.seed)]
+                 "--aug-scale", f"{self.aug_scale:g}", "--aug-rotation", f"{self.aug_rotation:g}", "--seed", str(self.seed)]
         parts += [] if self.img_size is None else ["--img-size", str(self.img_size)]
         parts += [] if self.student_checkpoint is None else ["--student-checkpoint", str(self.student_checkpoint)]
         parts += [] if self.max_steps is None else ["--max-steps", str(self.max_steps)]
@@ -232,6 +236,7 @@ def _run(cfg: DistillConfig, on_step: Callable[[StepStats, int], None] | None = 
     history: list[StepStats] = []
     step = 0
     gen = torch.Generator().manual_seed(cfg.seed)
+    aug = _Aug(cfg.aug_scale, cfg.aug_rotation)
     try:
         for epoch in range(1, cfg.epochs + 1):
             order = torch.randperm(len(x_all), generator=gen)
@@ -239,7 +244,8 @@ def _run(cfg: DistillConfig, on_step: Callable[[StepStats, int], None] | None = 
                 if step >= total:
                     break
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                x = ((x_all[idx].to(device).float() / 255.0) - mean) / std
+                # teacher and student see the same augmented view (pretrain's one affine warp, in [0, 1])
+                x = (_augment(x_all[idx].to(device), aug, gen) - mean) / std
                 y = y_all[idx].to(device)
                 with torch.no_grad():
                     teacher(x)
@@ -283,6 +289,14 @@ def _run(cfg: DistillConfig, on_step: Callable[[StepStats, int], None] | None = 
     }
     save_checkpoint(net.cpu(), cfg.out, name=cfg.student, preprocess=pre, fp16=cfg.fp16, extra=extra)
     return DistillResult(cfg.out, tuple(history), len(classes), len(x_all), tuple(pairs), lam, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class _Aug:
+    """The two fields fsdeploy.train.pretrain's augmentation reads."""
+
+    max_scale_loss: float
+    max_rotation_deg: float
 
 
 def _meta_step(student: Any, names: list[str], opt: Any, meta_opt: Any, what: Any, where: Any, meta_params: list[Any],
