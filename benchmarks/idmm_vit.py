@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fsdeploy.atomic import write_text
-from fsdeploy.backbones import create_backbone, save_checkpoint
+from fsdeploy.backbones import Preprocess, create_backbone, save_checkpoint
 from fsdeploy.bench.accuracy import Method, evaluate
 from fsdeploy.bench.stats import mean_ci95
 from fsdeploy.data.folders import scan_image_folder
@@ -30,7 +30,6 @@ from fsdeploy.data.glyphs import load_splits
 from fsdeploy.pipeline.export import export_bundle
 from fsdeploy.train.idmm import IdmmConfig, idmm_pretrain
 from fsdeploy.train.pretrain import MEAN, STD, PretrainConfig, pretrain
-from fsdeploy.backbones import Preprocess
 
 NCC_L2 = Method("NCC (L2-normalised)", "ncc", "l2")
 RANDOM = "random init"

@@ -50,7 +50,7 @@ def as_map(out: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
         return out
     if out.ndim == 3:
         tokens = out[:, prefix_tokens:]
-        side = int(math.isqrt(tokens.shape[1]))
+        side = math.isqrt(tokens.shape[1])
         if side * side != tokens.shape[1]:
             raise InvalidInput(f"cannot fold {tokens.shape[1]} tokens into a square map; use a square input size")
         return tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
