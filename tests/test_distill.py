@@ -209,3 +209,13 @@ def test_bad_inputs_are_one_line_errors(setting: tuple[Path, Path], tmp_path: Pa
     with pytest.raises(InvalidInput, match="does not exist"):
         distill(DistillConfig(str(tmp_path / "none.safetensors"), "resnet10t", data, tmp_path / "s.safetensors"))
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_vit_tokens_fold_into_maps_without_prefix_tokens() -> None:
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)  # 1 class token + a 2x2 grid, 3 channels
+    maps = l2tww.as_map(tokens, prefix_tokens=1)
+    assert maps.shape == (2, 3, 2, 2)
+    # grid position (y, x) is token 1 + 2y + x; channel c of it is tokens[b, 1 + 2y + x, c]
+    assert maps[1, 2, 1, 0].item() == tokens[1, 1 + 2, 2].item()
+    with pytest.raises(InvalidInput, match="square"):
+        l2tww.as_map(torch.zeros(1, 4, 3), prefix_tokens=1)
