@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 # Modules under fsdeploy/commands that contribute commands; order is the order in --help.
-_COMMAND_MODULES = ("demo", "core", "heads", "data", "train", "quantize", "tune", "tensorrt", "bench", "triton")
+_COMMAND_MODULES = ("demo", "core", "heads", "data", "train", "distill", "quantize", "tune", "tensorrt", "bench", "triton")
 
 for _name in _COMMAND_MODULES:
     try:

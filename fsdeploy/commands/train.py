@@ -14,14 +14,14 @@ console = Console()
 
 def pretrain_command(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. efficientnet_b0 (the demo default) or resnet18.")],
-    data: Annotated[Path, typer.Option("--data", help="A glyph corpus folder from `fsdeploy data glyphs` (needs splits.json).")],
+    data: Annotated[Path, typer.Option("--data", help="A glyph corpus folder from `fsdeploy data glyphs` (needs splits.json); with --recipe idmm any folder of images.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Backbone checkpoint to write (.safetensors, no classifier head).")],
     split: Annotated[str, typer.Option(help="Which split's classes to train on: base (default), val or novel.")] = "base",
     img_size: Annotated[int, typer.Option(help="Training and inference side in pixels (32 trains fast on CPU).")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Images per optimiser step.")] = 128,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (linear warm-up, then cosine to 0).")] = 2e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not applied to norms and biases).")] = 0.05,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate (linear warm-up, then cosine to 0); default 2e-3, idmm 5e-4.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (supervised: not on norms and biases); default 0.05, idmm 1e-3.")] = None,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.1,
     aug_scale: Annotated[float, typer.Option(help="Random resized crop drops up to this share of the area (0 = off).")] = 0.25,
     aug_rotation: Annotated[float, typer.Option(help="Random rotation up to +- this many degrees (0 = off).")] = 10.0,
@@ -31,6 +31,10 @@ def pretrain_command(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     fp16: Annotated[bool, typer.Option(help="Store the checkpoint in float16 (half the size; loads as float32).")] = True,
     resume: Annotated[bool, typer.Option(help="Continue from <out>.resume.pt, written after every epoch.")] = False,
+    recipe: Annotated[str, typer.Option(help="supervised (base-class labels, the default) or idmm (instance discrimination on a folder of unlabelled images: --data DIR, any layout).")] = "supervised",
+    cutmix_alpha: Annotated[float, typer.Option(help="idmm: CutMix Beta(α, α) parameter.")] = 0.5,
+    crops: Annotated[str, typer.Option(help="idmm: global,local crop counts per image (scales 0.14-1 and 0.05-0.4).")] = "2,4",
+    max_steps: Annotated[Optional[int], typer.Option(help="idmm: stop after this many steps (smoke runs).")] = None,
 ) -> None:
     """Pretrain a backbone on the base classes of a glyph corpus, for few-shot use on novel classes.
 
@@ -43,7 +47,21 @@ def pretrain_command(
       fsdeploy pretrain efficientnet_b0 --data data/glyphs --out weights.safetensors --epochs 6 --threads 2
 
       fsdeploy export efficientnet_b0 --checkpoint weights.safetensors --out bundle/
+
+      fsdeploy pretrain vit_tiny_patch16_224 --recipe idmm --data unlabelled_images/ --img-size 32 --out vit.safetensors
     """
+    if recipe == "idmm":  # IDMM (Cao et al., ECCV 2022): fsdeploy.train.idmm
+        from fsdeploy.commands.idmm import run_idmm
+
+        return run_idmm(model=model, data=data, out=out, img_size=img_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, label_smoothing=label_smoothing, cutmix_alpha=cutmix_alpha, crops=crops,
+                        max_steps=max_steps, seed=seed, device=device, threads=threads, fp16=fp16)
+    if recipe != "supervised":
+        from fsdeploy.errors import InvalidInput
+
+        raise InvalidInput(f"--recipe {recipe!r} is not one of supervised, idmm")
+    lr = 2e-3 if lr is None else lr
+    weight_decay = 0.05 if weight_decay is None else weight_decay
     from fsdeploy.train.pretrain import EpochStats, PretrainConfig, pretrain
 
     cfg = PretrainConfig(
