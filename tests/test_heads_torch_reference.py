@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from fsdeploy.bench.reference import torch_linear_head
 import torch.nn.functional as F
 
 from fsdeploy.heads import make_head
@@ -36,22 +38,10 @@ def rollback_(params: list[torch.Tensor], anchors: list[torch.Tensor], ratios: l
 
 
 def torch_upper_case(xs, ys, k, batches, lrs, rollback=None):
-    """UpperCaSE: zero-init nn.Linear, Adam(weight_decay=1e-5), lr set per step, mean CE per batch."""
-    x, y = torch.from_numpy(xs), torch.from_numpy(ys)
-    lin = torch.nn.Linear(xs.shape[1], k)
-    torch.nn.init.zeros_(lin.weight)
-    torch.nn.init.zeros_(lin.bias)
-    anchors = [p.detach().clone() for p in lin.parameters()]
-    opt = torch.optim.Adam(lin.parameters(), lr=float(lrs[0]), betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-5)
-    for t, rows in enumerate(batches):
-        opt.param_groups[0]["lr"] = float(lrs[t])
-        opt.zero_grad()
-        idx = torch.from_numpy(rows)
-        F.cross_entropy(lin(x[idx]), y[idx]).backward()
-        opt.step()
-        if rollback:
-            rollback_([lin.weight, lin.bias], anchors, rollback)
-    return lin
+    """UpperCaSE's PyTorch loop (the one reference, `fsdeploy.bench.reference`), with the rollback by hand."""
+    anchors = [torch.zeros(k, xs.shape[1]), torch.zeros(k)]  # the zero init
+    step = (lambda lin: rollback_([lin.weight, lin.bias], anchors, rollback)) if rollback else None
+    return torch_linear_head(xs, ys, k, batches, lrs, after_step=step)
 
 
 @pytest.mark.parametrize(

@@ -55,12 +55,16 @@ def torch_linear_head(
     lrs: NDArray[np.float64],
     *,
     weight_decay: float = 1e-5,
+    after_step: Callable[[torch.nn.Linear], None] | None = None,
 ) -> torch.nn.Linear:
     """The UpperCaSE head as a PyTorch loop: zero-init nn.Linear, Adam, mean cross-entropy per drawn batch.
+
+    The one torch reference of this head: tests and benchmarks import it.
 
     Args:
         batches: (T, B) row indices per step (`fsdeploy.heads.linear.draw_batches`, same generator as the head).
         lrs: (T,) learning rate per step.
+        after_step: called with the layer after each optimiser step (e.g. a rollback towards the init).
     """
     x = torch.as_tensor(feats, dtype=torch.float32)
     y = torch.as_tensor(labels, dtype=torch.int64)
@@ -74,6 +78,8 @@ def torch_linear_head(
         idx = torch.from_numpy(rows)
         F.cross_entropy(lin(x[idx]), y[idx]).backward()
         opt.step()
+        if after_step is not None:
+            after_step(lin)
     return lin
 
 
