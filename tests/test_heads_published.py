@@ -274,3 +274,13 @@ def test_adapt_finetuning_options(bundles) -> None:
     code, out = invoke("adapt", str(tmp / "plain"), str(tmp / "support"), "--adapter", "tsa", "--domain", "near",
                        "--out", str(tmp / "x.npz"))
     assert code == 1 and "unknown --domain 'near'" in out and not (tmp / "x.npz").exists()
+
+
+def test_base_split_must_exist(tmp_path) -> None:
+    """`export --base-split NAME` on a folder without splits.json is refused, not silently ignored."""
+    from fsdeploy.errors import InvalidInput
+    from fsdeploy.pipeline.base_mean import split_classes
+
+    assert split_classes(tmp_path, "base") is None and split_classes(tmp_path, "all") is None
+    with pytest.raises(InvalidInput, match="--base-split nope: .* has no splits.json"):
+        split_classes(tmp_path, "nope")

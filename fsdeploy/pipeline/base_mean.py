@@ -24,13 +24,18 @@ from fsdeploy.bundle import Bundle, add_files
 from fsdeploy.runtime.base_mean import BASE_MEAN_FILE, STATIC_ADAPTERS, base_mean_fix, load_base_mean, transform_options  # noqa: F401
 
 def split_classes(folder: str | Path, split: str) -> list[str] | None:
-    """Class folders listed under `split` in `folder/splits.json`; None (every class) for 'all' or without the file.
+    """Class folders listed under `split` in `folder/splits.json`; None (every class) for 'all', or for the default
+    'base' when there is no such file.
 
     Raises:
         InvalidInput: the file is not JSON or has no such split.
     """
     path = Path(folder) / "splits.json"
-    if split == "all" or not path.is_file():
+    if split == "all":
+        return None
+    if not path.is_file():
+        if split != "base":  # the default means "the base split when there is one"; another name must exist
+            raise InvalidInput(f"--base-split {split}: {folder} has no splits.json to look it up in; pass --base-split all (every class)")
         return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
