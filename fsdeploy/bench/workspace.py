@@ -161,10 +161,7 @@ def glyph_corpus(workdir: Path, data: Path | None, *, classes: int = 300, say: S
 
 
 def split_classes(corpus: Path, split: str) -> list[str] | None:
-    """Class folders of `split` from `corpus/splits.json` (a glyph corpus); None (every class) for 'all' or
-    a folder without a split file."""
-    if split == "all" or not (Path(corpus) / "splits.json").is_file():
-        return None
-    from fsdeploy.data.glyphs import load_splits
+    """Class folders of `split` from `corpus/splits.json`; None (every class) for 'all' or a folder without one."""
+    from fsdeploy.data.folders import split_classes as listed
 
-    return list(load_splits(corpus).split(split))
+    return listed(corpus, split)

@@ -4,6 +4,8 @@ Every problem is reported up front, naming the files, so a long adaptation never
 """
 from __future__ import annotations
 
+import json
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,3 +126,27 @@ def list_images(items: list[str | Path]) -> list[Path]:
     if not out:
         raise InvalidInput(f"no images found in {', '.join(map(str, items))}")
     return out
+
+
+def split_classes(folder: str | Path, split: str, *, required: bool = False, option: str = "--split") -> list[str] | None:
+    """Class folders listed under `split` in `folder/splits.json` (a glyph corpus writes one); None (every class)
+    for 'all', or when the folder has no split file and `required` is False.
+
+    Raises:
+        InvalidInput: the file is not JSON or has no such split, or (with `required`) there is no file.
+    """
+    path = Path(folder) / "splits.json"
+    if split == "all":
+        return None
+    if not path.is_file():
+        if required:
+            raise InvalidInput(f"{option} {split}: {folder} has no splits.json to look it up in; pass {option} all (every class)")
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InvalidInput(f"{path} is not valid JSON ({exc}); fix it, or pass {option} all") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get(split), list):
+        known = sorted(k for k, v in raw.items() if isinstance(v, list)) if isinstance(raw, dict) else []
+        raise InvalidInput(f"{path} has no split {split!r} (it has {', '.join(known) or 'none'}); pass {option}")
+    return [str(c) for c in raw[split]]

@@ -10,7 +10,6 @@ described in `manifest.extra["base_mean"]`. The bundle id hashes graph files onl
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,30 +20,12 @@ from numpy.typing import NDArray
 from fsdeploy.atomic import atomic_path
 from fsdeploy.errors import BundleError, InvalidInput
 from fsdeploy.bundle import Bundle, add_files
+from fsdeploy.data import folders
 from fsdeploy.runtime.base_mean import BASE_MEAN_FILE, STATIC_ADAPTERS, base_mean_fix, load_base_mean, transform_options  # noqa: F401
 
 def split_classes(folder: str | Path, split: str) -> list[str] | None:
-    """Class folders listed under `split` in `folder/splits.json`; None (every class) for 'all', or for the default
-    'base' when there is no such file.
-
-    Raises:
-        InvalidInput: the file is not JSON or has no such split.
-    """
-    path = Path(folder) / "splits.json"
-    if split == "all":
-        return None
-    if not path.is_file():
-        if split != "base":  # the default means "the base split when there is one"; another name must exist
-            raise InvalidInput(f"--base-split {split}: {folder} has no splits.json to look it up in; pass --base-split all (every class)")
-        return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InvalidInput(f"{path} is not valid JSON ({exc}); fix it, or pass --base-split all") from None
-    if not isinstance(raw.get(split), list):
-        known = sorted(k for k, v in raw.items() if isinstance(v, list))
-        raise InvalidInput(f"{path} has no split {split!r} (it has {', '.join(known) or 'none'}); pass --base-split")
-    return [str(c) for c in raw[split]]
+    """`--base-split`: the base split by default (every class without a splits.json); another name must exist."""
+    return folders.split_classes(folder, split, required=split != "base", option="--base-split")
 
 
 def compute_base_mean(

@@ -27,7 +27,6 @@ the model, its preprocessing and the CaSE sites; `fsdeploy export MODEL --adapte
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from fsdeploy.backbones import read_checkpoint, save_checkpoint
 from fsdeploy.data.cache import ImageCache
 from fsdeploy.data.episodes import sample_episode
-from fsdeploy.data.folders import scan_image_folder
+from fsdeploy.data.folders import scan_image_folder, split_classes
 from fsdeploy.errors import InvalidInput
 from fsdeploy.backbones import BuildRequest
 from fsdeploy.modules.case_checkpoint import CASE_PREFIX, build_casenet, case_checkpoint_state
@@ -122,17 +121,7 @@ def episode_classes(data_dir: Path, split: str | None) -> list[str] | None:
     Raises:
         InvalidInput: a split was asked for that the split file does not have.
     """
-    path = data_dir / "splits.json"
-    if split is None or not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InvalidInput(f"{path} is not valid JSON ({exc}); regenerate it or remove it to use every class") from None
-    if split not in raw or not isinstance(raw[split], list):
-        known = sorted(k for k, v in raw.items() if isinstance(v, list))
-        raise InvalidInput(f"{path} has no split {split!r}; it has {', '.join(known) or 'none'}")
-    return [str(c) for c in raw[split]]
+    return None if split is None else split_classes(data_dir, split)
 
 
 def _on(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
