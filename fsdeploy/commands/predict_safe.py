@@ -4,8 +4,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsdeploy.data.folders import list_images
-from fsdeploy.data.images import load_image
 from fsdeploy.engines import EngineOptions
 from fsdeploy.errors import InvalidInput
 from fsdeploy.bundle import Bundle
@@ -33,15 +31,6 @@ def predict_or_report(
     """
     if topk > len(task.classes):
         raise InvalidInput(f"--topk {topk} but the task has {len(task.classes)} classes; pass --topk {len(task.classes)} or less")
-    if not skip_bad:
-        return predict_images(bundle, task, images, topk=topk, backend=backend, options=options, batch=batch), []
-    good: list[Path] = []
-    bad: list[tuple[str, str]] = []
-    for path in list_images(list(images)):
-        try:
-            load_image(path)
-            good.append(path)
-        except InvalidInput as exc:
-            bad.append((str(path), str(exc)))
-    preds = predict_images(bundle, task, good, topk=topk, backend=backend, options=options, batch=batch) if good else []
-    return preds, bad
+    bad: list[tuple[str, str]] | None = [] if skip_bad else None
+    preds = predict_images(bundle, task, images, topk=topk, backend=backend, options=options, batch=batch, bad=bad)
+    return preds, bad or []

@@ -115,17 +115,21 @@ def _load_one(path: str | Path, cfg: Preprocess) -> NDArray[np.float32] | Invali
         return exc
 
 
-def load_checked(paths: Sequence[str | Path], cfg: Preprocess, *, workers: int = 1) -> NDArray[np.float32]:
-    """Decode and preprocess every file once; raise one error naming all unreadable files.
+def load_each(paths: Sequence[str | Path], cfg: Preprocess, *, workers: int = 1) -> list[NDArray[np.float32] | InvalidInput]:
+    """Decode and preprocess every file once, in order: each an array `(3, H, W)`, or the error that file gave.
 
     `workers` > 1 decodes on that many threads (PIL releases the GIL while decoding and resizing): on 2
-    cores, 100 JPEGs at 224 px load in about half the time. The result is the same, in order.
+    cores, 100 JPEGs at 224 px load in about half the time.
     """
     if workers > 1 and len(paths) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            loaded = list(pool.map(lambda p: _load_one(p, cfg), paths))
-    else:
-        loaded = [_load_one(p, cfg) for p in paths]
+            return list(pool.map(lambda p: _load_one(p, cfg), paths))
+    return [_load_one(p, cfg) for p in paths]
+
+
+def load_checked(paths: Sequence[str | Path], cfg: Preprocess, *, workers: int = 1) -> NDArray[np.float32]:
+    """Decode and preprocess every file once (`load_each`); raise one error naming all unreadable files."""
+    loaded = load_each(paths, cfg, workers=workers)
     out = [a for a in loaded if not isinstance(a, InvalidInput)]
     errors = [a for a in loaded if isinstance(a, InvalidInput)]
     bad = [str(p) for p, a in zip(paths, loaded) if isinstance(a, InvalidInput)]

@@ -25,7 +25,7 @@ from fsdeploy import __version__
 from fsdeploy.adapters import ADAPTERS, AdapterKind
 from fsdeploy.bundle import Bundle
 from fsdeploy.data.folders import list_images, scan_image_folder
-from fsdeploy.data.images import iter_batches, load_checked
+from fsdeploy.data.images import iter_batches, load_checked, load_each
 from fsdeploy.engines import EngineOptions
 from fsdeploy.errors import InvalidInput
 from fsdeploy.heads.pipeline import TaskModel
@@ -243,8 +243,14 @@ def predict_images(
     backend: str = "ort",
     options: EngineOptions | None = None,
     batch: int = 32,
+    bad: list[tuple[str, str]] | None = None,
 ) -> list[Prediction]:
-    """Classify image files (or folders of them) with a stored task."""
+    """Classify image files (or folders of them) with a stored task.
+
+    Args:
+        bad: when given, an unreadable image is recorded here as (path, reason) and the others are still
+            classified; without it, one unreadable image refuses the run (one error naming them all).
+    """
     task.check_bundle(bundle)
     paths = list_images(list(images))
     model = TaskModel.from_state(task.model_state)
@@ -256,7 +262,16 @@ def predict_images(
     try:
         for i in range(0, len(paths), batch):
             chunk = paths[i : i + batch]
-            feats = path.query(load_checked(chunk, bundle.manifest.preprocess, workers=workers), task.task_state)
+            if bad is None:
+                pixels = load_checked(chunk, bundle.manifest.preprocess, workers=workers)
+            else:  # each file decoded once; the unreadable ones reported, the rest classified
+                loaded = load_each(chunk, bundle.manifest.preprocess, workers=workers)
+                bad += [(str(p), str(a)) for p, a in zip(chunk, loaded) if isinstance(a, InvalidInput)]
+                chunk = [p for p, a in zip(chunk, loaded) if not isinstance(a, InvalidInput)]
+                if not chunk:
+                    continue
+                pixels = np.stack([a for a in loaded if not isinstance(a, InvalidInput)])
+            feats = path.query(pixels, task.task_state)
             with name_bad_images(chunk, "query"):
                 probs = model.predict_proba(feats)
             order = np.argsort(-probs, axis=1)[:, :k]
