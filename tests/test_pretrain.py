@@ -99,3 +99,29 @@ def test_resume_refuses_state_from_other_settings(corpus: Path, tmp_path: Path) 
 def test_rejects_a_folder_without_split_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="splits.json not found"):
         pretrain(_config(tmp_path, tmp_path / "x.safetensors"))
+
+
+def test_channels_last_is_a_layout_only(corpus: Path, tmp_path: Path) -> None:
+    """NHWC changes the memory layout, not the network: the first step's loss equals the NCHW run's.
+
+    Later steps drift apart (Adam's first steps move every weight by about lr * sign(grad), and the sign of
+    near-zero gradients differs in the last bits between conv algorithms), so only step 1 is compared.
+    """
+    losses: dict[bool, list[float]] = {True: [], False: []}
+    for layout in (True, False):
+        res = pretrain(_config(corpus, tmp_path / f"{layout}.safetensors", epochs=1, channels_last=layout),
+                       on_step=lambda e, s, n, loss, layout=layout: losses[layout].append(loss))
+        state, meta = read_checkpoint(res.checkpoint)
+        assert all(v.is_contiguous() for v in state.values())  # saved in the standard layout
+        assert ("--no-channels-last" in meta["train_command"]) is (not layout)
+    assert abs(losses[True][0] - losses[False][0]) < 1e-5
+
+
+def test_bf16_autocast_runs_and_is_recorded(corpus: Path, tmp_path: Path) -> None:
+    res = pretrain(_config(corpus, tmp_path / "bf16.safetensors", epochs=1, precision="bf16"))
+    state, meta = read_checkpoint(res.checkpoint)
+    assert "--precision bf16" in meta["train_command"]
+    assert meta["pretrain"]["precision"] == "bf16"
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+    with pytest.raises(InvalidInput, match="--precision"):
+        pretrain(_config(corpus, tmp_path / "x.safetensors", precision="fp8"))
