@@ -188,3 +188,34 @@ def test_photo_folders_hold_real_jpeg_crops_and_are_made_once(tmp_path: Path) ->
     stamp = files.paths[0].stat().st_mtime_ns
     assert photo_folder(tmp_path, "photos", classes=4, per_class=2, seed=1) == folder
     assert files.paths[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_adapt_and_memory_targets_run_on_every_installed_engine(case_bundle, tmp_path) -> None:
+    """Targets 3 and 4 (issue #21): one row per engine installed here, each engine's task checked against the
+    PyTorch eager task on the same queries; ORT runs the same recipe, so it labels them the same."""
+    from fsdeploy.bench import perf_measures as pm
+
+    support = glyph_folder(tmp_path / "support", classes="ABCDE", per_class=4)
+    queries = glyph_folder(tmp_path / "queries", classes="ABCDE", per_class=2, seed=3)
+    engines = pm.engine_sides()
+    rows, agreement = pm.adapt_ratio(case_bundle, support, queries, tmp_path, threads={"ort": 1, "torch": 1}, repeats=1)
+    assert set(agreement) == set(engines)
+    assert agreement["ort"] == 1.0
+    assert all(0.0 <= v <= 1.0 for v in agreement.values())
+    sides = [r["side"] for r in rows]
+    assert sides[-1] == pm.EAGER and len(sides) == len(engines) + 2
+    assert rows[-1]["ratio"] == 1.0 and all(r["total_median_ms"] > 0 for r in rows)
+    mem, _ = pm.memory_and_linearity(case_bundle, [support, queries], tmp_path, threads=1)
+    assert sorted({r["backend"] for r in mem}) == sorted(engines)
+    assert all(r["max_rss_mib"] > 0 for r in mem)
+    assert all("adapt_ms" in r for r in mem if r["backend"] == "ort")
+
+
+def test_tune_reads_only_the_named_classes_and_its_seed(case_bundle, tmp_path) -> None:
+    from fsdeploy.pipeline.tune import Candidate, tune_bundle
+
+    folder = glyph_folder(tmp_path / "calib", classes="ABCDEFG", per_class=4)
+    timer = lambda fns, batch: {k: (1.0, 1.0) for k in fns}  # noqa: E731 - latency is not what this checks
+    recs = [tune_bundle(case_bundle, folder, classes=list("ABCDEF"), candidates=[Candidate("torch", "fp32")], ways=3,
+                        shots=1, queries=2, episodes=4, timer=timer, record=False, seed=s) for s in (0, 1)]
+    assert all(r.calibration["classes"] == 6 and r.calibration["images"] == 24 for r in recs)

@@ -49,12 +49,15 @@ class Target:
 TARGETS: dict[int, Target] = {t.number: t for t in (
     Target(1, "query inference", "ORT >= 2.5x PyTorch eager img/s, batch 1 and 16, preprocessing included", 2.5),
     Target(2, "head fit", "numpy linear head >= 10x a PyTorch loop, same draws, weights within 1e-5", 10.0),
-    Target(3, "adapt one task", "adapt_task >= 4x PyTorch eager UpperCaSE, >= 99% same predictions", 4.0),
-    Target(4, "memory", "fsdeploy adapt peak RSS <= 2 GiB at 500 images; time linear in N", 2048.0),
+    Target(3, "adapt one task", "adapt_task >= 4x PyTorch eager UpperCaSE on ORT (issue #8), >= 6x on the fastest "
+                                "engine (issue #21), >= 99% same predictions", 4.0),
+    Target(4, "memory", "fsdeploy adapt peak RSS <= 2 GiB at 500 images on every engine; time linear in N", 2048.0),
     Target(5, "fast head solver", "linear-newton within linear's 95% CI with >= 10x fewer head MACs", 10.0),
     Target(6, "engine peers", "best fsdeploy engine (ORT FP32, OpenVINO default) >= 4x PyTorch eager FP32 and >= the best "
-                              "peer (+ bf16 autocast channels_last), img/s, preprocessing included", 4.0),
+                              "peer (+ bf16 autocast channels_last), img/s, preprocessing included; >= 99% of FP32's "
+                              "decisions on novel glyph episodes", 4.0),
 )}
+FASTEST_ADAPT = 6.0  # issue #21's adapt target for the fastest engine
 AGREEMENT = 0.99
 WEIGHT_ATOL = 1e-5
 LINEAR_R2 = 0.98
@@ -263,10 +266,15 @@ def _run_3(run: _Run) -> TargetResult:
     rows, agreement = pm.adapt_ratio(b, run.support_folder(cfg.support), queries, cfg.workdir, threads=run.threads(b),
                                      repeats=cfg.adapt_repeats, seed=cfg.seed)
     run.report.tables["3: adapt one task (CaSE + linear head), fsdeploy vs PyTorch eager"] = rows
+    run.report.tables["3b: same predictions as the PyTorch eager task, per engine"] = [
+        {"engine": k, "same_predictions": v} for k, v in agreement.items()]
     ratio, one = rows[0]["ratio"], rows[1]["ratio"]
-    ok = ratio >= TARGETS[3].threshold and agreement >= AGREEMENT
-    return _result(3, f"{ratio:.2f}x (one context run: {one:.2f}x); {100 * agreement:.1f}% same predictions",
-                   ratio, _status(ok))
+    engines = rows[:-1]
+    best = max(engines, key=lambda r: r["ratio"])
+    ok = ratio >= TARGETS[3].threshold and best["ratio"] >= FASTEST_ADAPT and min(agreement.values()) >= AGREEMENT
+    same = ", ".join(f"{k} {100 * v:.1f}%" for k, v in agreement.items())
+    return _result(3, f"ORT {ratio:.2f}x (one context run: {one:.2f}x); fastest {best['ratio']:.2f}x ({best['side']}); "
+                      f"same predictions {same}", best["ratio"], _status(ok))
 
 
 def _run_4(run: _Run) -> TargetResult:
@@ -274,12 +282,14 @@ def _run_4(run: _Run) -> TargetResult:
     b = run.bundle(cfg.case_model, "case")
     folders = [run.support_folder(n) for n in cfg.memory_sizes]
     rows, r2 = pm.memory_and_linearity(b, folders, cfg.workdir, threads=run.threads(b)["ort"], repeats=cfg.adapt_repeats)
-    run.report.tables["4: `fsdeploy adapt` (CaSE, batch 32): peak RSS of the command, in-process time vs support size"] = rows
-    peak = max(rows, key=lambda r: r["support"])
+    run.report.tables["4: `fsdeploy adapt` (CaSE, batch 32): peak RSS of the command per engine, in-process time vs support size"] = rows
+    largest = max(r["support"] for r in rows)
+    at_largest = [r for r in rows if r["support"] == largest]
+    peak = max(at_largest, key=lambda r: r["max_rss_mib"])
     ok = peak["max_rss_mib"] <= TARGETS[4].threshold and r2 >= LINEAR_R2
-    status = _status(ok) if peak["support"] >= 500 else f"partial: largest N={peak['support']} ({_status(ok)} there)"
-    return _result(4, f"{peak['max_rss_mib']:.0f} MiB at N={peak['support']}; adapt time vs N: R^2 {r2:.3f}",
-                   peak["max_rss_mib"], status)
+    status = _status(ok) if largest >= 500 else f"partial: largest N={largest} ({_status(ok)} there)"
+    each = ", ".join(f"{r['backend']} {r['max_rss_mib']:.0f}" for r in at_largest)
+    return _result(4, f"peak RSS at N={largest}: {each} MiB; ORT adapt time vs N: R^2 {r2:.3f}", peak["max_rss_mib"], status)
 
 
 def _run_5(run: _Run) -> TargetResult:
@@ -320,13 +330,53 @@ def _run_6(run: _Run) -> TargetResult:
     peak = {k: max(p[k] for p in peaks) for k in peaks[0]}
     run.report.tables["6a: matmul peaks (GMAC/s, 1024^3, fastest seen at start and end)"] = [peak]
     run.report.tables["6: query throughput, fsdeploy engines vs PyTorch peers (decode + preprocess + features)"] = rows
+    agree = _decision_agreement(run)
+    run.report.tables["6b: OpenVINO default (bf16 here) vs ORT FP32, NCC decisions on novel glyph episodes"] = agree
     worst = min(rows, key=lambda r: r["vs_torch_fp32"])
     peer = min(rows, key=lambda r: r["vs_best_peer"])
-    ok = worst["vs_torch_fp32"] >= TARGETS[6].threshold and peer["vs_best_peer"] >= 1.0
+    least = min((r["decision_agreement"] for r in agree), default=1.0)
+    ok = worst["vs_torch_fp32"] >= TARGETS[6].threshold and peer["vs_best_peer"] >= 1.0 and least >= AGREEMENT
     measured = (f"vs torch FP32 min {worst['vs_torch_fp32']:.2f}x ({worst['model']}, batch {worst['batch']}); vs best peer min "
                 f"{peer['vs_best_peer']:.2f}x ({peer['model']}, batch {peer['batch']}); peaks fp32 {peak['fp32_gmacs_s']:.0f}, "
-                f"bf16 {peak['bf16_gmacs_s']:.0f}, int8 {peak['int8_gmacs_s']:.0f} GMAC/s")
+                f"bf16 {peak['bf16_gmacs_s']:.0f}, int8 {peak['int8_gmacs_s']:.0f} GMAC/s; decisions "
+                f"{100 * least:.1f}% as FP32's" if agree else "")
     return _result(6, measured, worst["vs_torch_fp32"], _status(ok))
+
+
+def _decision_agreement(run: _Run) -> list[dict[str, Any]]:
+    """OpenVINO's default precision against ORT FP32 on the trained glyph bundles (random-init stand-ins have
+    near-tied decisions that say nothing about a precision), 5-way 1- and 5-shot NCC episodes on novel classes."""
+    from fsdeploy.deps import available
+    from fsdeploy.pipeline.tune import Candidate, tune_bundle
+    from fsdeploy.weights import DEFAULT_IMG_SIZE, DEFAULT_MODEL
+
+    if not available("openvino"):
+        run.report.notes.append("6b skipped: openvino is not installed (pip install fsdeploy[openvino])")
+        return []
+    cfg = run.cfg
+    corpus = glyph_corpus(cfg.workdir, cfg.data, say=run.say)
+    classes = split_classes(corpus, cfg.split)
+    bundles = {f"{DEFAULT_MODEL} (glyph)": run.bundle(DEFAULT_MODEL, size=DEFAULT_IMG_SIZE),
+               f"CaSE {DEFAULT_MODEL} (glyph)": run.bundle(DEFAULT_MODEL, "case", size=DEFAULT_IMG_SIZE)}
+    rows = []
+    for label, b in bundles.items():
+        for shots in cfg.accuracy_shots:
+            rec = tune_bundle(b, corpus, classes=classes, candidates=[Candidate("openvino", "bf16")], threads=cfg.threads,
+                              shots=shots, queries=cfg.accuracy_queries, episodes=max(50, cfg.episodes // 3),
+                              max_images=1000, timer=_untimed, record=False, seed=cfg.seed + shots)
+            row = next(r for r in rec.rows if r["backend"] == "openvino")
+            if row["status"] != "ok":
+                run.report.notes.append(f"6b {label}: openvino bf16 n/a ({row['reason']})")
+                continue
+            a = row["agreement"]
+            rows.append({"model": label, "shots": shots, "episodes": a["episodes"], "decisions": a["decisions"],
+                         "decision_agreement": a["decision_agreement"], "centred_cosine_mean": a["centred_cosine_mean"],
+                         "centred_cosine_min": a["centred_cosine_min"]})
+    return rows
+
+
+def _untimed(fns: dict[str, Callable[[], Any]], batch: int) -> dict[str, tuple[float, float]]:
+    return {k: (float("nan"), float("nan")) for k in fns}
 
 
 _RUNNERS: dict[int, Callable[[_Run], TargetResult]] = {1: _run_1, 2: _run_2, 3: _run_3, 4: _run_4, 5: _run_5, 6: _run_6}

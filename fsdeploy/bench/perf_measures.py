@@ -258,11 +258,22 @@ ONE_BATCH = "fsdeploy adapt --batch N (one context run)"
 EAGER = "PyTorch eager"
 
 
+def engine_sides() -> dict[str, tuple[str, str]]:
+    """Engines the adapt and memory targets run on here: side label -> (backend, precision)."""
+    from fsdeploy.deps import available
+
+    sides = {"ort": ("ort", "fp32")}
+    if available("openvino"):
+        sides["openvino"] = ("openvino", "default")  # bf16 on AMX / AVX512-BF16 CPUs, else f32
+    return sides
+
+
 def adapt_ratio(
     bundle: Any, support: Path, queries: Path, workdir: Path, *, threads: dict[str, int], repeats: int, seed: int = 0,
-) -> tuple[list[dict[str, Any]], float]:
-    """adapt_task (the CLI's default batch 32, and one batch of every support image) vs the PyTorch eager
-    recipe, interleaved `repeats` times; plus the share of `queries` both tasks label the same."""
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """adapt_task on ORT (the CLI's default batch 32, and one batch of every support image) and on every other
+    engine installed here (batch 32) vs the PyTorch eager recipe, interleaved `repeats` times; plus, per engine,
+    the share of `queries` its task and the eager task label the same."""
     from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
     from fsdeploy.data.folders import list_images, scan_image_folder
     from fsdeploy.exporters.rebuild import torch_graphs
@@ -270,20 +281,30 @@ def adapt_ratio(
 
     files = scan_image_folder(support)
     graphs, transform = torch_graphs(bundle), timm_transform(bundle.manifest.preprocess)
-    options = EngineOptions(threads=threads["ort"])
-    parts: dict[str, list[tuple[float, float, float, float]]] = {DEPLOYED: [], ONE_BATCH: [], EAGER: []}
+    engines = engine_sides()
+    runs = [(DEPLOYED, "ort", 32), (ONE_BATCH, "ort", len(files))]
+    runs += [(f"fsdeploy adapt --backend {name} (batch 32)", name, 32) for name in engines if name != "ort"]
+    parts: dict[str, list[tuple[float, float, float, float]]] = {**{side: [] for side, _, _ in runs}, EAGER: []}
+    tasks: dict[str, Any] = {}
     for _ in range(repeats):
-        for side, batch in ((DEPLOYED, 32), (ONE_BATCH, len(files))):
-            task, t = adapt_task(bundle, support, workdir / "task.npz", head="linear", options=options, batch=batch, seed=seed)
+        for side, name, batch in runs:
+            backend, precision = engines[name]
+            options = EngineOptions(threads=threads["ort"], precision=precision)
+            task, t = adapt_task(bundle, support, workdir / f"task-{name}.npz", head="linear", backend=backend,
+                                 options=options, batch=batch, seed=seed)
+            tasks[name] = (task, backend, options)
             parts[side].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
         with threads_for(threads["torch"]):
             ref = torch_adapt(graphs, list(files.paths), files.labels, transform, workdir / "task.pt", seed=seed, head_threads=1)
         parts[EAGER].append((ref.load_ms, ref.features_ms, ref.fit_ms, ref.write_ms))
     query_paths = list_images([queries])
-    index = {c: i for i, c in enumerate(task.classes)}
-    deployed = np.asarray([index[p.labels[0]] for p in predict_images(bundle, task, query_paths, options=options)])
     with threads_for(threads["torch"]):
-        agreement = float(np.mean(deployed == torch_predict(graphs, ref, query_paths, transform)))
+        eager = torch_predict(graphs, ref, query_paths, transform)
+    agreement: dict[str, float] = {}
+    for name, (task, backend, options) in tasks.items():
+        index = {c: i for i, c in enumerate(task.classes)}
+        got = np.asarray([index[p.labels[0]] for p in predict_images(bundle, task, query_paths, backend=backend, options=options)])
+        agreement[name] = float(np.mean(got == eager))
     rows = []
     for side, values in parts.items():
         arr = np.asarray(values)
@@ -302,36 +323,40 @@ def adapt_ratio(
 def memory_and_linearity(
     bundle: Any, folders: Sequence[Path], workdir: Path, *, threads: int, repeats: int = 1
 ) -> tuple[list[dict[str, Any]], float]:
-    """Per support folder: peak RSS (VmHWM) and wall time of the `fsdeploy adapt` command, and the in-process
-    time of `adapt_task` (median of `repeats`, interleaved over folders; process start-up excluded).
+    """Per support folder and engine installed here: peak RSS (VmHWM) and wall time of the `fsdeploy adapt`
+    command; for ORT also the in-process time of `adapt_task` (median of `repeats`, interleaved over folders;
+    process start-up excluded).
 
-    Returns the rows and the R^2 of a straight line through (support size, in-process adaptation time).
+    Returns the rows and the R^2 of a straight line through (support size, in-process ORT adaptation time).
     """
     from fsdeploy.data.folders import scan_image_folder
     from fsdeploy.runtime import adapt_task
 
     rows = []
-    for folder in folders:
-        n = len(scan_image_folder(folder))
-        argv = [sys.executable, "-m", "fsdeploy.cli", "adapt", str(bundle.path), str(folder),
-                "--out", str(workdir / f"task-{n}.npz"), "--threads", str(threads)]
-        run = run_child(argv)
-        if run.returncode != 0:
-            raise InvalidInput(f"`fsdeploy adapt` failed on {n} images (exit {run.returncode}): {run.output[-400:]}")
-        rows.append({"support": n, "max_rss_mib": run.max_rss_mib, "cli_wall_s": run.wall_s})
+    for name, (backend, precision) in engine_sides().items():
+        for folder in folders:
+            n = len(scan_image_folder(folder))
+            argv = [sys.executable, "-m", "fsdeploy.cli", "adapt", str(bundle.path), str(folder), "--out",
+                    str(workdir / f"task-{name}-{n}.npz"), "--threads", str(threads), "--backend", backend,
+                    "--precision", precision]
+            run = run_child(argv)
+            if run.returncode != 0:
+                raise InvalidInput(f"`fsdeploy adapt --backend {backend}` failed on {n} images (exit {run.returncode}): {run.output[-400:]}")
+            rows.append({"backend": name, "support": n, "max_rss_mib": run.max_rss_mib, "cli_wall_s": run.wall_s})
+    folders_rows = [r for r in rows if r["backend"] == "ort"]
     times: dict[Path, list[float]] = {f: [] for f in folders}
     for _ in range(repeats):
         for folder in folders:
             _, t = adapt_task(bundle, folder, workdir / "task-inproc.npz", options=EngineOptions(threads=threads))
             times[folder].append(t.total_ms)
-    for r, folder in zip(rows, folders):
+    for r, folder in zip(folders_rows, folders):
         r["adapt_ms"] = float(np.median(times[folder]))
         r["ms_per_image"] = r["adapt_ms"] / r["support"]
-    sizes = np.asarray([r["support"] for r in rows], dtype=np.float64)
-    ms = np.asarray([r["adapt_ms"] for r in rows])
+    sizes = np.asarray([r["support"] for r in folders_rows], dtype=np.float64)
+    ms = np.asarray([r["adapt_ms"] for r in folders_rows])
     slope, intercept = np.polyfit(sizes, ms, 1)
     r2 = 1.0 - float(np.sum((ms - (slope * sizes + intercept)) ** 2) / max(np.sum((ms - ms.mean()) ** 2), 1e-12))
-    for r in rows:
+    for r in folders_rows:
         r["line_ms"] = float(slope * r["support"] + intercept)
     return rows, r2
 

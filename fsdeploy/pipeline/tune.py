@@ -192,6 +192,8 @@ def tune_bundle(
     episodes: int = 50,
     max_images: int = 200,
     candidates: Sequence[Candidate] | None = None,
+    classes: Sequence[str] | None = None,
+    seed: int = 0,
     timer: Timer | None = None,
     record: bool = True,
     say: Say | None = None,
@@ -207,6 +209,8 @@ def tune_bundle(
         ways, shots, queries, episodes: the few-shot episodes decision agreement is measured on.
         max_images: at most this many images (a fixed-seed draw) are used.
         candidates: restrict to these (default: every one available here).
+        classes: use only these class sub-folders of `calib_dir` (default: all).
+        seed: seed of the episode draw.
         timer: latency measurement (default `interleaved_timer()`); injectable for tests.
         record: write the record into the bundle manifest (atomically).
 
@@ -223,12 +227,12 @@ def tune_bundle(
         raise InvalidInput(f"--batch must be >= 1, got {batch}")
     if not 0 <= gate.min_agreement <= 1:
         raise InvalidInput(f"--min-agreement is a share between 0 and 1 (e.g. 0.99), got {gate.min_agreement}")
-    files = scan_image_folder(calib_dir)
+    files = scan_image_folder(calib_dir, classes=None if classes is None else list(classes))
     if len(files) > max_images:
         files = files.subset(np.sort(np.random.default_rng(0).choice(len(files), max_images, replace=False)))
     say(f"loading {len(files)} images of {len(files.classes)} classes")
     images = load_checked(files.paths, bundle.manifest.preprocess)
-    eps = draw_episodes(files.labels, ways=ways, shots=shots, queries=queries, episodes=episodes)
+    eps = draw_episodes(files.labels, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed)
     batch_images = images[np.arange(batch) % len(images)]
     listed = available_candidates(bundle, batch)
     if candidates is not None:
