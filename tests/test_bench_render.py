@@ -113,3 +113,34 @@ def test_plot_accuracy_vs_macs_writes_a_png(tmp_path) -> None:
         assert im.format == "PNG" and im.width >= 800 and im.height >= 500
     with pytest.raises(InvalidInput, match="nothing to plot"):
         plot_accuracy_vs_macs([asdict(COSTS[0])], tmp_path / "empty.png")
+
+
+def test_pareto_front_by_brute_force() -> None:
+    """The frontier equals the points no other point dominates, checked pairwise on random clouds."""
+    import numpy as np
+
+    from fsdeploy.bench.plots import pareto_front
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        pts = [(float(c), float(v)) for c, v in rng.integers(0, 6, size=(12, 2))]
+        dominated = {i for i, (c, v) in enumerate(pts) for j, (c2, v2) in enumerate(pts)
+                     if (c2 <= c and v2 > v) or (c2 < c and v2 >= v) or (j < i and (c2, v2) == (c, v))}
+        got = pareto_front(pts)
+        assert set(got) == set(range(len(pts))) - dominated
+        assert [pts[i][0] for i in got] == sorted(pts[i][0] for i in got)
+
+
+def test_adaptation_cost_figure_has_a_panel_per_backbone_and_setting(tmp_path) -> None:
+    from fsdeploy.bench.methods import regime
+    from fsdeploy.bench.plots import plot_adaptation_cost
+
+    assert regime("ncc") == "meta-learner" and regime("case-linear") == "UpperCaSE"
+    assert regime("tsa") == "fine-tuner" and regime("bn-affine") == "fine-tuner"
+    rows = [{"method": m, "backbone": b, "setting": s, "adapt_macs": macs, "accuracy": acc, "ci95": 1.0, "regime": regime(m)}
+            for b in ("resnet18", "efficientnet_b0") for s in ("1-shot", "5-shot")
+            for m, macs, acc in (("ncc", 1e8, 60.0), ("case-linear", 2e8, 63.0), ("tsa", 1e11, 64.0))]
+    small = plot_adaptation_cost(rows[:3], tmp_path / "one.png")
+    big = plot_adaptation_cost(rows, tmp_path / "grid.png", title="t")
+    with Image.open(small) as a, Image.open(big) as b:
+        assert b.width > 1.4 * a.width and b.height > 1.4 * a.height  # 2 x 2 panels vs 1

@@ -33,6 +33,18 @@ def finetune_keys() -> tuple[str, ...]:
 
 
 
+def regime(key: str) -> str:
+    """Where a cost-table method sits in the adaptation-cost comparison: 'fine-tuner' (backbone or adapter
+    weights trained per task or per dataset), 'UpperCaSE' (CaSE blocks + the linear head), else 'meta-learner'
+    (a head on frozen features, meta-learned or not: ProtoNet, SimpleShot, baselines, ...)."""
+    m = BY_KEY.get(key)
+    if key in finetune_keys() or (m is not None and m.kind in ("finetune", "tsa", "toast")):
+        return "fine-tuner"
+    if m is not None and m.kind == "case":
+        return "UpperCaSE" if m.head == "linear" else "meta-learner"
+    return "meta-learner"
+
+
 def parse_keys(text: str | None, adapter: str) -> tuple[str, ...]:
     """Comma-separated head-method keys, or the adapter's defaults when `text` is empty.
 
@@ -114,5 +126,5 @@ def join_accuracy(cost_rows: Iterable[Any], accuracy_rows: Iterable[Mapping[str,
         match = acc.get(d["label"]) or acc.get(d["method"])
         if match is not None:
             out.append({**d, "accuracy": float(match["accuracy"]), "ci95": float(match["ci95"]),
-                        "bundle": match.get("bundle", "")})
+                        "bundle": match.get("bundle", ""), "regime": regime(d["method"])})
     return out

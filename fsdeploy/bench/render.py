@@ -20,7 +20,6 @@ from typing import Any
 from rich.table import Table
 
 from fsdeploy.atomic import atomic_path, write_text
-from fsdeploy.deps import require
 from fsdeploy.errors import InvalidInput
 
 Row = Mapping[str, Any]
@@ -289,79 +288,12 @@ def merge_rows(left: Iterable[Any], right: Iterable[Any], on: Sequence[str] = ("
 # ---- plots
 
 
-def _ci(row: dict[str, Any]) -> float:
-    ci = row.get("ci95")
-    return 0.0 if ci is None or math.isnan(ci) else float(ci)
-
-
-def _label_offsets(pts: list[dict[str, Any]], every: list[dict[str, Any]]) -> list[float]:
-    """Vertical label offsets (points) that move a label to the nearest height where its text box clears the
-    labels placed before it.
-
-    Head methods differ by far less than the backbone's MACs, so their points nearly coincide on a log axis.
-    Positions are estimated in points on the 8 x 5 inch figure (plot area about 560 x 280 points, 7 pt text
-    about 4 points per character), which is all a readable layout needs.
-    """
-    lows = [r["accuracy"] - _ci(r) for r in every]
-    highs = [r["accuracy"] + _ci(r) for r in every]
-    y_per_unit = 280.0 / max(max(highs) - min(lows), 1.0)  # the y axis spans the error bars
-    xs = [math.log10(r["adapt_macs"]) for r in every]
-    x_per_decade = 560.0 / max((max(xs) - min(xs)) * 1.24, 0.5)  # margins(x=0.12) on both sides
-    placed: list[tuple[float, float, float]] = []  # (left, right, y) of each label, in points
-    out = []
-    for r in pts:
-        left = math.log10(r["adapt_macs"]) * x_per_decade + 7.0
-        right = left + 4.0 * len(str(r.get("label", r.get("method", ""))))
-        y = r["accuracy"] * y_per_unit
-        # nearest free slot: 0, -9, +9, -18, +18, ... points
-        dy = next(d for d in (9.0 * (k // 2 + 1) * (-1 if k % 2 == 0 else 1) if k else 0.0 for k in range(200))
-                  if not any(left < pr and pl < right and abs(y + d - py) < 9.0 for pl, pr, py in placed))
-        placed.append((left, right, y + dy))
-        out.append(dy)
-    return out
-
-
 def plot_accuracy_vs_macs(rows: Iterable[Any], path: str | Path, *, title: str = "") -> Path:
-    """PNG of accuracy (y, %) vs MACs to adapt one task (x, log scale), one point per row with 95% CI bars.
-
-    Rows need `adapt_macs` (> 0), `accuracy` and `ci95` (percent); `label` or `method` names the point,
-    and rows of different `setting`s get their own marker and legend entry.
+    """PNG of accuracy vs MACs to adapt one task: `fsdeploy.bench.plots.plot_adaptation_cost` on these rows.
 
     Raises:
         InvalidInput: no row has positive MACs and an accuracy.
     """
-    require("matplotlib")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from fsdeploy.bench.plots import plot_adaptation_cost
 
-    dicts = [r for r in map(_as_dict, rows) if (r.get("adapt_macs") or 0) > 0 and r.get("accuracy") is not None]
-    if not dicts:
-        raise InvalidInput("nothing to plot: rows need adapt_macs > 0 and accuracy (merge cost and accuracy rows)")
-    fig = Figure(figsize=(8, 5), dpi=150)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    settings = list(dict.fromkeys(str(r.get("setting", "")) for r in dicts))
-    markers = "osD^vP*X"
-    for i, setting in enumerate(settings):
-        pts = [r for r in dicts if str(r.get("setting", "")) == setting]
-        ci = [_ci(r) for r in pts]
-        ax.errorbar([r["adapt_macs"] for r in pts], [r["accuracy"] for r in pts], yerr=ci, fmt=markers[i % len(markers)],
-                    capsize=3, markersize=6, label=setting or None)
-        for r, dy in zip(pts, _label_offsets(pts, dicts)):
-            ax.annotate(str(r.get("label", r.get("method", ""))), (r["adapt_macs"], r["accuracy"]),
-                        textcoords="offset points", xytext=(7, dy), va="center", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("MACs to adapt one task (log scale)")
-    ax.set_ylabel("accuracy (%), mean ± 95% CI")
-    ax.grid(True, which="major", alpha=0.35)
-    ax.grid(True, which="minor", axis="x", alpha=0.1)
-    ax.margins(x=0.12, y=0.08)  # room for the point labels, which sit right of their points
-    if title:
-        ax.set_title(title)
-    if any(settings):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return plot_adaptation_cost(map(_as_dict, rows), path, title=title)
