@@ -1,51 +1,75 @@
-"""The README's adaptation-cost section: MACs to adapt one task per method, and accuracy vs MACs.
+"""The adaptation-cost comparison (issue #17): per method and backbone, accuracy against MACs to adapt one task.
 
-Reproduces the comparison of UpperCaSE (Patacchiola et al., NeurIPS 2022, Fig. 1) for a ResNet-18 and an
-EfficientNet-B0: every method's MACs to adapt one task, counted on the models (`fsdeploy bench macs`), and
-the accuracy of the methods fsdeploy runs through its deployed path (`fsdeploy bench accuracy`) on novel
-glyph classes, plotted against those MACs.
+Reproduces the comparison of UpperCaSE (Patacchiola et al., NeurIPS 2022, Fig. 1): fine-tuners vs meta-learners
+(heads on frozen features) vs UpperCaSE (CaSE + the linear head), measured through fsdeploy's deployed path.
 
-Weights: efficientnet_b0 uses the shipped glyph-pretrained checkpoint when it is installed (its CaSE bundle the
-shipped meta-trained CaSE blocks, identity blocks without them); resnet18 has
-no pretrained weights here, so it is a random init with unit-scale BatchNorm statistics (its accuracy is a
-floor, its MACs are exact). TSA (ResNet only) and BN-affine are evaluated on the same episodes with a PyTorch
-fit per episode (`--finetune-episodes`, fewer than the head methods: each episode trains 40 steps); full,
-partial and MAML-style fine-tuning are costed, not evaluated.
+- MACs to adapt one task are counted on the real modules (`fsdeploy bench macs`), per task shape.
+- Accuracy: one episode loop (`fsdeploy.bench.accuracy.evaluate`) on novel glyph classes. Every row of one
+  backbone and shot count sees the same seeded episodes, so differences between rows are paired. Fine-tuners
+  are fitted per episode in PyTorch, folded into a re-exported task graph and run on the engine. They run on
+  the first `--finetune-episodes` episodes of the same draw (each costs a training run).
+- Wall time to adapt one task on this CPU (`fsdeploy.bench.measure.adaptation_times`, one 5-way task of the
+  largest shot count, median of `--time-repeats`) and parameters stored per task come with every row.
+
+Weights: each backbone uses `--checkpoint MODEL=PATH` when given, else the shipped glyph checkpoint for it (its
+CaSE bundle the shipped meta-trained CaSE blocks, identity blocks without them), else a random init with
+unit-scale BatchNorm statistics (its accuracy is then a floor; its MACs are exact).
 
 Usage:
     fsdeploy data glyphs --out data/glyphs
-    python benchmarks/adaptation_cost.py --data data/glyphs [--episodes 600] [--shots 1,5] [--cost-size 224]
+    python benchmarks/adaptation_cost.py --data data/glyphs --episodes 600 --finetune-episodes 600
 
-Writes benchmarks/results/costs_<model>_<size>px.csv, accuracy_<model>.json and
-accuracy_vs_macs_<model>.png (plus the printed tables).
+Writes into --out (benchmarks/results): costs_<model>_<size>px.csv, accuracy_<model>.json,
+adaptation_cost.csv (the README table: one row per backbone, shot count and method) and
+accuracy_vs_macs.png (a panel per backbone and shot count).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from fsdeploy.adapters import ADAPTERS, finetuner_methods
 from fsdeploy.bench.accuracy import evaluate
-from fsdeploy.bench.cost_inputs import (
-    CostTable,
-    bundle_costs,
-    count_bundle,
-    count_model,
-    transform_macs,
-    transform_params,
-)
-from fsdeploy.bench.costs import TASK_PRESETS, TaskShape, adaptation_costs
-from fsdeploy.bench.finetune_accuracy import finetune_accuracy
-from fsdeploy.bench.methods import accuracy_methods, default_heads, join_accuracy, method_label
+from fsdeploy.bench.cost_inputs import CostTable, bundle_costs, count_bundle
+from fsdeploy.bench.costs import TaskShape
+from fsdeploy.bench.measure import adaptation_times
+from fsdeploy.bench.methods import BY_KEY, HEAD_KEYS, accuracy_methods, adaptation_specs, join_accuracy
 from fsdeploy.bench.perf_measures import threads_for as torch_threads
-from fsdeploy.bench.render import accuracy_table, cost_table, plot_accuracy_vs_macs, write_rows
-from fsdeploy.bench.workspace import pick_weights, prepare_bundle, split_classes
+from fsdeploy.bench.plots import plot_adaptation_cost
+from fsdeploy.bench.render import accuracy_table, rows_table, write_rows
+from fsdeploy.bench.workspace import Weights, pick_weights, prepare_bundle, split_classes
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.engines import EngineOptions
 from fsdeploy.weights import DEFAULT_IMG_SIZE
 
 RESULTS = Path(__file__).parent / "results"
+CASE_HEADS = ("linear",)  # CaSE + linear is UpperCaSE; other heads on CaSE features are not in the seeds' figure
+
+
+def plain_heads() -> list[str]:
+    """Every head method of the cost table that runs on frozen plain features."""
+    return [k for k in HEAD_KEYS if BY_KEY[k].kind == "head"]
+
+
+def tuners_for(family: str) -> list[str]:
+    """Cost-table keys of the per-task fine-tuners defined for this backbone family."""
+    return [key for key, (kind, _) in finetuner_methods().items()
+            if not ADAPTERS.get(kind).families or family in ADAPTERS.get(kind).families]
+
+
+def task_folder(data: Any, ways: int, shots: int, root: Path) -> Path:
+    """An ImageFolder of links to `shots` images of the first `ways` classes: the task wall time is taken on."""
+    for c in range(ways):
+        d = root / data.classes[c]
+        d.mkdir(parents=True, exist_ok=True)
+        for p in [p for p, y in zip(data.paths, data.labels) if y == c][:shots]:
+            (d / p.name).symlink_to(p.resolve())
+    return root
 
 
 def main() -> None:
@@ -53,68 +77,88 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="glyph corpus from `fsdeploy data glyphs`")
     parser.add_argument("--split", default="novel")
     parser.add_argument("--models", default="resnet18,efficientnet_b0")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
+                        help="weights for one backbone (repeatable); CaSE bundles of it use identity blocks")
     parser.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="bundle input size (accuracy and its MACs)")
-    parser.add_argument("--cost-size", type=int, default=224, help="also count every method at this input size (0: skip)")
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", default="1,5")
     parser.add_argument("--queries", type=int, default=5, help="per class (every glyph class has >= 10 instances)")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--finetune-episodes", type=int, default=100,
-                        help="episodes for TSA / BN-affine accuracy (PyTorch fit per episode; 0 skips)")
+                        help="episodes (the first of the same draw) for the per-task fine-tuners; 0 skips them")
+    parser.add_argument("--methods", default="", help="comma-separated cost-table keys (default: every method)")
+    parser.add_argument("--time-repeats", type=int, default=3, help="repeats of the wall-time measurement (0 skips)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="bundles are exported here once")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    console = Console(width=200)
+    console = Console(width=int(os.environ.get("COLUMNS", 120)))
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     shots = tuple(int(s) for s in args.shots.split(","))
+    wanted = {k.strip() for k in args.methods.split(",") if k.strip()}
+    given = dict(c.split("=", 1) for c in args.checkpoint)
     data = scan_image_folder(args.data, classes=split_classes(args.data, args.split))
     options = EngineOptions(threads=args.threads)
+    summary: list[dict[str, Any]] = []
 
     for model in args.models.split(","):
-        weights = pick_weights(model, args.workdir, args.img_size)
-        case_weights = pick_weights(model, args.workdir, args.img_size, adapter="case")
-        console.print(f"[bold]{model}[/bold] at {args.img_size} px: {weights.description}; CaSE bundle: "
-                      f"{case_weights.description}")
+        if model in given:
+            weights = case_weights = Weights(Path(given[model]), Path(given[model]).name)
+        else:
+            weights = pick_weights(model, args.workdir, args.img_size)
+            case_weights = pick_weights(model, args.workdir, args.img_size, adapter="case")
+        console.print(f"[bold]{model}[/bold] at {args.img_size} px: {weights.description}; CaSE: {case_weights.description}")
         plain = prepare_bundle(args.workdir, model, img_size=args.img_size, weights=weights, say=console.print,
                                base_data=args.data)  # SimpleShot centres on the base split's mean feature
         case = prepare_bundle(args.workdir, model, adapter="case", img_size=args.img_size, weights=case_weights,
                               say=console.print)
+        heads = [k for k in plain_heads() if not wanted or k in wanted]
+        tuners = [k for k in tuners_for(plain.manifest.family) if not wanted or k in wanted] if args.finetune_episodes else []
+        with_case = not wanted or "case-linear" in wanted
         counts = count_bundle(case)  # the CaSE bundle's backbone is the plain one: every row from one count
         tasks = [TaskShape.from_shots(args.ways, k) for k in shots]
         tables: list[CostTable] = [bundle_costs(case, t, counts=counts) for t in tasks]
-        rows = [r for t in tables for r in t.rows]
-        console.print(cost_table(rows, title=f"MACs to adapt one task, {model} at {args.img_size} px"))
-        write_rows(args.out / f"costs_{model}_{args.img_size}px.csv", rows)
+        write_rows(args.out / f"costs_{model}_{args.img_size}px.csv", [r for t in tables for r in t.rows])
 
         acc = []
         for k in shots:
-            common = dict(ways=args.ways, shots=k, queries=args.queries, episodes=args.episodes, seed=k, options=options)
-            acc += evaluate(plain, data, accuracy_methods(default_heads("none"), "none"), label=model, **common)
-            acc += evaluate(case, data, accuracy_methods(default_heads("case"), "case"), label=f"{model}+CaSE", **common)
-            if args.finetune_episodes:
-                methods = ["bn-affine", "bn-affine-olor"] + (["tsa", "tsa-seen"] if plain.manifest.family == "resnet" else [])
+            common = dict(ways=args.ways, shots=k, queries=args.queries, seed=k, options=options, label=model)
+            acc += evaluate(plain, data, accuracy_methods(heads, "none"), episodes=args.episodes, **common)
+            if with_case:
+                acc += evaluate(case, data, accuracy_methods(CASE_HEADS, "case"), episodes=args.episodes, **common)
+            if tuners:
                 with torch_threads(args.threads or 1):  # see fsdeploy.bench.perf_measures on threads
-                    acc += [finetune_accuracy(plain, data, m, label=model, name=method_label(m, "none"), ways=args.ways,
-                                              shots=k, queries=args.queries, episodes=args.finetune_episodes, seed=k)
-                            for m in methods]
+                    acc += evaluate(plain, data, accuracy_methods(tuners, "none"), episodes=args.finetune_episodes, **common)
         acc_rows = [r.to_dict() for r in acc]
         console.print(accuracy_table(acc_rows, title=f"{model}: {args.ways}-way accuracy on {len(data.classes)} "
-                                                      f"{args.split} classes ({args.episodes} episodes)"))
+                                                      f"{args.split} classes"))
         write_rows(args.out / f"accuracy_{model}.json", acc_rows)
-        merged = [r for t, tab in zip(tasks, tables) for r in join_accuracy(tab.rows, acc_rows, t)]
-        png = plot_accuracy_vs_macs(merged, args.out / f"accuracy_vs_macs_{model}.png",
-                                    title=f"{model}, {args.img_size} px, {args.ways}-way: accuracy vs MACs to adapt one task")
-        console.print(f"wrote {png}")
 
-        if args.cost_size:
-            big = count_model(model, "case", img_size=args.cost_size, checkpoint=weights.path)
-            presets = [TaskShape.from_shots(args.ways, k) for k in shots] + [TASK_PRESETS["md-max"]]
-            big_rows = [r for t in presets for r in adaptation_costs(big, t, transform_macs=transform_macs,
-                                                                      transform_params=transform_params)]
-            console.print(cost_table(big_rows, title=f"MACs to adapt one task, {model} at {args.cost_size} px"))
-            write_rows(args.out / f"costs_{model}_{args.cost_size}px.csv", big_rows)
+        times: dict[str, float] = {}
+        if args.time_repeats:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = task_folder(data, args.ways, max(shots), Path(tmp))
+                for bundle, keys in ((plain, heads + tuners), (case, ["linear"] if with_case else [])):
+                    for row in adaptation_times(bundle, folder, adaptation_specs(keys), options=options,
+                                                repeats=args.time_repeats):
+                        key = row.method if bundle is plain else "case-linear"
+                        times[key] = row.total_ms
+        for t, tab in zip(tasks, tables):
+            for r in join_accuracy(tab.rows, acc_rows, t):
+                summary.append({"backbone": model, "setting": r["setting"], "method": r["method"], "label": r["label"],
+                                "regime": r["regime"], "accuracy": r["accuracy"], "ci95": r["ci95"],
+                                "adapt_macs": r["adapt_macs"], "adapt_ms": times.get(r["method"], float("nan")),
+                                "params_per_task": r["params_adapted"], "episodes": next(
+                                    a["episodes"] for a in acc_rows if a["method"] == r["label"] and a["shots"] == t.n_support // t.ways)})
+        console.print(rows_table([r for r in summary if r["backbone"] == model],
+                                 title=f"{model}: accuracy, MACs and time to adapt one task"))
+
+    write_rows(args.out / "adaptation_cost.csv", summary)
+    png = plot_adaptation_cost(summary, args.out / "accuracy_vs_macs.png",
+                               title=f"{args.ways}-way accuracy on novel glyph classes vs MACs to adapt one task "
+                                     f"({args.img_size} px)")
+    console.print(f"wrote {args.out / 'adaptation_cost.csv'} and {png}")
 
 
 if __name__ == "__main__":
