@@ -117,7 +117,7 @@ def test_finetune_accuracy_draws_the_episodes_evaluate_draws(work, bundle) -> No
     (ref,) = evaluate(bundle, data, [Method("cos", "ncc", opts={"distance": "cosine", "scale": 10.0})], ways=3, shots=2,
                       queries=3, episodes=4, seed=9)
     assert row.accuracy == pytest.approx(ref.accuracy) and row.ci95 == pytest.approx(ref.ci95)
-    assert row.method == "bn-affine" and row.episodes == 4
+    assert row.method == "bn-affine" and row.episodes == 4 and row.bundle == "r18"
 
 
 def test_latency_compare_and_adaptation_parts(work, bundle) -> None:

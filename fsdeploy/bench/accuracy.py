@@ -142,17 +142,17 @@ def evaluate(
                     fit_ms[m.label].append((e - s) * 1e3)
                     head_ms[m.label].append((f - e) * 1e3 / len(qry))
                     acc[m.label].append(float(np.mean(pred == ep.query_labels)) * 100.0)
-            for label, tuner in tuners.items():
+            for name, tuner in tuners.items():
                 adapted = tuner.adapt(sup, ep.support_labels, names, seed=head_rng_seed,
                                       paths=[data.paths[i] for i in ep.support])
                 s = time.perf_counter()
                 probs = tuner.predict_proba(adapted.task, qry)
                 e = time.perf_counter()
-                feat_ms[label].append(adapted.features_ms)
-                fit_ms[label].append(adapted.fit_ms)
-                query_ms[label].append((e - s) * 1e3 / len(qry))
-                head_ms[label].append(0.0)
-                acc[label].append(float(np.mean(np.argmax(probs, axis=1) == ep.query_labels)) * 100.0)
+                feat_ms[name].append(adapted.features_ms)
+                fit_ms[name].append(adapted.fit_ms)
+                query_ms[name].append((e - s) * 1e3 / len(qry))
+                head_ms[name].append(0.0)
+                acc[name].append(float(np.mean(np.argmax(probs, axis=1) == ep.query_labels)) * 100.0)
             if progress:
                 progress(1)
     finally:
