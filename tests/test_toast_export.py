@@ -16,7 +16,7 @@ def test_toast_checkpoint_exports_and_matches_pytorch(tmp_path) -> None:
     backbone = make_checkpoint(name, tmp_path / "vit.safetensors", img_size=32)
     data = glyph_folder(tmp_path / "data", classes="ABC", per_class=3, size=32)
     ckpt = tmp_path / "toast.safetensors"
-    tune_toast(name, data, checkpoint=backbone, img_size=32, epochs=1, batch_size=9, max_steps=2, lite_rank=2, out=ckpt)
+    tune_toast(name, data, checkpoint=backbone, img_size=32, epochs=1, warmup_epochs=0, batch_size=9, max_steps=2, lite_rank=2, out=ckpt)
     bundle, report = export_bundle(
         name, tmp_path / "b", adapter="toast", checkpoint=ckpt, options={"backbone_checkpoint": str(backbone)}
     )

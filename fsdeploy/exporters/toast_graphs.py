@@ -5,6 +5,7 @@ TOAST: Shi, Darrell, Wang, "TOAST: Transfer Learning via Attention Steering". Th
 """
 from __future__ import annotations
 
+import torch
 
 from fsdeploy.backbones import BuildRequest, Preprocess, create_backbone, read_checkpoint
 from fsdeploy.exporters.graphs import AdaptedModel, GraphExport, images_only
@@ -18,7 +19,7 @@ TOAST_SPEC = ExportSpec(atol=1e-4)
 
 def build_toast(request: BuildRequest) -> AdaptedModel:
     """Two-pass TOAST network from a toast-tune checkpoint (LoRA merged); from a plain backbone checkpoint
-    (or none), the untuned TOAST network whose zero-init feedback makes it equal the plain ViT."""
+    (or none), the untuned TOAST network at the released init (trunc-normal decoders, seed 0)."""
     if request.checkpoint is not None and read_checkpoint(request.checkpoint)[1].get("adapter") == "toast":
         module = load_toast(
             request.model, request.checkpoint, backbone_checkpoint=request.options.get("backbone_checkpoint"),
@@ -32,7 +33,7 @@ def build_toast(request: BuildRequest) -> AdaptedModel:
         backbone, pre = create_backbone(
             request.model, checkpoint=request.checkpoint, pretrained=request.pretrained, img_size=request.img_size
         )
-        module = TopDownViT(backbone)
+        module = TopDownViT(backbone, generator=torch.Generator().manual_seed(0))
         size = pre.input_size[-1]
     module.eval()
     extra = {"inference_macs": int(toast_macs(module, size)), "plain_vit_macs": int(vit_macs(module.backbone, size))}

@@ -2,22 +2,30 @@
 
 Shi, Gai, Darrell, Wang, "TOAST: Transfer Learning via Attention Steering" (arXiv 2305.15542, also titled
 "Refocusing Is Key to Transfer Learning"); top-down attention from Shi, Darrell, Wang, "Top-Down Visual
-Attention from Analysis by Synthesis" (CVPR 2023, AbSViT).
+Attention from Analysis by Synthesis" (CVPR 2023, AbSViT). Released code: bfshi/TOAST
+`visual_classification/src/models/vit/vit_top_down.py` and `vit_models.py`; bfshi/AbSViT `models/absvit.py`.
 
 The network runs the frozen ViT twice. Pass one gives output tokens (after the final norm). Each token is
-weighted by cos(token, task vector xi) clamped to [0, 1], and a D x D `selector` picks channels. A feedback
-path of one linear layer per block, applied from the top block down, turns that into a signal per block;
-a per-block `to_value` map turns each signal into an additive term for that block's attention *values* in
-pass two (queries and keys unchanged). Pass two's pooled output is the feature.
+weighted by cos(token, task vector) clamped to [0, 1], and a D x D `selector` (the released
+`top_down_transform`, identity at init) picks channels. A decoder per block, applied from the top block down,
+turns that into a signal per block: `feedback[l]` (the decoder's `linear`) carries the signal down and
+`to_value[l]` (its `linear2`) gives block l's top-down input td_l. In pass two, block l's attention values get
+`qkv(td_l)[2]` added, i.e. the backbone's own frozen value projection *with its bias* (queries and keys
+unchanged). Pass two's pooled output is the feature.
 
-Choices that differ from the released code, and why:
-- The value term is added to v after the value projection by a learned `to_value` (D -> attn_dim) map.
-  The paper computes `W_v(linear2(s)) + b_v`; learning the product directly spans the same functions,
-  drops the bias so a zero `to_value` is exactly the plain ViT, and saves one D x D matmul per block.
-- Without a pre-tuned top-down path, the feedback linears start as identity (the released decoders start
-  from trunc-normal(0.02) and are pre-tuned on ImageNet); identity keeps the signal's scale down 12 blocks.
-- The patch embedding is computed once and shared by both passes (its input is the same image).
-- Attention is written out (no fused SDPA) so both passes export to ONNX as plain MatMul/Softmax.
+Released recipe (the default): decoders and task vector start from trunc-normal(0.02) / randn (pre-tuned
+on a generic dataset first: `fsdeploy.train.toast.pretune_toast`); the selector is frozen in full TOAST and
+trained in TOAST-Lite; the variational loss is 0.1 x the sum over blocks; stochastic depth (drop path) in the
+frozen blocks while training.
+
+Named deviations (options, off by default):
+- `value_path="learned"`: a learned D -> attn_dim map, without bias, adds straight to v (fsdeploy's format-1
+  checkpoints). With `decoder_init="identity"` (feedback identity, value map zero) the untuned network is
+  exactly the plain ViT, which is useful without a pre-tuned top-down path; the released path adds at least
+  the value bias even when the decoders are zero.
+- `train_selector=True/False` overrides the released choice (frozen in TOAST, trained in TOAST-Lite).
+Also: the patch embedding is computed once and shared by both passes (same image, same result), and
+attention is written out (no fused SDPA) so both passes export to ONNX as plain MatMul/Softmax.
 """
 from __future__ import annotations
 
@@ -71,10 +79,36 @@ def attend_with_value_term(attn: nn.Module, x: torch.Tensor, value_term: torch.T
     return attn.proj(out)
 
 
-def _run_block(blk: nn.Module, x: torch.Tensor, value_term: torch.Tensor | None) -> torch.Tensor:
-    """timm `Block.forward` (pre-norm) with the attention replaced by `attend_with_value_term`."""
-    x = x + blk.drop_path1(blk.ls1(attend_with_value_term(blk.attn, blk.norm1(x), value_term)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+VALUE_PATHS = ("released", "learned")
+DECODER_INITS = ("trunc_normal", "identity")
+
+
+def value_projection(attn: nn.Module, td: torch.Tensor) -> torch.Tensor:
+    """`qkv(td)[2]` of the released code: the frozen value rows of `attn.qkv`, bias included: `(B, N, D) -> (B, N, attn_dim)`."""
+    attn_dim = attn.num_heads * attn.head_dim
+    weight = attn.qkv.weight[2 * attn_dim : 3 * attn_dim]
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * attn_dim : 3 * attn_dim]
+    return F.linear(td, weight, bias)
+
+
+def _drop_path(x: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Stochastic depth as timm's `DropPath` (per sample, kept paths scaled by 1/keep), drawn from `generator`."""
+    if rate <= 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep, generator=generator)
+    return x * (mask / keep).to(device=x.device, dtype=x.dtype)
+
+
+def _run_block(
+    blk: nn.Module, x: torch.Tensor, value_term: torch.Tensor | None, drop: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """timm `Block.forward` (pre-norm) with the attention replaced by `attend_with_value_term`.
+
+    `drop` > 0 applies stochastic depth to both residual branches (training only; the caller decides).
+    """
+    x = x + _drop_path(blk.drop_path1(blk.ls1(attend_with_value_term(blk.attn, blk.norm1(x), value_term))), drop, generator)
+    return x + _drop_path(blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), drop, generator)
 
 
 class TopDownViT(nn.Module):
@@ -82,34 +116,91 @@ class TopDownViT(nn.Module):
 
     Args:
         backbone: a timm VisionTransformer (frozen here; its weights never change).
-        lite_rank: 0 for full TOAST; r > 0 for TOAST-Lite, where every feedback and value map is a frozen
-            base plus a trainable rank-r update (task vector and selector stay fully trainable).
-        generator: source of the random initial task vector and LoRA factors.
+        lite_rank: 0 for full TOAST; r > 0 for TOAST-Lite, where every decoder linear is a frozen base plus a
+            trainable rank-r LoRA update (released: r=4).
+        lora_alpha: TOAST-Lite's update is scaled by lora_alpha / r (loralib's default 1, as released).
+        value_path: "released" adds `qkv(td)[2]` (frozen value projection with bias) to the values;
+            "learned" adds a learned bias-free D -> attn_dim map of the signal (fsdeploy format 1).
+        decoder_init: "trunc_normal" (std 0.02, released; pre-tune before downstream tuning) or "identity"
+            (feedback identity, value map zero: the untuned network is the plain ViT with value_path="learned").
+        train_selector: None = released (frozen in full TOAST, trained in TOAST-Lite); True/False forces it.
+        drop_path: stochastic-depth rate of the last block while training, linear from 0 over the blocks
+            (released: 0.1); 0 = off. Eval mode never drops.
+        generator: source of the initial task vector, decoders and LoRA factors, and of drop-path draws.
 
     Raises:
-        InvalidInput: the backbone is not a supported timm ViT.
+        InvalidInput: the backbone is not a supported timm ViT, or an unknown option.
     """
 
-    def __init__(self, backbone: nn.Module, *, lite_rank: int = 0, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        lite_rank: int = 0,
+        lora_alpha: float = 1.0,
+        value_path: str = "released",
+        decoder_init: str = "trunc_normal",
+        train_selector: bool | None = None,
+        drop_path: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         _check_vit(backbone)
+        if value_path not in VALUE_PATHS:
+            raise InvalidInput(f"unknown TOAST value_path {value_path!r}; pick one of {', '.join(VALUE_PATHS)}")
+        if decoder_init not in DECODER_INITS:
+            raise InvalidInput(f"unknown TOAST decoder_init {decoder_init!r}; pick one of {', '.join(DECODER_INITS)}")
+        if not 0.0 <= drop_path < 1.0:
+            raise InvalidInput(f"TOAST drop_path must be in [0, 1), got {drop_path}; the released rate is 0.1")
         self.backbone = backbone
         for p in backbone.parameters():
             p.requires_grad_(False)
         dim = backbone.embed_dim
         depth = len(backbone.blocks)
         attn_dim = backbone.blocks[0].attn.num_heads * backbone.blocks[0].attn.head_dim
-        self.lite_rank = int(lite_rank)
+        self.value_path = value_path
+        self.decoder_init = decoder_init
+        self.drop_path = float(drop_path)
+        self.drop_rates = [float(r) for r in torch.linspace(0.0, self.drop_path, depth)]  # timm's stochastic depth decay rule
+        self._generator = generator
+        self.lite_rank = 0
+        self.lora_alpha = float(lora_alpha)
         self.task_vector = nn.Parameter(torch.randn(dim, generator=generator))
         self.selector = _identity_linear(dim)
-        feedback = [_identity_linear(dim) for _ in range(depth)]
-        to_value = [_zero_linear(dim, attn_dim) for _ in range(depth)]
-        if self.lite_rank:
-            feedback = [LoRALinear(m, self.lite_rank, generator=generator) for m in feedback]
-            to_value = [LoRALinear(m, self.lite_rank, generator=generator) for m in to_value]
-        self.feedback = nn.ModuleList(feedback)  # feedback[l]: signal above block l -> signal at block l
-        self.to_value = nn.ModuleList(to_value)  # to_value[l]: signal at block l -> value term of block l
+        out_dim = dim if value_path == "released" else attn_dim
+        if decoder_init == "trunc_normal":
+            feedback = [_trunc_normal_linear(dim, dim, generator) for _ in range(depth)]
+            to_value = [_trunc_normal_linear(dim, out_dim, generator) for _ in range(depth)]
+        else:
+            feedback = [_identity_linear(dim) for _ in range(depth)]
+            to_value = [_zero_linear(dim, out_dim) for _ in range(depth)]
+        self.feedback = nn.ModuleList(feedback)  # feedback[l]: signal above block l -> signal at block l (decoder.linear)
+        self.to_value = nn.ModuleList(to_value)  # to_value[l]: signal at block l -> top-down input of block l (decoder.linear2)
+        self.train_selector = train_selector
+        if lite_rank:
+            self.add_lora(lite_rank, alpha=lora_alpha, generator=generator)
+        else:
+            self._set_selector_grad()
         self.backbone.eval()
+
+    def _set_selector_grad(self) -> None:
+        trained = self.lite_rank > 0 if self.train_selector is None else bool(self.train_selector)
+        self.selector.weight.requires_grad_(trained)
+
+    def add_lora(self, rank: int, *, alpha: float = 1.0, generator: torch.Generator | None = None) -> TopDownViT:
+        """TOAST-Lite: wrap every decoder linear (its current weights become the frozen base) in a rank-r LoRA.
+
+        As the released `toast-lite` mode: only the LoRA factors, the task vector and the selector learn.
+        """
+        if self.lite_rank:
+            raise InvalidInput("this TOAST module already has LoRA; merge_lora() first")
+        for path in (self.feedback, self.to_value):
+            for index, module in enumerate(path):
+                path[index] = LoRALinear(module, rank, alpha=alpha, generator=generator)
+        self.lite_rank = int(rank)
+        self.lora_alpha = float(alpha)
+        self._set_selector_grad()
+        return self
 
     def train(self, mode: bool = True) -> TopDownViT:
         """Switch the top-down path's mode; the backbone always stays in eval (frozen)."""
@@ -128,25 +219,34 @@ class TopDownViT(nn.Module):
         """All blocks then the final norm; `value_terms[l]` is added to block l's values.
 
         `streams`, when given, collects each block's (input, output) tokens for the reconstruction loss.
+        In training mode, blocks drop paths at `drop_rates` (both passes, as the released code).
         """
         x = tokens
         for index, blk in enumerate(self.backbone.blocks):
             before = x
-            x = _run_block(blk, x, None if value_terms is None else value_terms[index])
+            drop = self.drop_rates[index] if self.training else 0.0
+            x = _run_block(blk, x, None if value_terms is None else value_terms[index], drop, self._generator)
             if streams is not None:
                 streams.append((before, x))
         return self.backbone.norm(x)
 
-    def top_down(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Feature selection then the feedback path: output tokens `(B, N, D)` -> value term per block."""
+    def top_down_inputs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Feature selection then the decoders: output tokens `(B, N, D)` -> top-down input td_l per block."""
         direction = F.normalize(self.task_vector, dim=0).unsqueeze(1)  # (D, 1)
         relevance = (F.normalize(tokens, dim=-1) @ direction).clamp(0.0, 1.0)  # (B, N, 1)
         signal = self.selector(tokens * relevance)
-        terms: list[torch.Tensor] = [signal] * len(self.feedback)
+        inputs: list[torch.Tensor] = [signal] * len(self.feedback)
         for index in range(len(self.feedback) - 1, -1, -1):
             signal = self.feedback[index](signal)
-            terms[index] = self.to_value[index](signal)
-        return terms
+            inputs[index] = self.to_value[index](signal)
+        return inputs
+
+    def top_down(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Output tokens `(B, N, D)` -> the term added to each block's attention values `(B, N, attn_dim)`."""
+        inputs = self.top_down_inputs(tokens)
+        if self.value_path == "learned":
+            return inputs
+        return [value_projection(blk.attn, td) for blk, td in zip(self.backbone.blocks, inputs)]
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """timm's pooling for this model (cls token or average, then fc_norm): `(B, N, D) -> (B, D)`."""
@@ -156,30 +256,36 @@ class TopDownViT(nn.Module):
         return self.forward_with_streams(images)[0]
 
     def forward_with_streams(
-        self, images: torch.Tensor, *, keep_streams: bool = False
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Both passes; returns features `(B, D)` and, if asked, pass two's per-block (input, output) tokens."""
+        self, images: torch.Tensor, *, keep_streams: bool = False, with_first: bool = False
+    ) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Both passes; returns features `(B, D)` and, if asked, pass two's per-block (input, output) tokens.
+
+        `with_first=True` returns `(first-pass features, second-pass features)` in place of the features
+        (pre-tuning puts the head on both passes, as AbSViT).
+        """
         embedded = self.embed(images)
         first = self.run_blocks(embedded)
         streams: list[tuple[torch.Tensor, torch.Tensor]] = []
         second = self.run_blocks(embedded, self.top_down(first), streams=streams if keep_streams else None)
+        if with_first:
+            return (self.pool(first), self.pool(second)), streams
         return self.pool(second), streams
 
     def reconstruction_loss(self, streams: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """The paper's variational regulariser: feedback[l] should map block l's output back to its input.
+        """The variational regulariser, unweighted: `feedback[l]` should map block l's output back to its input.
 
-        Mean over blocks of the MSE between `feedback[l](output_l)` and `input_l`, both detached from the
-        backbone (only the feedback path learns from it).
+        Sum over blocks (as the released `var_loss`, which then multiplies by 0.1) of the MSE between
+        `feedback[l](output_l)` and `input_l`, both detached (only the feedback path learns from it).
         """
         losses = [F.mse_loss(self.feedback[i](out.detach()), inp.detach()) for i, (inp, out) in enumerate(streams)]
-        return torch.stack(losses).mean()
+        return torch.stack(losses).sum()
 
     def toast_parameters(self) -> Iterator[nn.Parameter]:
         """The trainable top-down parameters (never the backbone's)."""
         return (p for p in self.parameters() if p.requires_grad)
 
     def toast_state_dict(self) -> dict[str, torch.Tensor]:
-        """Top-down tensors only (frozen LoRA bases included), keyed as in `state_dict()`."""
+        """Top-down tensors only (frozen LoRA bases and selector included), keyed as in `state_dict()`."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def merge_lora(self) -> TopDownViT:
@@ -190,6 +296,14 @@ class TopDownViT(nn.Module):
                     path[index] = module.merged()
         self.lite_rank = 0
         return self
+
+
+def _trunc_normal_linear(in_features: int, out_features: int, generator: torch.Generator | None) -> nn.Linear:
+    """Bias-free linear at timm's ViT init, trunc_normal(std=0.02) (the released decoders' start)."""
+    layer = bare_linear(in_features, out_features)
+    with torch.no_grad():
+        nn.init.trunc_normal_(layer.weight, std=0.02, generator=generator)
+    return layer
 
 
 def _identity_linear(dim: int) -> nn.Linear:
@@ -206,12 +320,15 @@ def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
     return layer
 
 
-def count_toast_parameters(dim: int, depth: int, attn_dim: int, lite_rank: int = 0) -> int:
-    """Closed-form number of trainable top-down parameters (task vector + selector + feedback path)."""
-    fixed = dim + dim * dim
+def count_toast_parameters(dim: int, depth: int, attn_dim: int, lite_rank: int = 0, *, value_path: str = "released",
+                           train_selector: bool | None = None) -> int:
+    """Closed-form number of trainable top-down parameters (task vector [+ selector] + decoders or their LoRA)."""
+    out_dim = dim if value_path == "released" else attn_dim
+    selector = (lite_rank > 0) if train_selector is None else train_selector
+    fixed = dim + (dim * dim if selector else 0)
     if lite_rank == 0:
-        return fixed + depth * (dim * dim + dim * attn_dim)
-    return fixed + depth * lite_rank * ((dim + dim) + (dim + attn_dim))
+        return fixed + depth * (dim * dim + dim * out_dim)
+    return fixed + depth * lite_rank * ((dim + dim) + (dim + out_dim))
 
 
 def _tokens_for(backbone: nn.Module, img_size: int) -> tuple[int, int]:
@@ -245,7 +362,7 @@ def toast_macs(module: TopDownViT, img_size: int) -> int:
     """Inference MACs of the full two-pass TOAST network for one image (LoRA counted as merged).
 
     = patch embedding once + blocks twice + cosine relevance (N*D) + selector (N*D*D)
-      + feedback path (N * sum of feedback and value maps).
+      + decoders (N * sum of feedback and value maps) [+ the frozen value projection per block, released path].
     """
     backbone = module.backbone
     patches, tokens = _tokens_for(backbone, img_size)
@@ -257,4 +374,6 @@ def toast_macs(module: TopDownViT, img_size: int) -> int:
 
     top_down = tokens * dim + tokens * linear_macs(module.selector)
     top_down += tokens * sum(linear_macs(m) for path in (module.feedback, module.to_value) for m in path)
+    if module.value_path == "released":  # qkv(td)[2]: the frozen value projection of every block
+        top_down += tokens * sum(dim * blk.attn.num_heads * blk.attn.head_dim for blk in backbone.blocks)
     return patches * backbone.patch_embed.proj.weight.numel() + 2 * _blocks_macs(backbone, tokens) + top_down
