@@ -125,3 +125,40 @@ def test_bf16_autocast_runs_and_is_recorded(corpus: Path, tmp_path: Path) -> Non
     assert all(torch.isfinite(v.float()).all() for v in state.values())
     with pytest.raises(InvalidInput, match="--precision"):
         pretrain(_config(corpus, tmp_path / "x.safetensors", precision="fp8"))
+
+
+def test_batchnorm_recalibration_equals_the_average_of_batch_statistics() -> None:
+    """After the re-estimate, each BatchNorm's running mean/var are the plain average, over the batches, of the
+    mean and unbiased variance of its input in train mode (PyTorch's cumulative average with momentum None),
+    computed by hand with hooks on a copy run in the same batches."""
+    import copy
+
+    from fsdeploy.train.pretrain import _to_input, recalibrate_batchnorm
+
+    model, _ = create_backbone(MODEL, img_size=32)
+    x = (torch.rand(40, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    ref = copy.deepcopy(model).train()
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def keep(m: torch.nn.Module, a: tuple[torch.Tensor, ...], name: str) -> None:
+        seen.setdefault(name, []).append((a[0].mean((0, 2, 3)), a[0].var((0, 2, 3), unbiased=True)))
+
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: keep(m, a, name))
+             for name, m in ref.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for s in range(0, len(x), 16):  # the batches recalibrate_batchnorm uses below
+            ref(_to_input(x[s : s + 16].float() / 255.0))
+    for h in hooks:
+        h.remove()
+    model.eval()
+    assert recalibrate_batchnorm(model, x, torch.device("cpu"), batch=16)
+    assert not model.training  # the caller's mode is kept
+    checked = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            means, vars_ = zip(*seen[name])
+            assert torch.allclose(m.running_mean, torch.stack(means).mean(0), atol=1e-5)
+            assert torch.allclose(m.running_var, torch.stack(vars_).mean(0), rtol=1e-4, atol=1e-6)
+            assert m.momentum == 0.1  # restored
+            checked += 1
+    assert checked == 20  # resnet18's BatchNorms
