@@ -614,9 +614,9 @@ def test_parallel_real_build_and_quantize(data: dict[str, Path], work: Path) -> 
     shutil.copytree(data["tiny"], folder)
     for trial in range(20):
         procs = [
-            subprocess.Popen([sys.executable, "-m", "fsdeploy.cli", "build", str(folder), "--batch", "1:2:4", "--force"],
+            subprocess.Popen([sys.executable, "-m", "fsdeploy.cli", "build", str(folder), "--profile", "1:2:4", "--force"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env()),
-            subprocess.Popen([sys.executable, "-m", "fsdeploy.cli", "quantize", str(folder), str(data["support"]), "--iters", "1"],
+            subprocess.Popen([sys.executable, "-m", "fsdeploy.cli", "quantize", str(folder), "--calib", str(data["support"]), "--iters", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env()),
         ]
         for p in procs:

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fsdeploy.commands.aliases import renamed
 from fsdeploy.errors import InvalidInput
 
 console = Console()
@@ -44,6 +45,21 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def _device_help() -> str:
+    from fsdeploy.engines.devices import HELP
+
+    return HELP
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(help=_device_help())]
+
+
+def check_device(backend: str, device: Optional[str]) -> None:
+    from fsdeploy.engines.devices import check_device as check
+
+    check(backend, device)
+
+
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the rows to this .csv or .json file.")]
 ThreadsOpt = Annotated[
@@ -57,7 +73,7 @@ ThreadsOpt = Annotated[
 def macs(
     bundle: BundleArg,
     ways: Annotated[int, typer.Option(min=1, help="Classes in the task (K).")] = 5,
-    shots: Annotated[int, typer.Option(min=1, help="Support images per class; the task has ways x shots.")] = 1,
+    shots: Annotated[str, typer.Option(help="Support images per class (the task has ways x shots); comma-separated for one table block each, e.g. 1,5.")] = "1",
     setting: Annotated[
         Optional[list[str]],
         typer.Option(help="Named task shape instead of --ways/--shots: 5w1s, 5w5s, md-max (50 ways, 500 images). Repeatable."),
@@ -85,7 +101,7 @@ def macs(
     if plot is not None and accuracy is None:
         raise InvalidInput("--plot needs --accuracy ROWS (from `fsdeploy bench accuracy --out`)")
     b = load_bundle(bundle)
-    tasks = [task_shape(None, None, s) for s in setting] if setting else [task_shape(ways, shots, None)]
+    tasks = [task_shape(None, None, s) for s in setting] if setting else [task_shape(ways, k, None) for k in _ints(shots, '--shots')]
     with console.status("counting MACs on the bundle's torch modules"):
         counts = count_bundle(b)
     tables = [bundle_costs(b, t, counts=counts) for t in tasks]
@@ -107,7 +123,7 @@ def macs(
         console.print(f"wrote {plot} ({len(merged)} methods with accuracy)")
 
 
-@bench.command("accuracy")
+@bench.command("accuracy", cls=renamed({"--heads": "--methods"}))
 def accuracy(
     bundle: BundleArg,
     data: Annotated[Path, typer.Option(help="ImageFolder of labelled images (e.g. a glyph corpus from `fsdeploy data glyphs`).")],
@@ -116,7 +132,7 @@ def accuracy(
     shots: Annotated[str, typer.Option(help="Comma-separated support images per class, one run each.")] = "1,5",
     queries: Annotated[int, typer.Option(min=1, help="Query images per class per episode.")] = 15,
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting (600 for paper-style 95% CIs).")] = 600,
-    heads: Annotated[
+    methods: Annotated[
         Optional[str],
         typer.Option(help="Comma-separated methods: head methods ncc, simpleshot, ci, linear, linear-newton, baseline, baseline++, "
                           "lt-ncc, and per-task fine-tuners tsa, tsa-seen, bn-affine, bn-affine-olor (fitted, folded and run on "
@@ -127,6 +143,7 @@ def accuracy(
     seed: Annotated[int, typer.Option(help="Seed of the episode draws (same seed: same episodes for every method).")] = 0,
     backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     out: OutOpt = None,
 ) -> None:
     """Few-shot accuracy (mean ± 95% CI over seeded episodes) through the deployed path: engine + numpy head.
@@ -144,9 +161,10 @@ def accuracy(
     from fsdeploy.engines import EngineOptions
     from fsdeploy.bundle import load_bundle
 
+    check_device(backend, device)
     b = load_bundle(bundle)
-    keys = parse_keys(heads, b.manifest.adapter)
-    if heads is None and "simpleshot" in keys and "base_mean" not in b.manifest.extra:
+    keys = parse_keys(methods, b.manifest.adapter)
+    if methods is None and "simpleshot" in keys and "base_mean" not in b.manifest.extra:
         keys = tuple(k for k in keys if k != "simpleshot")
         console.print(f"[yellow]simpleshot skipped: {bundle} has no base-class mean (export with --base-data DIR)[/yellow]")
     methods = accuracy_methods(keys, b.manifest.adapter)
@@ -158,7 +176,7 @@ def accuracy(
         for k in settings:
             task = bar.add_task("variable ways/shots" if variable else f"{ways}-way {k}-shot", total=episodes)
             rows += evaluate(b, files, methods, ways=ways, shots=max(k, 1), queries=queries, episodes=episodes,
-                             seed=seed + k, variable=variable, backend=backend, options=EngineOptions(threads=threads),
+                             seed=seed + k, variable=variable, backend=backend, options=EngineOptions(threads=threads, device=device),
                              progress=lambda n, task=task: bar.advance(task, n))
     which = split if (data / "splits.json").is_file() and split != "all" else "all classes"
     console.print(accuracy_table([r.to_dict() for r in rows],
@@ -168,11 +186,11 @@ def accuracy(
         console.print(f"wrote {len(rows)} rows to {out}")
 
 
-@bench.command("latency")
+@bench.command("latency", cls=renamed({"--batch": "--batches"}))
 def latency(
     bundle: BundleArg,
     backend: Annotated[str, typer.Option(help="Engine backend: ort (CPU default), trt (NVIDIA GPU), torch (eager reference).")] = "ort",
-    batch: Annotated[str, typer.Option("--batches", "--batch", help="Comma-separated batch sizes to time, one run each (--batch is the former name).")] = "1,8,32",
+    batch: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes to time, one run each.")] = "1,8,32",
     warmup: Annotated[int, typer.Option(help="Untimed calls first (allocation, graph optimisation, caches).")] = 5,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per backend and batch (default 30).")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Or: seconds of timed calls per backend and batch.")] = None,
@@ -182,6 +200,7 @@ def latency(
                           "ort,openvino:bf16,ort:int8 (backend:precision); prints each one's speedup over the first."),
     ] = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of real images to time (default: photo crops).")] = None,
     support: Annotated[
         Optional[Path], typer.Option(help="Support ImageFolder for adaptation timing (default: 5 classes x 5 photo crops).")
@@ -200,7 +219,7 @@ def latency(
     throughput it leaves. A run whose spread is too wide is flagged as unstable. Adaptation is timed per
     method as load + engine pass over the support set (CaSE: context pass and γ) + head fit + write.
 
-    Example: fsdeploy bench latency bundle/ --batch 1,8,32 --compare ort,openvino,torch --iters 50
+    Example: fsdeploy bench latency bundle/ --batches 1,8,32 --compare ort,openvino,torch --iters 50
     """
     from fsdeploy.bench.latency import compare as compare_stats
     from fsdeploy.bench.measure import adaptation_times, path_latency, write_photo_folder
@@ -214,7 +233,9 @@ def latency(
     backends = [s.strip() for s in compare.split(",")] if compare else [backend]
     if compare and len(backends) < 2:
         raise InvalidInput(f"--compare takes two or more backends like ort,openvino,torch; got {compare!r}")
-    options = EngineOptions(threads=threads)
+    for name in backends:
+        check_device(name.split(":")[0], device)
+    options = EngineOptions(threads=threads, device=device)
     specs = adaptation_specs([k.strip() for k in methods.split(",") if k.strip()])
     with tempfile.TemporaryDirectory() as tmp:
         files = list_images([images]) if images else list_images([write_photo_folder(Path(tmp) / "photos", classes=3, per_class=8)])

@@ -22,6 +22,12 @@ PRECISION_HELP = (
 )
 
 
+def _device_help() -> str:
+    from fsdeploy.engines.devices import HELP
+
+    return HELP
+
+
 def _adapter_help(exported: bool) -> str:
     """The adapter kinds of the registry, each with its one-line summary (for --help)."""
     from fsdeploy.adapters import ADAPTERS
@@ -51,6 +57,21 @@ def _adapt_doc() -> str:
 
 
 ADAPT_DOC = _adapt_doc()
+DeviceOpt = Annotated[Optional[str], typer.Option(help=_device_help())]
+
+
+def with_device(choice, device: Optional[str]):
+    """The engine choice with `--device` applied (checked against its backend first)."""
+    import dataclasses
+
+    from fsdeploy.engines.devices import check_device
+
+    if device is None:
+        return choice
+    check_device(choice.backend, device)
+    return dataclasses.replace(choice, options=dataclasses.replace(choice.options, device=device))
+
+
 BACKEND_HELP = "Engine backend: ort, openvino, torch, trt. Default: the bundle's `fsdeploy tune` choice on this CPU, else ort."
 
 
@@ -221,6 +242,7 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
         batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine.")] = None,
+        device: DeviceOpt = None,
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
         adapter: Annotated[
             Optional[str],
@@ -255,7 +277,7 @@ def register(app: typer.Typer) -> None:
         fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer)) if v is not None}
         # a fine-tuner runs its own folded fp32 graph: a tuned choice does not apply to it
         tuner = bool(adapter) and ADAPTERS.get(adapter).finetuner
-        choice = resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads)
+        choice = with_device(resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads), device)
         if choice.note:
             err.print(choice.note)
         with progress(console, "adapting"):
@@ -283,6 +305,7 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
         batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine and image decoding.")] = None,
+        device: DeviceOpt = None,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Classify the readable images and report each unreadable one (exit 1 if any); default: refuse the run, naming them.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines; with --skip-bad an unreadable image is a line with an \"error\".")] = False,
     ) -> None:
@@ -297,6 +320,7 @@ def register(app: typer.Typer) -> None:
         t.check_bundle(b, task)
         # a task with its own folded graph runs that graph (fp32): a tuned choice does not apply to it
         choice = resolve_choice(b, backend, precision, threads=threads) if "graph" not in t.task_state else resolve_choice(b, backend or "ort", precision, threads=threads)
+        choice = with_device(choice, device)
         if choice.note:
             err.print(choice.note)
         preds, bad = predict_or_report(
