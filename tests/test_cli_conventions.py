@@ -175,3 +175,108 @@ def test_build_backend_flag_chooses_the_tensorrt_flavour(monkeypatch, tiny_works
     assert _choose(None) == "tensorrt_rtx"  # auto leaves the choice as it is
     code, _, err = cli("build", str(tiny_workspace.path), "--backend", "cuda")
     assert code == 1 and "--backend 'cuda' is not a TensorRT" in err
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN/Infinity (what jq and JavaScript refuse)."""
+    def bad(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def test_bench_macs_json_csv_and_80_columns(tiny_workspace, monkeypatch) -> None:
+    """--json: only strict JSON on stdout, the rows --out writes; not a terminal: CSV tables; rich tables fit 80 columns."""
+    import csv
+
+    from fsdeploy.bench.render import read_rows
+
+    w = tiny_workspace
+    out = w.tmp / "macs.json"
+    code, stdout, _ = cli("bench", "macs", str(w.path), "--shots", "1,5", "--json", "--out", str(out))
+    assert code == 0
+    rows = strict_json(stdout)
+    assert {r["setting"] for r in rows} == {"5-way 1-shot", "5-way 5-shot"}
+    assert [r["method"] for r in rows] == [r["method"] for r in read_rows(out)]
+    one = [r for r in rows if r["setting"] == "5-way 1-shot"]
+    five = [r for r in rows if r["setting"] == "5-way 5-shot"]
+    ncc1, ncc5 = (next(r for r in t if r["method"] == "ncc") for t in (one, five))
+    assert ncc5["adapt_macs"] == pytest.approx(5 * ncc1["adapt_macs"], rel=0.01)  # one forward per support image
+    code, stdout, _ = cli("bench", "macs", str(w.path), "--shots", "1,5")
+    lines = stdout.splitlines()
+    assert lines[0].startswith("# MACs to adapt one task")
+    table = list(csv.reader([ln for ln in lines if not ln.startswith(("#", "not costed")) and ln.strip()]))
+    header, body = table[0], table[1:]
+    assert header[:2] == ["method", "setting"] and len(body) == len(rows) and all(len(r) == len(header) for r in body)
+    monkeypatch.setenv("FSDEPLOY_TABLES", "rich")
+    code, stdout, _ = cli("bench", "macs", str(w.path))
+    assert code == 0 and "┃" in stdout and max(len(line) for line in stdout.splitlines()) <= 80
+
+
+def test_bench_latency_json_and_which_is_faster(tiny_workspace, monkeypatch) -> None:
+    """The ratio reads the right way round: '<a> is N.Nx faster than <b>' with N from the medians (>= 1)."""
+    w = tiny_workspace
+    args = ("bench", "latency", str(w.path), "--compare", "ort,torch", "--batches", "1", "--iters", "2", "--warmup", "1",
+            "--rounds", "1", "--threads", "1", "--methods", "")
+    code, stdout, stderr = cli(*args, "--json")
+    assert code == 0 and "timing" in stderr
+    rows = strict_json(stdout)
+    (median,) = [r for r in rows if r.get("stat") == "median_ms"]
+    assert median["ort_faster"] == pytest.approx(median["torch"] / median["ort"])
+    assert median["speedup"] == pytest.approx(median["ort"] / median["torch"])
+    code, stdout, _ = cli(*args)
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("batch 1:")]
+    fast, ratio, slow = re.match(r"batch 1: (\w+) is ([\d.]+)x faster than (\w+)", line).groups()
+    assert {fast, slow} == {"ort", "torch"} and float(ratio) >= 1.0
+    # the run above is a fresh measurement: check the sentence against its own table
+    table = {ln.split(",")[1]: ln.split(",") for ln in stdout.splitlines() if ln.startswith("1,")}
+    med = {"ort": float(table["median_ms"][2]), "torch": float(table["median_ms"][3])}
+    assert fast == min(med, key=med.get)
+    assert float(ratio) == pytest.approx(max(med.values()) / min(med.values()), rel=0.06)
+    monkeypatch.setenv("FSDEPLOY_TABLES", "rich")
+    code, stdout, _ = cli(*args)
+    assert code == 0 and max(len(line) for line in stdout.splitlines()) <= 80
+
+
+def test_bench_accuracy_json_and_plain_progress(tiny_workspace) -> None:
+    from tests.helpers import glyph_folder
+
+    w = tiny_workspace
+    data = glyph_folder(w.tmp / "acc-glyphs", classes="ABCDE", per_class=5, seed=4)
+    code, stdout, stderr = cli("bench", "accuracy", str(w.path), "--data", str(data), "--ways", "3", "--shots", "1,2",
+                               "--queries", "2", "--episodes", "3", "--methods", "ncc", "--json")
+    assert code == 0
+    rows = strict_json(stdout)
+    assert [(r["shots"], r["episodes"]) for r in rows] == [(1, 3), (2, 3)]
+    assert "3-way 2-shot: 3/3" in stderr  # non-TTY progress: plain lines on stderr, the last count always shown
+
+
+def test_step_reports_become_throttled_progress_lines(capsys) -> None:
+    from fsdeploy.commands import progress as progress_mod
+    from fsdeploy.commands.output import out_console
+    from fsdeploy.steps import step
+
+    step("nobody listens", 1, 2)  # no reporter: nothing happens
+    with progress_mod.progress_steps(out_console(), "fitting"):
+        for i in range(1, 41):
+            step("fitting on the support set", i, 40, f"loss {1 / i:.3f}")
+    err = capsys.readouterr().err.splitlines()
+    assert "fitting on the support set: step 1/40, loss 1.000" in err[1]
+    assert err[-1].endswith("step 40/40, loss 0.025") and len(err) < 10
+
+
+def test_durations_read_as_people_read_them() -> None:
+    from fsdeploy.commands.core import _duration
+
+    assert [_duration(ms) for ms in (412, 5_300, 59_990, 334_297, 119_700)] == ["412 ms", "5.3 s", "1 min 0 s", "5 min 34 s", "2 min 0 s"]
+
+
+def test_adapt_tsa_shows_fit_steps_and_names_the_fit(tiny_workspace, tmp_path) -> None:
+    w = tiny_workspace
+    code, stdout, stderr = cli("adapt", str(w.path), str(w.support), "--adapter", "tsa", "--steps", "2", "--out", str(tmp_path / "t.npz"))
+    assert code == 0, stderr
+    assert "fitting on the support set: step 2/2" in stderr
+    assert "tsa fit + fold + re-export" in stdout

@@ -12,12 +12,14 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fsdeploy.commands.output import echo_json, out_console
+from fsdeploy.commands.progress import counting, progress, progress_steps
 from fsdeploy.commands.aliases import renamed
 from fsdeploy.errors import InvalidInput
 
-console = Console()
+console = out_console()
+err = Console(stderr=True)
 
 bench = typer.Typer(
     name="bench",
@@ -61,6 +63,13 @@ def check_device(backend: str, device: Optional[str]) -> None:
 
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the rows as one JSON list on stdout (what --out FILE.json holds) "
+                                                     "instead of tables; progress and notes go to stderr.")]
+
+
+def _say(as_json: bool):
+    """Where a command's notes go: stdout with the tables, stderr under --json."""
+    return err if as_json else console
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the rows to this .csv or .json file.")]
 ThreadsOpt = Annotated[
     Optional[int],
@@ -83,6 +92,7 @@ def macs(
     accuracy: Annotated[
         Optional[Path], typer.Option(help="Rows from `fsdeploy bench accuracy --out` (.json or .csv) to plot against MACs.")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """MACs to adapt one task and per query image, and numbers adapted, for every method fsdeploy supports.
 
@@ -102,17 +112,21 @@ def macs(
         raise InvalidInput("--plot needs --accuracy ROWS (from `fsdeploy bench accuracy --out`)")
     b = load_bundle(bundle)
     tasks = [task_shape(None, None, s) for s in setting] if setting else [task_shape(ways, k, None) for k in _ints(shots, '--shots')]
-    with console.status("counting MACs on the bundle's torch modules"):
+    say = _say(as_json)
+    with progress(say, "counting MACs on the bundle's torch modules"):
         counts = count_bundle(b)
     tables = [bundle_costs(b, t, counts=counts) for t in tasks]
     rows = [r for t in tables for r in t.rows]
     m = b.manifest
-    console.print(cost_table(rows, title=f"MACs to adapt one task, {m.model} ({m.adapter}, {m.preprocess.input_size[-1]} px)"))
+    if as_json:
+        echo_json(rows)
+    else:
+        console.print(cost_table(rows, title=f"MACs to adapt one task, {m.model} ({m.adapter}, {m.preprocess.input_size[-1]} px)"))
     for key, why in tables[0].skipped.items():
-        console.print(f"[dim]not costed: {key} ({why})[/dim]")
+        say.print(f"[dim]not costed: {key} ({why})[/dim]")
     if out is not None:
         write_rows(out, rows)
-        console.print(f"wrote {len(rows)} rows to {out}")
+        say.print(f"wrote {len(rows)} rows to {out}")
     if plot is not None and accuracy is not None:
         from fsdeploy.bench.methods import join_accuracy
         from fsdeploy.bench.render import plot_accuracy_vs_macs, read_rows
@@ -120,7 +134,7 @@ def macs(
         acc_rows = read_rows(accuracy)
         merged = [r for t, tab in zip(tasks, tables) for r in join_accuracy(tab.rows, acc_rows, t)]
         plot_accuracy_vs_macs(merged, plot, title=f"{m.model}: accuracy vs MACs to adapt one task")
-        console.print(f"wrote {plot} ({len(merged)} methods with accuracy)")
+        say.print(f"wrote {plot} ({len(merged)} methods with accuracy)")
 
 
 @bench.command("accuracy", cls=renamed({"--heads": "--methods"}))
@@ -145,6 +159,7 @@ def accuracy(
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     out: OutOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Few-shot accuracy (mean ± 95% CI over seeded episodes) through the deployed path: engine + numpy head.
 
@@ -166,24 +181,52 @@ def accuracy(
     keys = parse_keys(methods, b.manifest.adapter)
     if methods is None and "simpleshot" in keys and "base_mean" not in b.manifest.extra:
         keys = tuple(k for k in keys if k != "simpleshot")
-        console.print(f"[yellow]simpleshot skipped: {bundle} has no base-class mean (export with --base-data DIR)[/yellow]")
+        _say(as_json).print(f"[yellow]simpleshot skipped: {bundle} has no base-class mean (export with --base-data DIR)[/yellow]")
     methods = accuracy_methods(keys, b.manifest.adapter)
     files = scan_image_folder(data, classes=split_classes(data, split))
     settings = (0,) if variable else _ints(shots, "--shots")
     rows = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
+    with counting(console, "episodes") as bar:
         for k in settings:
             task = bar.add_task("variable ways/shots" if variable else f"{ways}-way {k}-shot", total=episodes)
             rows += evaluate(b, files, methods, ways=ways, shots=max(k, 1), queries=queries, episodes=episodes,
                              seed=seed + k, variable=variable, backend=backend, options=EngineOptions(threads=threads, device=device),
                              progress=lambda n, task=task: bar.advance(task, n))
     which = split if (data / "splits.json").is_file() and split != "all" else "all classes"
-    console.print(accuracy_table([r.to_dict() for r in rows],
-                                 title=f"accuracy (%, mean ± 95% CI) on {len(files.classes)} classes of {data} ({which})"))
+    if as_json:
+        echo_json([r.to_dict() for r in rows])
+    else:
+        console.print(accuracy_table([r.to_dict() for r in rows],
+                                     title=f"accuracy (%, mean ± 95% CI) on {len(files.classes)} classes of {data} ({which})"))
     if out is not None:
         write_rows(out, [r.to_dict() for r in rows])
-        console.print(f"wrote {len(rows)} rows to {out}")
+        _say(as_json).print(f"wrote {len(rows)} rows to {out}")
+
+
+def _compare_rows(runs, backends: list[str]) -> tuple[list[dict], list[str]]:
+    """Ratio rows per batch and other backend, and one sentence per pair saying which is faster and by how much.
+
+    Each row keeps `speedup` (how many times faster the other backend is, as `fsdeploy.bench.latency.compare`
+    defines it) and adds `<first>_faster`, its inverse: how many times faster the first backend is.
+    """
+    from fsdeploy.bench.latency import compare as compare_stats
+
+    first = backends[0]
+    rows, verdicts = [], []
+    for bs in sorted({r.batch for r in runs}):
+        a = next(r.engine for r in runs if r.batch == bs and r.backend == first)
+        for other in backends[1:]:
+            c = next(r.engine for r in runs if r.batch == bs and r.backend == other)
+            for row in compare_stats(a, c, names=(first, other)):
+                sp = row["speedup"]
+                rows.append({"kind": "compare", "batch": bs, "vs": other, **row, f"{first}_faster": 1.0 / sp if sp else float("inf")})
+            med_a, med_c = a.median, c.median
+            if med_a > 0 and med_c > 0:
+                fast, slow, ratio = (first, other, med_c / med_a) if med_a <= med_c else (other, first, med_a / med_c)
+                verdicts.append(f"batch {bs}: {fast} is {ratio:.1f}x faster than {slow} (median {med_a:.3g} ms vs {med_c:.3g} ms)"
+                                if fast == first else
+                                f"batch {bs}: {fast} is {ratio:.1f}x faster than {slow} (median {med_c:.3g} ms vs {med_a:.3g} ms)")
+    return rows, verdicts
 
 
 @bench.command("latency", cls=renamed({"--batch": "--batches"}))
@@ -197,7 +240,7 @@ def latency(
     compare: Annotated[
         Optional[str],
         typer.Option(help="Backends timed side by side in one run, the first as reference, e.g. ort,openvino,torch or "
-                          "ort,openvino:bf16,ort:int8 (backend:precision); prints each one's speedup over the first."),
+                          "ort,openvino:bf16,ort:int8 (backend:precision); prints how many times faster the first is than each other."),
     ] = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -211,6 +254,7 @@ def latency(
     adapt_repeats: Annotated[int, typer.Option(help="Adaptations per method (medians are shown).")] = 3,
     rounds: Annotated[int, typer.Option(help="Round-robin rounds the timed calls are split into (noise hits every side alike).")] = 5,
     out: OutOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Query latency percentiles and throughput per batch size, and adaptation wall time split into its parts.
 
@@ -221,7 +265,6 @@ def latency(
 
     Example: fsdeploy bench latency bundle/ --batches 1,8,32 --compare ort,openvino,torch --iters 50
     """
-    from fsdeploy.bench.latency import compare as compare_stats
     from fsdeploy.bench.measure import adaptation_times, path_latency, write_photo_folder
     from fsdeploy.bench.methods import adaptation_specs
     from fsdeploy.bench.render import compare_table, latency_table, rows_table, write_rows
@@ -239,35 +282,37 @@ def latency(
     specs = adaptation_specs([k.strip() for k in methods.split(",") if k.strip()])
     with tempfile.TemporaryDirectory() as tmp:
         files = list_images([images]) if images else list_images([write_photo_folder(Path(tmp) / "photos", classes=3, per_class=8)])
-        with console.status(f"timing {', '.join(backends)} at batch {batch}"):
+        say = _say(as_json)
+        with progress_steps(say, f"timing {', '.join(backends)} at batches {batch}"):
             runs = path_latency(b, files, backends=backends, batches=_ints(batch, "--batches"), options=options,
                                 warmup=warmup, iters=iters, budget_s=budget, rounds=rounds)
         rows = [{"kind": "latency", **r.row()} for r in runs]
-        console.print(latency_table(rows, title=f"query latency (ms) of {b.manifest.model} ({b.manifest.adapter})"))
+        if not as_json:
+            console.print(latency_table(rows, title=f"query latency (ms) of {b.manifest.model} ({b.manifest.adapter})"))
         if compare:
-            ratio_rows = []
-            for bs in sorted({r.batch for r in runs}):
-                a = next(r.engine for r in runs if r.batch == bs and r.backend == backends[0])
-                for other in backends[1:]:
-                    c = next(r.engine for r in runs if r.batch == bs and r.backend == other)
-                    ratio_rows += [{"kind": "compare", "batch": bs, "vs": other, **row}
-                                   for row in compare_stats(a, c, names=(backends[0], other))]
-            if len(backends) > 2:  # one table: each row's compared backend is named in "vs", its value in "other"
-                shown = [{("other" if k == r["vs"] else k): v for k, v in r.items() if k != "kind"} for r in ratio_rows]
-            else:
-                shown = [{k: v for k, v in r.items() if k not in ("kind", "vs")} for r in ratio_rows]
-            console.print(compare_table(shown,
-                                        title=f"side by side: speedup = how many times faster each is than {backends[0]}"))
+            ratio_rows, verdicts = _compare_rows(runs, backends)
+            if not as_json:
+                if len(backends) > 2:  # one table: each row's compared backend is named in "vs", its value in "other"
+                    shown = [{("other" if k == r["vs"] else k): v for k, v in r.items() if k not in ("kind", "speedup")} for r in ratio_rows]
+                else:
+                    shown = [{k: v for k, v in r.items() if k not in ("kind", "vs", "speedup")} for r in ratio_rows]
+                console.print(compare_table(shown, title=f"side by side: {backends[0]}_faster = how many times faster "
+                                                         f"{backends[0]} is (> 1: {backends[0]} faster)"))
+                for line in verdicts:
+                    console.print(line)
             rows += ratio_rows
         if specs:
             folder = support or write_photo_folder(Path(tmp) / "support", classes=5, per_class=5, seed=1)
-            with console.status("timing adaptation"):
+            with progress(say, "timing adaptation"):
                 adapt = adaptation_times(b, folder, specs, backend=backends[0], options=options, repeats=adapt_repeats)
-            console.print(rows_table([r.as_dict() for r in adapt], title="adaptation wall time per task (median ms per part)"))
+            if not as_json:
+                console.print(rows_table([r.as_dict() for r in adapt], title="adaptation wall time per task (median ms per part)"))
             rows += [{"kind": "adaptation", **r.as_dict()} for r in adapt]
+    if as_json:
+        echo_json(rows)
     if out is not None:
         write_rows(out, rows)
-        console.print(f"wrote {len(rows)} rows to {out}")
+        _say(as_json).print(f"wrote {len(rows)} rows to {out}")
 
 
 @bench.command("perf")
@@ -285,6 +330,7 @@ def perf(
     support: Annotated[Optional[int], typer.Option(help="Support images of target 3 (default 100).")] = None,
     sizes: Annotated[Optional[str], typer.Option(help="Support sizes of target 4 (default 50,100,200,500).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the whole report (every table) as JSON.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole report (what --out holds) as JSON on stdout instead of tables.")] = False,
 ) -> None:
     """Issue #8's targets, one command: each ratio with its raw timings and spreads, and a status row per target.
 
@@ -310,8 +356,15 @@ def perf(
         img_size=img_size, models=tuple(models.split(",")) if models else None, case_model=case_model, support=support,
         memory_sizes=_ints(sizes, "--sizes") if sizes else None,
     )
-    with console.status("measuring") as status:
-        report = run_perf(cfg, say=lambda m: (console.print(f"[dim]{m}[/dim]"), status.update(m)))
+    say = _say(as_json)
+    with progress_steps(say, "measuring") as status:
+        report = run_perf(cfg, say=lambda m: status.update(m))  # type: ignore[attr-defined]
+    if as_json:
+        echo_json(report.to_dict())
+        if out is not None:
+            write_text(out, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+            err.print(f"wrote {out}")
+        return
     for title, rows in report.tables.items():
         console.print(rows_table(rows, title=title))
     console.print(status_table([vars(r) for r in report.results], title=f"issue #8 targets ({'quick' if quick else 'full'} run, {threads} threads)"))

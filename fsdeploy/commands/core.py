@@ -9,9 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fsdeploy.commands.progress import progress
+from fsdeploy.commands.output import out_console
+from fsdeploy.commands.progress import progress, progress_steps
 
-console = Console()
+console = out_console()
 err = Console(stderr=True)
 OPSET_MIN, OPSET_MAX = 9, 20  # 9: lowest that exports these backbones (checked); 20: torch.onnx TorchScript exporter max
 
@@ -84,11 +85,12 @@ def _validation_table(report: dict) -> Table:
 
 def _duration(ms: float) -> str:
     """Milliseconds as people read them: '412 ms', '5.3 s', '5 min 34 s'."""
-    if ms < 10_000:
+    if ms < 1_000:
         return f"{ms:.0f} ms"
-    if ms < 120_000:
+    if ms < 59_950:
         return f"{ms / 1e3:.1f} s"
-    return f"{int(ms // 60_000)} min {ms % 60_000 / 1e3:.0f} s"
+    seconds = round(ms / 1e3)
+    return f"{seconds // 60} min {seconds % 60} s"
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
@@ -169,7 +171,7 @@ def register(app: typer.Typer) -> None:
 
             with progress(err if as_json else console, "computing the base-class mean feature") as status:
                 bundle = add_base_mean(bundle, base_data, classes=split_classes(base_data, base_split),
-                                       progress=lambda i, n: status.update(f"base-class mean: {i}/{n} images"))
+                                       progress=lambda i, n: status.update(f"base-class mean: {i}/{n} images", often=i < n))
             rec = bundle.manifest.extra["base_mean"]
             if not as_json:
                 console.print(f"base-class mean of {rec['images']} images in {rec['classes']} classes -> {rec['file']}")
@@ -280,7 +282,8 @@ def register(app: typer.Typer) -> None:
         choice = with_device(resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads), device)
         if choice.note:
             err.print(choice.note)
-        with progress(console, "adapting"):
+        what = f"adapting ({adapter}: {steps} steps on the support set, then fold and re-export)" if tuner else "adapting"
+        with progress_steps(console, what):
             task, t = adapt_task(
                 b, support, out, adapter=adapter, head=head, transform=transform, backend=choice.backend, head_opts=opts,
                 options=choice.options, batch=batch, seed=seed, steps=steps, fit_opts=fit_opts,
@@ -292,7 +295,9 @@ def register(app: typer.Typer) -> None:
             )
         console.print(
             f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={task.info['head']} | "
-            f"load {_duration(t.load_ms)}, features {_duration(t.features_ms)}, fit {_duration(t.fit_ms)}, write {_duration(t.write_ms)}"
+            f"load {_duration(t.load_ms)}, features {_duration(t.features_ms)}, "
+            + (f"{adapter} fit + fold + re-export {_duration(t.fit_ms)}" if tuner else f"fit {_duration(t.fit_ms)}")
+            + f", write {_duration(t.write_ms)}"
         )
 
     @app.command()

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 
 def register(app: typer.Typer) -> None:

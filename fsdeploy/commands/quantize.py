@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 # Below this per-image cosine the int8 features may change predictions: say so rather than judge silently.
 CLOSE_COSINE = 0.99

@@ -5,12 +5,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from fsdeploy.commands.output import out_console
 from fsdeploy.commands.aliases import renamed
 
-console = Console()
+console = out_console()
 
 TRT_FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 TrtBackendOpt = Annotated[

@@ -5,13 +5,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fsdeploy.commands.output import out_console
 from fsdeploy.commands.aliases import renamed
 
-console = Console()
+console = out_console()
 
 
 def pretrain_command(

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 triton_app = typer.Typer(
     name="triton",

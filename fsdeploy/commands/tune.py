@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 
 def tune_table(record: dict[str, Any]) -> Table:
