@@ -258,7 +258,7 @@ BAD_OPTIONS = [
     (("predict", "{b}", "{t}", "{q}", "--batch", "0"), 2, ("--batch",)),
     (("bench", "accuracy", "{b}", "--data", "{s}", "--ways", "0"), 2, ("--ways",)),
     (("bench", "accuracy", "{b}", "--data", "{s}", "--queries", "0"), 2, ("--queries",)),
-    (("bench", "macs", "{b}", "--shots", "0"), 2, ("--shots",)),
+    (("bench", "macs", "{b}", "--shots", "0"), 1, ("--shots", "0")),  # a comma list like bench accuracy and demo
     (("bench", "macs", "{b}", "--ways", "0"), 2, ("--ways",)),
     (("bench", "latency", "{b}", "--iters", "0"), 2, ("--iters",)),
     (("heads", "--ways", "-3"), 2, ("--ways",)),
