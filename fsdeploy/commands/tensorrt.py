@@ -122,7 +122,9 @@ def register(app: typer.Typer) -> None:
 
         choose_trt(backend)
         b = load_bundle(bundle)
-        with console.status("comparing") as status:
+        from fsdeploy.commands.progress import progress
+
+        with progress(console, "comparing") as status:
             report = compare_bundle(b, precision=precision, n=batch, graphs=_graph_list(graphs), progress=lambda m: status.update(m))
         from fsdeploy.commands.tables import compare_table
 

@@ -89,7 +89,9 @@ def register(app: typer.Typer) -> None:
 
         calib_dir = calib_folder(calib, calib_dir, "tune")
         b = load_bundle(bundle)
-        with console.status("tuning") as status:
+        from fsdeploy.commands.progress import progress
+
+        with progress(console, "tuning") as status:
             rec = tune_bundle(
                 b, calib_dir, batch=batch, gate=Gate(min_agreement, min_centred_cosine), threads=threads, ways=ways, shots=shots,
                 episodes=episodes, timer=interleaved_timer(iters=iters), record=record, say=lambda m: status.update(m),
