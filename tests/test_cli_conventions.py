@@ -241,7 +241,7 @@ def test_bench_latency_json_and_which_is_faster(tiny_workspace, monkeypatch) -> 
     assert code == 0 and max(len(line) for line in stdout.splitlines()) <= 80
 
 
-def test_bench_accuracy_json_and_plain_progress(tiny_workspace) -> None:
+def test_bench_accuracy_json_and_plain_progress(tiny_workspace, monkeypatch) -> None:
     from tests.helpers import glyph_folder
 
     w = tiny_workspace
@@ -252,6 +252,10 @@ def test_bench_accuracy_json_and_plain_progress(tiny_workspace) -> None:
     rows = strict_json(stdout)
     assert [(r["shots"], r["episodes"]) for r in rows] == [(1, 3), (2, 3)]
     assert "3-way 2-shot: 3/3" in stderr  # non-TTY progress: plain lines on stderr, the last count always shown
+    monkeypatch.setenv("FSDEPLOY_TABLES", "rich")
+    code, stdout, _ = cli("bench", "accuracy", str(w.path), "--data", str(data), "--ways", "3", "--shots", "1,2",
+                          "--queries", "2", "--episodes", "3", "--methods", "ncc")
+    assert code == 0 and "┃" in stdout and max(len(line) for line in stdout.splitlines()) <= 80
 
 
 def test_step_reports_become_throttled_progress_lines(capsys) -> None:
@@ -280,3 +284,47 @@ def test_adapt_tsa_shows_fit_steps_and_names_the_fit(tiny_workspace, tmp_path) -
     assert code == 0, stderr
     assert "fitting on the support set: step 2/2" in stderr
     assert "tsa fit + fold + re-export" in stdout
+
+
+def test_adapt_json_is_one_object(tiny_workspace, tmp_path) -> None:
+    from fsdeploy.runtime import TaskArtefact
+
+    w = tiny_workspace
+    code, stdout, _ = cli("adapt", str(w.path), str(w.support), "--head", "ncc", "--json", "--out", str(tmp_path / "t.npz"))
+    assert code == 0
+    row = strict_json(stdout)
+    task = TaskArtefact.load(tmp_path / "t.npz")
+    assert row["classes"] == list(task.classes) == ["A", "B", "C"] and row["support"] == 12 and row["head"] == "ncc"
+    assert row["backend"] == "ort" and all(row[k] >= 0 for k in ("load_ms", "features_ms", "fit_ms", "write_ms"))
+
+
+def test_bench_perf_json_is_the_report(monkeypatch) -> None:
+    """perf --json prints exactly report.to_dict() (strict JSON: a NaN ratio becomes null); its steps go to stderr."""
+    import fsdeploy.bench.perf as perf
+    from fsdeploy.bench.perf import PerfReport, TargetResult
+
+    def fake_run(cfg, say):
+        say("target 5: fast head solver")
+        return PerfReport(config={"targets": list(cfg.targets)}, results=[TargetResult(5, "solver", "c", "m", float("nan"), "met")],
+                          tables={"t": [{"a": 1.5}]}, notes=["n"])
+
+    monkeypatch.setattr(perf, "run_perf", fake_run)
+    code, stdout, stderr = cli("bench", "perf", "--targets", "5", "--json")
+    assert code == 0 and "target 5" in stderr
+    data = strict_json(stdout)
+    assert data["results"][0]["ratio"] is None and data["tables"] == {"t": [{"a": 1.5}]} and data["config"]["targets"] == [5]
+
+
+def test_triton_export_device_cuda_is_tritons_gpu(monkeypatch, tiny_workspace, tmp_path, capsys) -> None:
+    import fsdeploy.serving.repository as repository
+
+    seen = []
+
+    def fake_write(bundle, tasks, out, *, device, **kw):
+        seen.append(device)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(repository, "write_repository", fake_write)
+    for device in ("cuda", "gpu", "cpu"):
+        cli("triton", "export", str(tiny_workspace.path), "--out", str(tmp_path / "repo"), "--backend", "onnxruntime", "--device", device)
+    assert seen == ["gpu", "gpu", "cpu"]

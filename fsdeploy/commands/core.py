@@ -258,6 +258,7 @@ def register(app: typer.Typer) -> None:
             Optional[list[str]],
             typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback (linear) or --head-opt distance=cosine (ncc); keys per head are listed above."),
         ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (task, classes, head, timings in ms) instead of the summary line.")] = False,
     ) -> None:
         from fsdeploy.adapters import ADAPTERS
         from fsdeploy.bundle import load_bundle
@@ -283,11 +284,19 @@ def register(app: typer.Typer) -> None:
         if choice.note:
             err.print(choice.note)
         what = f"adapting ({adapter}: {steps} steps on the support set, then fold and re-export)" if tuner else "adapting"
-        with progress_steps(console, what):
+        with progress_steps(err if as_json else console, what):
             task, t = adapt_task(
                 b, support, out, adapter=adapter, head=head, transform=transform, backend=choice.backend, head_opts=opts,
                 options=choice.options, batch=batch, seed=seed, steps=steps, fit_opts=fit_opts,
             )
+        if as_json:
+            from fsdeploy.commands.output import echo_json
+
+            echo_json({"out": str(out), "classes": list(task.classes), "support": task.info["support"], "head": task.info["head"],
+                       "adapter": task.info.get("adapter"), "backend": choice.backend, "precision": choice.options.precision,
+                       "load_ms": t.load_ms, "features_ms": t.features_ms, "fit_ms": t.fit_ms, "write_ms": t.write_ms,
+                       **({"adapt_macs": task.info["adapt_macs"], "fold_max_abs": task.info["fold_max_abs"]} if "adapt_macs" in task.info else {})})
+            return
         if "adapt_macs" in task.info:
             console.print(
                 f"{task.info['adapter']}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
