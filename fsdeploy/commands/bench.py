@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from fsdeploy.commands.output import echo_json, out_console
+from fsdeploy.commands.output import echo_json, err_console, out_console
 from fsdeploy.commands.progress import counting, progress, progress_steps
 from fsdeploy.commands.aliases import renamed
 from fsdeploy.errors import InvalidInput
 
 console = out_console()
-err = Console(stderr=True)
+err = err_console()
 
 bench = typer.Typer(
     name="bench",

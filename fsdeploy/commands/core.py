@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fsdeploy.commands.output import out_console
+from fsdeploy.commands.output import err_console, out_console
 from fsdeploy.commands.progress import progress, progress_steps
 
 console = out_console()
-err = Console(stderr=True)
+err = err_console()
 OPSET_MIN, OPSET_MAX = 9, 20  # 9: lowest that exports these backbones (checked); 20: torch.onnx TorchScript exporter max
 
 PRECISION_HELP = (

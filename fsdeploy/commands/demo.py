@@ -5,13 +5,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fsdeploy.commands.output import out_console
+from fsdeploy.commands.output import err_console, out_console
 
 console = out_console()
-err = Console(stderr=True)
+err = err_console()
 
 
 def register(app: typer.Typer) -> None:

@@ -99,3 +99,8 @@ def json_safe(value: Any) -> Any:
 def echo_json(value: Any) -> None:
     """One JSON document on stdout (strict JSON: no NaN)."""
     typer.echo(json.dumps(json_safe(value), allow_nan=False))
+
+
+def err_console() -> Console:
+    """The stderr console of a command module (notes, progress): lines are never wrapped, so a log keeps each whole."""
+    return Console(stderr=True, soft_wrap=True)
