@@ -328,3 +328,14 @@ def test_triton_export_device_cuda_is_tritons_gpu(monkeypatch, tiny_workspace, t
     for device in ("cuda", "gpu", "cpu"):
         cli("triton", "export", str(tiny_workspace.path), "--out", str(tmp_path / "repo"), "--backend", "onnxruntime", "--device", device)
     assert seen == ["gpu", "gpu", "cpu"]
+
+
+def test_heads_json_matches_the_heads_own_counts() -> None:
+    from fsdeploy.heads import make_head
+
+    code, stdout, _ = cli("heads", "--ways", "3", "--shots", "2", "--dim", "16", "--json")
+    assert code == 0
+    data = strict_json(stdout)
+    rows = {r["name"]: r for r in data["heads"]}
+    assert data["support"] == 6 and "ncc" in rows and data["transforms"]
+    assert rows["ncc"]["fit_macs"] == make_head("ncc").fit_macs(6, 16, 3)
