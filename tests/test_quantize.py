@@ -155,7 +155,7 @@ def test_requantizing_replaces_the_int8_graph(ws, tmp_path) -> None:
 
 
 def test_precision_errors_are_one_line(ws) -> None:
-    with pytest.raises(BundleError, match=r"no int8 graph; make one with `fsdeploy quantize .* CALIB_DIR`") as exc:
+    with pytest.raises(BundleError, match=r"no int8 graph; make one with `fsdeploy quantize .* --calib DIR`") as exc:
         open_graph(ws.fresh, "features", "ort", EngineOptions(precision="int8"))
     assert "\n" not in str(exc.value)
     with pytest.raises(UnknownName, match="fp16 engines run on --backend trt"):
