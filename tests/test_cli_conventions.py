@@ -84,6 +84,9 @@ def test_calib_is_an_option_and_the_positional_is_a_noted_alias(tiny_workspace, 
         calib_folder("a", "b", "tune")
     result = runner.invoke(app, ["quantize", str(tiny_workspace.path)])
     assert result.exit_code != 0 and "--calib" in str(result.exception)
+    for name in ("quantize", "tune"):
+        usage = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+        assert "--calib" in usage and "calib_dir" not in usage.lower()  # the old positional is hidden, usage line too
 
 
 # ------------------------------------------------------------------------------------------------ --device

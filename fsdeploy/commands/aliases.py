@@ -39,6 +39,14 @@ def renamed(renames: dict[str, str]) -> type[TyperCommand]:
         def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
             return super().parse_args(ctx, rewrite(list(args), renames))
 
+        def collect_usage_pieces(self, ctx: Any) -> list[str]:
+            """The usage line without hidden (old-spelling) arguments."""
+            pieces = [self.options_metavar] if self.options_metavar else []
+            for param in self.get_params(ctx):
+                if not getattr(param, "hidden", False):
+                    pieces.extend(param.get_usage_pieces(ctx))
+            return pieces
+
     Renamed.renames = dict(renames)  # type: ignore[attr-defined]
     return Renamed
 

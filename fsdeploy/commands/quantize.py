@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from fsdeploy.commands.aliases import renamed
 from fsdeploy.commands.output import out_console
 
 console = out_console()
@@ -43,7 +44,7 @@ def _report_table(report: dict, latency: dict) -> Table:
 def register(app: typer.Typer) -> None:
     """Add quantize to `app`."""
 
-    @app.command()
+    @app.command(cls=renamed({}))  # hides the old positional CALIB_DIR from the usage line
     def quantize(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder exported with --adapter none.")],
         calib_dir: Annotated[Optional[Path], typer.Argument(hidden=True, help="Former spelling of --calib.")] = None,

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from fsdeploy.commands.aliases import renamed
 from fsdeploy.commands.output import out_console
 
 console = out_console()
@@ -54,7 +55,7 @@ def print_tuned(record: dict[str, Any]) -> None:
 def register(app: typer.Typer) -> None:
     """Add `tune` to `app`."""
 
-    @app.command()
+    @app.command(cls=renamed({}))  # hides the old positional CALIB_DIR from the usage line
     def tune(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
         calib_dir: Annotated[Optional[Path], typer.Argument(hidden=True, help="Former spelling of --calib.")] = None,
