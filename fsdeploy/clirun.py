@@ -103,5 +103,7 @@ def set_quiet() -> None:
 
     progress.QUIET = True
     for name, mod in list(sys.modules.items()):
-        if name.startswith("fsdeploy.commands.") and hasattr(mod, "console"):
-            mod.console.quiet = True
+        if name.startswith("fsdeploy.commands."):
+            for attr in ("console", "err"):  # tables and 'wrote' lines; notes on stderr
+                if hasattr(getattr(mod, attr, None), "quiet"):
+                    getattr(mod, attr).quiet = True

@@ -48,3 +48,27 @@ def int8_resnet18(tmp_path_factory: pytest.TempPathFactory):
     quantize_bundle(plain, [photos], reduce_range=False)
     glyphs = glyph_folder(tmp / "glyphs", classes="ABCDEF", per_class=7, size=40)
     return SimpleNamespace(tmp=tmp, bundle=load_bundle(plain.path), photos=photos, glyphs=glyphs)
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory: pytest.TempPathFactory):
+    """A 32 px resnet18 bundle (realistic random weights, validated), glyph support/query folders and an NCC task.
+
+    Shared by the CLI-convention and Python-API tests; tests that write to the bundle copy it first.
+    """
+    from types import SimpleNamespace
+
+    from fsdeploy.bundle import load_bundle
+    from fsdeploy.pipeline.export import export_bundle
+    from fsdeploy.runtime import adapt_task
+    from tests.helpers import glyph_folder, make_checkpoint
+
+    tmp = tmp_path_factory.mktemp("tiny-workspace")
+    ckpt = make_checkpoint("resnet18", tmp / "w.safetensors", img_size=32)
+    export_bundle("resnet18", tmp / "bundle", checkpoint=ckpt)
+    support = glyph_folder(tmp / "support", classes="ABC", per_class=4, seed=0)
+    query = glyph_folder(tmp / "query", classes="ABC", per_class=2, seed=1)
+    bundle = load_bundle(tmp / "bundle")
+    adapt_task(bundle, support, tmp / "task.npz", head="ncc")
+    return SimpleNamespace(tmp=tmp, checkpoint=ckpt, bundle=bundle, path=tmp / "bundle", support=support, query=query,
+                           task=tmp / "task.npz")

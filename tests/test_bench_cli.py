@@ -76,7 +76,7 @@ def test_macs_prints_and_writes_the_librarys_counts(work, bundle, counts) -> Non
 def test_accuracy_rows_equal_the_library_and_feed_the_macs_plot(work, bundle, counts) -> None:
     acc = work / "acc.json"
     code, out = invoke("accuracy", str(bundle.path), "--data", str(work / "glyphs"), "--ways", "5", "--shots", "1,5",
-                       "--queries", "2", "--episodes", "3", "--heads", "ncc,simpleshot,linear-newton", "--out", str(acc))
+                       "--queries", "2", "--episodes", "3", "--methods", "ncc,simpleshot,linear-newton", "--out", str(acc))
     assert code == 0, out
     rows = read_rows(acc)
     assert [(r["method"], r["shots"]) for r in rows] == [(m, s) for s in (1, 5) for m in
@@ -100,7 +100,7 @@ def test_accuracy_rows_equal_the_library_and_feed_the_macs_plot(work, bundle, co
 
 def test_accuracy_with_variable_ways_and_shots(work, bundle) -> None:
     code, out = invoke("accuracy", str(bundle.path), "--data", str(work / "glyphs"), "--variable", "--episodes", "2",
-                       "--heads", "ncc", "--out", str(work / "var.csv"))
+                       "--methods", "ncc", "--out", str(work / "var.csv"))
     assert code == 0, out
     (row,) = read_rows(work / "var.csv")
     assert row["ways"] == "var" and row["shots"] == "var" and row["episodes"] == 2 and 0 <= row["accuracy"] <= 100
@@ -122,7 +122,7 @@ def test_finetune_accuracy_draws_the_episodes_evaluate_draws(work, bundle) -> No
 
 def test_latency_compare_and_adaptation_parts(work, bundle) -> None:
     out_csv = work / "latency.csv"
-    code, out = invoke("latency", str(bundle.path), "--compare", "ort,torch", "--batch", "1,2", "--warmup", "1",
+    code, out = invoke("latency", str(bundle.path), "--compare", "ort,torch", "--batches", "1,2", "--warmup", "1",
                        "--iters", "2", "--rounds", "1", "--images", str(work / "glyphs" / "A"),
                        "--support", str(work / "support"), "--methods", "ncc,linear-newton", "--adapt-repeats", "1",
                        "--threads", "1", "--out", str(out_csv))
@@ -165,7 +165,7 @@ def test_bad_arguments_say_what_to_pass(work, bundle) -> None:
     assert code == 1 and "not a bundle" in out
     code, out = invoke("macs", str(bundle.path), "--setting", "7w3s")
     assert code == 1 and "unknown setting" in out and "md-max" in out
-    code, out = invoke("accuracy", str(bundle.path), "--data", str(work / "glyphs"), "--heads", "svm")
+    code, out = invoke("accuracy", str(bundle.path), "--data", str(work / "glyphs"), "--methods", "svm")
     assert code == 1 and "unknown head method" in out
     code, out = invoke("perf", "--targets", "9", "--workdir", str(work))
     assert code == 1 and "unknown perf targets" in out

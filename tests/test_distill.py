@@ -186,7 +186,7 @@ def test_students_train_save_preprocessing_and_export(method: str, setting: tupl
     data, teacher = setting
     out = tmp_path / "student.safetensors"
     args = ["distill", "--teacher", str(teacher), "--student", "mobilenetv3_small_050", "--data", str(data), "--out", str(out),
-            "--method", method, "--batch-size", "6", "--epochs", "1", "--max-steps", "1", "--threads", "1",
+            "--method", method, "--batch", "6", "--epochs", "1", "--max-steps", "1", "--threads", "1",
             "--pairs", "3-3,2-1", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -132,7 +132,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_corpus(fonts: Path, tmp_path:
 def test_cli_writes_a_corpus_and_prints_the_splits(fonts: Path, tmp_path: Path) -> None:
     from fsdeploy.cli import app
 
-    result = CliRunner().invoke(app, ["data", "glyphs", "--out", str(tmp_path / "g"), "--classes", "6", "--size", "24",
+    result = CliRunner().invoke(app, ["data", "glyphs", "--out", str(tmp_path / "g"), "--classes", "6", "--img-size", "24",
                                       "--min-instances", "6", "--max-instances", "6", "--font-dir", str(fonts)])
     assert result.exit_code == 0, result.output
     assert "novel" in result.output and "36 images" in result.output

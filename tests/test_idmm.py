@@ -95,7 +95,7 @@ def test_idmm_pretrains_a_vit_on_unlabelled_images_and_exports(unlabelled: Path,
     monkeypatch.setattr(timm, "create_model", lambda name, **kw: (widths.append(kw.get("num_classes")), create(name, **kw))[1])
     out = tmp_path / "vit.safetensors"
     args = ["pretrain", "vit_tiny_patch16_224", "--recipe", "idmm", "--data", str(unlabelled), "--out", str(out),
-            "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--max-steps", "1", "--threads", "1", "--no-fp16"]
+            "--img-size", "32", "--epochs", "1", "--batch", "4", "--max-steps", "1", "--threads", "1", "--no-fp16"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert widths[0] == 6  # one class per image (3 letters x 2 renders)

@@ -37,7 +37,7 @@ def trained(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("ckpt") / "backbone.safetensors"
     args = ["pretrain", MODEL, "--data", str(corpus), "--out", str(out), "--img-size", "32", "--epochs", "2",
-            "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--no-fp16"]
+            "--batch", "8", "--lr", "1e-3", "--device", "cpu", "--no-fp16"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "held-out" in result.output and "wrote" in result.output

@@ -155,7 +155,7 @@ def test_requantizing_replaces_the_int8_graph(ws, tmp_path) -> None:
 
 
 def test_precision_errors_are_one_line(ws) -> None:
-    with pytest.raises(BundleError, match=r"no int8 graph; make one with `fsdeploy quantize .* CALIB_DIR`") as exc:
+    with pytest.raises(BundleError, match=r"no int8 graph; make one with `fsdeploy quantize .* --calib DIR`") as exc:
         open_graph(ws.fresh, "features", "ort", EngineOptions(precision="int8"))
     assert "\n" not in str(exc.value)
     with pytest.raises(UnknownName, match="fp16 engines run on --backend trt"):
@@ -208,7 +208,7 @@ def test_failed_manifest_write_removes_the_new_file(ws, tmp_path, monkeypatch) -
 
 def test_cli_quantize_then_serve_int8(ws, tmp_path) -> None:
     folder = _copy(ws.fresh, tmp_path / "b")
-    code, out = invoke("quantize", str(folder), str(ws.photos), "--iters", "3")
+    code, out = invoke("quantize", str(folder), "--calib", str(ws.photos), "--iters", "3")
     assert code == 0, out
     for word in ("cosine", "held-out", "FP32", "INT8", "speed-up", "wrote"):
         assert word in out, out
@@ -232,7 +232,7 @@ def test_cli_empty_calibration_folder(ws, tmp_path) -> None:
     folder = _copy(ws.fresh, tmp_path / "b")
     (tmp_path / "empty").mkdir()
     manifest = (folder / "manifest.json").read_bytes()
-    code, out = invoke("quantize", str(folder), str(tmp_path / "empty"))
+    code, out = invoke("quantize", str(folder), "--calib", str(tmp_path / "empty"))
     assert code != 0 and "no images found" in out and "\n" not in out.strip(), out
     assert (folder / "manifest.json").read_bytes() == manifest
 
@@ -260,7 +260,7 @@ def test_quantize_picks_the_range_and_warns_only_where_true(ws, tmp_path, monkey
     parse = int8_range.cpu_flags
     monkeypatch.setattr(int8_range, "cpu_flags", lambda text=None: parse(cpuinfo))  # this machine read as that CPU
     folder = _copy(ws.fresh, tmp_path / "b")
-    code, out = invoke("quantize", str(folder), str(ws.photos), "--iters", "1", "--images", "8")
+    code, out = invoke("quantize", str(folder), "--calib", str(ws.photos), "--iters", "1", "--images", "8")
     assert code == 0, out
     info = _int8(load_bundle(folder).manifest)
     assert info["reduce_range"] is reduce_range and info["range_chosen_by"] == "cpu"
@@ -268,7 +268,7 @@ def test_quantize_picks_the_range_and_warns_only_where_true(ws, tmp_path, monkey
     assert "saturate" not in out and "costs accuracy" not in out
     for word in ("centred cosine", "few-shot decisions as FP32", "raw cosine"):
         assert word in out, out
-    code, out = invoke("quantize", str(folder), str(ws.photos), "--iters", "1", "--images", "8", "--full-range" if reduce_range else "--reduce-range")
+    code, out = invoke("quantize", str(folder), "--calib", str(ws.photos), "--iters", "1", "--images", "8", "--full-range" if reduce_range else "--reduce-range")
     assert code == 0, out
     assert ("saturate" in out) is reduce_range and ("costs accuracy" in out) is (not reduce_range)
 

@@ -196,11 +196,11 @@ def test_backend_is_recorded(bundle: Path) -> None:
 
 def test_cli_build_and_errors(bundle: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["build", str(bundle), "--precision", "fp16", "--batch", "1:2:4", "--opt-level", "0", "--graphs", "features"])
+    result = runner.invoke(app, ["build", str(bundle), "--precision", "fp16", "--profile", "1:2:4", "--opt-level", "0", "--graphs", "features"])
     assert result.exit_code == 0, result.output
     assert "fp16" in result.output and "features" in result.output
     assert any(r.precision == "fp16" for r in engine_records(load_bundle(bundle).manifest).values())
-    result = runner.invoke(app, ["build", str(bundle), "--batch", "8:1:2"])
+    result = runner.invoke(app, ["build", str(bundle), "--profile", "8:1:2"])
     assert isinstance(result.exception, InvalidInput)
     result = runner.invoke(app, ["build", str(bundle), "--precision", "int4"])
     assert isinstance(result.exception, InvalidInput)

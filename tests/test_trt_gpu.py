@@ -89,7 +89,7 @@ def test_compare_passes_for_both_precisions(bundle: Bundle) -> None:
         report = compare_bundle(bundle, precision=precision, n=4)
         assert report.passed, report.to_dict()
         assert {c.name for c in report.checks} == {"features"}
-    result = CliRunner().invoke(app, ["compare", str(bundle.path), "--precision", "fp16", "--n", "4"])
+    result = CliRunner().invoke(app, ["compare", str(bundle.path), "--precision", "fp16", "--batch", "4"])
     assert result.exit_code == 0, result.output
 
 

@@ -153,7 +153,7 @@ def test_record_drives_adapt_and_predict(bundle, int8_resnet18, monkeypatch) -> 
 def test_cli_tune_info_adapt(bundle, int8_resnet18, tmp_path) -> None:
     from tests.test_quantize import invoke
 
-    code, out = invoke("tune", str(bundle.path), str(int8_resnet18.glyphs), "--episodes", "3", "--iters", "4",
+    code, out = invoke("tune", str(bundle.path), "--calib", str(int8_resnet18.glyphs), "--episodes", "3", "--iters", "4",
                        "--min-agreement", "1", "--min-centred-cosine", "1.5")  # only the reference can qualify
     assert code == 0, out
     assert "ort fp32 *" in out and "reference" in out and "centred cos" in out
@@ -161,5 +161,5 @@ def test_cli_tune_info_adapt(bundle, int8_resnet18, tmp_path) -> None:
     assert code == 0 and "tuned at batch 1: ort fp32" in out
     code, out = invoke("adapt", str(bundle.path), str(int8_resnet18.glyphs), "--head", "ncc", "--out", str(tmp_path / "t.npz"))
     assert code == 0, out
-    code, out = invoke("tune", str(bundle.path), str(int8_resnet18.glyphs), "--min-agreement", "2")
+    code, out = invoke("tune", str(bundle.path), "--calib", str(int8_resnet18.glyphs), "--min-agreement", "2")
     assert code == 1 and "--min-agreement is a share between 0 and 1" in out

@@ -150,7 +150,7 @@ def compare_table(rows: Iterable[Any], title: str = "Side-by-side (speedup = how
     for c in rows[0] if rows else ("stat", "speedup"):
         t.add_column(c, justify="left" if c == "stat" else "right")
     for r in rows:
-        t.add_row(*(_fmt(v) + ("x" if k == "speedup" else "") for k, v in r.items()))
+        t.add_row(*(_fmt(v) + ("x" if k == "speedup" or k.endswith("_faster") else "") for k, v in r.items()))
     return t
 
 

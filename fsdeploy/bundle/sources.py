@@ -16,7 +16,7 @@ from fsdeploy.errors import BundleError, InvalidInput
 
 KINDS = ("onnx", "trt", "torch")
 MAKE_VARIANT = {  # how a missing variant is made, by (kind, precision)
-    ("onnx", "int8"): "make one with `fsdeploy quantize {bundle} CALIB_DIR` (a folder of real images)",
+    ("onnx", "int8"): "make one with `fsdeploy quantize {bundle} --calib DIR` (a folder of real images)",
     ("onnx", "fp16"): "make one with `fsdeploy build {bundle} --precision fp16`",
 }
 

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fsdeploy.commands.output import echo_json, err_console, out_console
+from fsdeploy.commands.progress import counting, progress, progress_steps
+from fsdeploy.commands.aliases import renamed
 from fsdeploy.errors import InvalidInput
 
-console = Console()
+console = out_console()
+err = err_console()
 
 bench = typer.Typer(
     name="bench",
@@ -44,7 +46,29 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def _device_help() -> str:
+    from fsdeploy.engines.devices import HELP
+
+    return HELP
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(help=_device_help())]
+
+
+def check_device(backend: str, device: Optional[str]) -> None:
+    from fsdeploy.engines.devices import check_device as check
+
+    check(backend, device)
+
+
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder from `fsdeploy export`.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the rows as one JSON list on stdout (what --out FILE.json holds) "
+                                                     "instead of tables; progress and notes go to stderr.")]
+
+
+def _say(as_json: bool):
+    """Where a command's notes go: stdout with the tables, stderr under --json."""
+    return err if as_json else console
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the rows to this .csv or .json file.")]
 ThreadsOpt = Annotated[
     Optional[int],
@@ -57,7 +81,7 @@ ThreadsOpt = Annotated[
 def macs(
     bundle: BundleArg,
     ways: Annotated[int, typer.Option(min=1, help="Classes in the task (K).")] = 5,
-    shots: Annotated[int, typer.Option(min=1, help="Support images per class; the task has ways x shots.")] = 1,
+    shots: Annotated[str, typer.Option(help="Support images per class (the task has ways x shots); comma-separated for one table block each, e.g. 1,5.")] = "1",
     setting: Annotated[
         Optional[list[str]],
         typer.Option(help="Named task shape instead of --ways/--shots: 5w1s, 5w5s, md-max (50 ways, 500 images). Repeatable."),
@@ -67,6 +91,7 @@ def macs(
     accuracy: Annotated[
         Optional[Path], typer.Option(help="Rows from `fsdeploy bench accuracy --out` (.json or .csv) to plot against MACs.")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """MACs to adapt one task and per query image, and numbers adapted, for every method fsdeploy supports.
 
@@ -85,18 +110,22 @@ def macs(
     if plot is not None and accuracy is None:
         raise InvalidInput("--plot needs --accuracy ROWS (from `fsdeploy bench accuracy --out`)")
     b = load_bundle(bundle)
-    tasks = [task_shape(None, None, s) for s in setting] if setting else [task_shape(ways, shots, None)]
-    with console.status("counting MACs on the bundle's torch modules"):
+    tasks = [task_shape(None, None, s) for s in setting] if setting else [task_shape(ways, k, None) for k in _ints(shots, '--shots')]
+    say = _say(as_json)
+    with progress(say, "counting MACs on the bundle's torch modules"):
         counts = count_bundle(b)
     tables = [bundle_costs(b, t, counts=counts) for t in tasks]
     rows = [r for t in tables for r in t.rows]
     m = b.manifest
-    console.print(cost_table(rows, title=f"MACs to adapt one task, {m.model} ({m.adapter}, {m.preprocess.input_size[-1]} px)"))
+    if as_json:
+        echo_json(rows)
+    else:
+        console.print(cost_table(rows, title=f"MACs to adapt one task, {m.model} ({m.adapter}, {m.preprocess.input_size[-1]} px)"))
     for key, why in tables[0].skipped.items():
-        console.print(f"[dim]not costed: {key} ({why})[/dim]")
+        say.print(f"[dim]not costed: {key} ({why})[/dim]")
     if out is not None:
         write_rows(out, rows)
-        console.print(f"wrote {len(rows)} rows to {out}")
+        say.print(f"wrote {len(rows)} rows to {out}")
     if plot is not None and accuracy is not None:
         from fsdeploy.bench.methods import join_accuracy
         from fsdeploy.bench.render import plot_accuracy_vs_macs, read_rows
@@ -104,10 +133,10 @@ def macs(
         acc_rows = read_rows(accuracy)
         merged = [r for t, tab in zip(tasks, tables) for r in join_accuracy(tab.rows, acc_rows, t)]
         plot_accuracy_vs_macs(merged, plot, title=f"{m.model}: accuracy vs MACs to adapt one task")
-        console.print(f"wrote {plot} ({len(merged)} methods with accuracy)")
+        say.print(f"wrote {plot} ({len(merged)} methods with accuracy)")
 
 
-@bench.command("accuracy")
+@bench.command("accuracy", cls=renamed({"--heads": "--methods"}))
 def accuracy(
     bundle: BundleArg,
     data: Annotated[Path, typer.Option(help="ImageFolder of labelled images (e.g. a glyph corpus from `fsdeploy data glyphs`).")],
@@ -116,7 +145,7 @@ def accuracy(
     shots: Annotated[str, typer.Option(help="Comma-separated support images per class, one run each.")] = "1,5",
     queries: Annotated[int, typer.Option(min=1, help="Query images per class per episode.")] = 15,
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting (600 for paper-style 95% CIs).")] = 600,
-    heads: Annotated[
+    methods: Annotated[
         Optional[str],
         typer.Option(help="Comma-separated methods: head methods ncc, simpleshot, ci, linear, linear-newton, baseline, baseline++, "
                           "lt-ncc, and per-task fine-tuners tsa, tsa-seen, bn-affine, bn-affine-olor (fitted, folded and run on "
@@ -127,7 +156,9 @@ def accuracy(
     seed: Annotated[int, typer.Option(help="Seed of the episode draws (same seed: same episodes for every method).")] = 0,
     backend: Annotated[str, typer.Option(help="Engine backend: ort, torch, trt.")] = "ort",
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     out: OutOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Few-shot accuracy (mean ± 95% CI over seeded episodes) through the deployed path: engine + numpy head.
 
@@ -144,44 +175,74 @@ def accuracy(
     from fsdeploy.engines import EngineOptions
     from fsdeploy.bundle import load_bundle
 
+    check_device(backend, device)
     b = load_bundle(bundle)
-    keys = parse_keys(heads, b.manifest.adapter)
-    if heads is None and "simpleshot" in keys and "base_mean" not in b.manifest.extra:
+    keys = parse_keys(methods, b.manifest.adapter)
+    if methods is None and "simpleshot" in keys and "base_mean" not in b.manifest.extra:
         keys = tuple(k for k in keys if k != "simpleshot")
-        console.print(f"[yellow]simpleshot skipped: {bundle} has no base-class mean (export with --base-data DIR)[/yellow]")
+        _say(as_json).print(f"[yellow]simpleshot skipped: {bundle} has no base-class mean (export with --base-data DIR)[/yellow]")
     methods = accuracy_methods(keys, b.manifest.adapter)
     files = scan_image_folder(data, classes=split_classes(data, split))
     settings = (0,) if variable else _ints(shots, "--shots")
     rows = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
+    with counting(console, "episodes") as bar:
         for k in settings:
             task = bar.add_task("variable ways/shots" if variable else f"{ways}-way {k}-shot", total=episodes)
             rows += evaluate(b, files, methods, ways=ways, shots=max(k, 1), queries=queries, episodes=episodes,
-                             seed=seed + k, variable=variable, backend=backend, options=EngineOptions(threads=threads),
+                             seed=seed + k, variable=variable, backend=backend, options=EngineOptions(threads=threads, device=device),
                              progress=lambda n, task=task: bar.advance(task, n))
     which = split if (data / "splits.json").is_file() and split != "all" else "all classes"
-    console.print(accuracy_table([r.to_dict() for r in rows],
-                                 title=f"accuracy (%, mean ± 95% CI) on {len(files.classes)} classes of {data} ({which})"))
+    if as_json:
+        echo_json([r.to_dict() for r in rows])
+    else:
+        console.print(accuracy_table([r.to_dict() for r in rows],
+                                     title=f"accuracy (%, mean ± 95% CI) on {len(files.classes)} classes of {data} ({which})"))
     if out is not None:
         write_rows(out, [r.to_dict() for r in rows])
-        console.print(f"wrote {len(rows)} rows to {out}")
+        _say(as_json).print(f"wrote {len(rows)} rows to {out}")
 
 
-@bench.command("latency")
+def _compare_rows(runs, backends: list[str]) -> tuple[list[dict], list[str]]:
+    """Ratio rows per batch and other backend, and one sentence per pair saying which is faster and by how much.
+
+    Each row keeps `speedup` (how many times faster the other backend is, as `fsdeploy.bench.latency.compare`
+    defines it) and adds `<first>_faster`, its inverse: how many times faster the first backend is.
+    """
+    from fsdeploy.bench.latency import compare as compare_stats
+
+    first = backends[0]
+    rows, verdicts = [], []
+    for bs in sorted({r.batch for r in runs}):
+        a = next(r.engine for r in runs if r.batch == bs and r.backend == first)
+        for other in backends[1:]:
+            c = next(r.engine for r in runs if r.batch == bs and r.backend == other)
+            for row in compare_stats(a, c, names=(first, other)):
+                sp = row["speedup"]
+                rows.append({"kind": "compare", "batch": bs, "vs": other, **row, f"{first}_faster": 1.0 / sp if sp else float("inf")})
+            med_a, med_c = a.median, c.median
+            if med_a > 0 and med_c > 0:
+                fast, slow, ratio = (first, other, med_c / med_a) if med_a <= med_c else (other, first, med_a / med_c)
+                verdicts.append(f"batch {bs}: {fast} is {ratio:.1f}x faster than {slow} (median {med_a:.3g} ms vs {med_c:.3g} ms)"
+                                if fast == first else
+                                f"batch {bs}: {fast} is {ratio:.1f}x faster than {slow} (median {med_c:.3g} ms vs {med_a:.3g} ms)")
+    return rows, verdicts
+
+
+@bench.command("latency", cls=renamed({"--batch": "--batches"}))
 def latency(
     bundle: BundleArg,
     backend: Annotated[str, typer.Option(help="Engine backend: ort (CPU default), trt (NVIDIA GPU), torch (eager reference).")] = "ort",
-    batch: Annotated[str, typer.Option("--batches", "--batch", help="Comma-separated batch sizes to time, one run each (--batch is the former name).")] = "1,8,32",
+    batch: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes to time, one run each.")] = "1,8,32",
     warmup: Annotated[int, typer.Option(help="Untimed calls first (allocation, graph optimisation, caches).")] = 5,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per backend and batch (default 30).")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Or: seconds of timed calls per backend and batch.")] = None,
     compare: Annotated[
         Optional[str],
         typer.Option(help="Backends timed side by side in one run, the first as reference, e.g. ort,openvino,torch or "
-                          "ort,openvino:bf16,ort:int8 (backend:precision); prints each one's speedup over the first."),
+                          "ort,openvino:bf16,ort:int8 (backend:precision); prints how many times faster the first is than each other."),
     ] = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of real images to time (default: photo crops).")] = None,
     support: Annotated[
         Optional[Path], typer.Option(help="Support ImageFolder for adaptation timing (default: 5 classes x 5 photo crops).")
@@ -192,6 +253,7 @@ def latency(
     adapt_repeats: Annotated[int, typer.Option(help="Adaptations per method (medians are shown).")] = 3,
     rounds: Annotated[int, typer.Option(help="Round-robin rounds the timed calls are split into (noise hits every side alike).")] = 5,
     out: OutOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Query latency percentiles and throughput per batch size, and adaptation wall time split into its parts.
 
@@ -200,9 +262,8 @@ def latency(
     throughput it leaves. A run whose spread is too wide is flagged as unstable. Adaptation is timed per
     method as load + engine pass over the support set (CaSE: context pass and γ) + head fit + write.
 
-    Example: fsdeploy bench latency bundle/ --batch 1,8,32 --compare ort,openvino,torch --iters 50
+    Example: fsdeploy bench latency bundle/ --batches 1,8,32 --compare ort,openvino,torch --iters 50
     """
-    from fsdeploy.bench.latency import compare as compare_stats
     from fsdeploy.bench.measure import adaptation_times, path_latency, write_photo_folder
     from fsdeploy.bench.methods import adaptation_specs
     from fsdeploy.bench.render import compare_table, latency_table, rows_table, write_rows
@@ -214,39 +275,43 @@ def latency(
     backends = [s.strip() for s in compare.split(",")] if compare else [backend]
     if compare and len(backends) < 2:
         raise InvalidInput(f"--compare takes two or more backends like ort,openvino,torch; got {compare!r}")
-    options = EngineOptions(threads=threads)
+    for name in backends:
+        check_device(name.split(":")[0], device)
+    options = EngineOptions(threads=threads, device=device)
     specs = adaptation_specs([k.strip() for k in methods.split(",") if k.strip()])
     with tempfile.TemporaryDirectory() as tmp:
         files = list_images([images]) if images else list_images([write_photo_folder(Path(tmp) / "photos", classes=3, per_class=8)])
-        with console.status(f"timing {', '.join(backends)} at batch {batch}"):
+        say = _say(as_json)
+        with progress_steps(say, f"timing {', '.join(backends)} at batches {batch}"):
             runs = path_latency(b, files, backends=backends, batches=_ints(batch, "--batches"), options=options,
                                 warmup=warmup, iters=iters, budget_s=budget, rounds=rounds)
         rows = [{"kind": "latency", **r.row()} for r in runs]
-        console.print(latency_table(rows, title=f"query latency (ms) of {b.manifest.model} ({b.manifest.adapter})"))
+        if not as_json:
+            console.print(latency_table(rows, title=f"query latency (ms) of {b.manifest.model} ({b.manifest.adapter})"))
         if compare:
-            ratio_rows = []
-            for bs in sorted({r.batch for r in runs}):
-                a = next(r.engine for r in runs if r.batch == bs and r.backend == backends[0])
-                for other in backends[1:]:
-                    c = next(r.engine for r in runs if r.batch == bs and r.backend == other)
-                    ratio_rows += [{"kind": "compare", "batch": bs, "vs": other, **row}
-                                   for row in compare_stats(a, c, names=(backends[0], other))]
-            if len(backends) > 2:  # one table: each row's compared backend is named in "vs", its value in "other"
-                shown = [{("other" if k == r["vs"] else k): v for k, v in r.items() if k != "kind"} for r in ratio_rows]
-            else:
-                shown = [{k: v for k, v in r.items() if k not in ("kind", "vs")} for r in ratio_rows]
-            console.print(compare_table(shown,
-                                        title=f"side by side: speedup = how many times faster each is than {backends[0]}"))
+            ratio_rows, verdicts = _compare_rows(runs, backends)
+            if not as_json:
+                if len(backends) > 2:  # one table: each row's compared backend is named in "vs", its value in "other"
+                    shown = [{("other" if k == r["vs"] else k): v for k, v in r.items() if k not in ("kind", "speedup")} for r in ratio_rows]
+                else:
+                    shown = [{k: v for k, v in r.items() if k not in ("kind", "vs", "speedup")} for r in ratio_rows]
+                console.print(compare_table(shown, title=f"side by side: {backends[0]}_faster = how many times faster "
+                                                         f"{backends[0]} is (> 1: {backends[0]} faster)"))
+                for line in verdicts:
+                    console.print(line)
             rows += ratio_rows
         if specs:
             folder = support or write_photo_folder(Path(tmp) / "support", classes=5, per_class=5, seed=1)
-            with console.status("timing adaptation"):
+            with progress(say, "timing adaptation"):
                 adapt = adaptation_times(b, folder, specs, backend=backends[0], options=options, repeats=adapt_repeats)
-            console.print(rows_table([r.as_dict() for r in adapt], title="adaptation wall time per task (median ms per part)"))
+            if not as_json:
+                console.print(rows_table([r.as_dict() for r in adapt], title="adaptation wall time per task (median ms per part)"))
             rows += [{"kind": "adaptation", **r.as_dict()} for r in adapt]
+    if as_json:
+        echo_json(rows)
     if out is not None:
         write_rows(out, rows)
-        console.print(f"wrote {len(rows)} rows to {out}")
+        _say(as_json).print(f"wrote {len(rows)} rows to {out}")
 
 
 @bench.command("perf")
@@ -264,6 +329,7 @@ def perf(
     support: Annotated[Optional[int], typer.Option(help="Support images of target 3 (default 100).")] = None,
     sizes: Annotated[Optional[str], typer.Option(help="Support sizes of target 4 (default 50,100,200,500).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the whole report (every table) as JSON.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole report (what --out holds) as JSON on stdout instead of tables.")] = False,
 ) -> None:
     """Issue #8's targets, one command: each ratio with its raw timings and spreads, and a status row per target.
 
@@ -289,8 +355,15 @@ def perf(
         img_size=img_size, models=tuple(models.split(",")) if models else None, case_model=case_model, support=support,
         memory_sizes=_ints(sizes, "--sizes") if sizes else None,
     )
-    with console.status("measuring") as status:
-        report = run_perf(cfg, say=lambda m: (console.print(f"[dim]{m}[/dim]"), status.update(m)))
+    say = _say(as_json)
+    with progress_steps(say, "measuring") as status:
+        report = run_perf(cfg, say=lambda m: status.update(m))  # type: ignore[attr-defined]
+    if as_json:
+        echo_json(report.to_dict())
+        if out is not None:
+            write_text(out, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+            err.print(f"wrote {out}")
+        return
     for title, rows in report.tables.items():
         console.print(rows_table(rows, title=title))
     console.print(status_table([vars(r) for r in report.results], title=f"issue #8 targets ({'quick' if quick else 'full'} run, {threads} threads)"))

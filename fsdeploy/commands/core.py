@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fsdeploy.commands.progress import progress
+from fsdeploy.commands.output import err_console, out_console
+from fsdeploy.commands.progress import progress, progress_steps
 
-console = Console()
-err = Console(stderr=True)
+console = out_console()
+err = err_console()
 OPSET_MIN, OPSET_MAX = 9, 20  # 9: lowest that exports these backbones (checked); 20: torch.onnx TorchScript exporter max
 
 PRECISION_HELP = (
@@ -20,6 +20,12 @@ PRECISION_HELP = (
     "on --backend openvino (CPUs with AVX512-BF16 / AMX); fp16 on --backend trt (engines from `fsdeploy build "
     "--precision fp16`). Default: the bundle's `fsdeploy tune` choice on this CPU, else fp32."
 )
+
+
+def _device_help() -> str:
+    from fsdeploy.engines.devices import HELP
+
+    return HELP
 
 
 def _adapter_help(exported: bool) -> str:
@@ -51,6 +57,21 @@ def _adapt_doc() -> str:
 
 
 ADAPT_DOC = _adapt_doc()
+DeviceOpt = Annotated[Optional[str], typer.Option(help=_device_help())]
+
+
+def with_device(choice, device: Optional[str]):
+    """The engine choice with `--device` applied (checked against its backend first)."""
+    import dataclasses
+
+    from fsdeploy.engines.devices import check_device
+
+    if device is None:
+        return choice
+    check_device(choice.backend, device)
+    return dataclasses.replace(choice, options=dataclasses.replace(choice.options, device=device))
+
+
 BACKEND_HELP = "Engine backend: ort, openvino, torch, trt. Default: the bundle's `fsdeploy tune` choice on this CPU, else ort."
 
 
@@ -63,11 +84,12 @@ def _validation_table(report: dict) -> Table:
 
 def _duration(ms: float) -> str:
     """Milliseconds as people read them: '412 ms', '5.3 s', '5 min 34 s'."""
-    if ms < 10_000:
+    if ms < 1_000:
         return f"{ms:.0f} ms"
-    if ms < 120_000:
+    if ms < 59_950:
         return f"{ms / 1e3:.1f} s"
-    return f"{int(ms // 60_000)} min {ms % 60_000 / 1e3:.0f} s"
+    seconds = round(ms / 1e3)
+    return f"{seconds // 60} min {seconds % 60} s"
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
@@ -148,7 +170,7 @@ def register(app: typer.Typer) -> None:
 
             with progress(err if as_json else console, "computing the base-class mean feature") as status:
                 bundle = add_base_mean(bundle, base_data, classes=split_classes(base_data, base_split),
-                                       progress=lambda i, n: status.update(f"base-class mean: {i}/{n} images"))
+                                       progress=lambda i, n: status.update(f"base-class mean: {i}/{n} images", often=i < n))
             rec = bundle.manifest.extra["base_mean"]
             if not as_json:
                 console.print(f"base-class mean of {rec['images']} images in {rec['classes']} classes -> {rec['file']}")
@@ -221,6 +243,7 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
         batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine.")] = None,
+        device: DeviceOpt = None,
         seed: Annotated[int, typer.Option(help="Seed for the head's random draws.")] = 0,
         adapter: Annotated[
             Optional[str],
@@ -234,6 +257,7 @@ def register(app: typer.Typer) -> None:
             Optional[list[str]],
             typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback (linear) or --head-opt distance=cosine (ncc); keys per head are listed above."),
         ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (task, classes, head, timings in ms) instead of the summary line.")] = False,
     ) -> None:
         from fsdeploy.adapters import ADAPTERS
         from fsdeploy.bundle import load_bundle
@@ -255,14 +279,23 @@ def register(app: typer.Typer) -> None:
         fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer)) if v is not None}
         # a fine-tuner runs its own folded fp32 graph: a tuned choice does not apply to it
         tuner = bool(adapter) and ADAPTERS.get(adapter).finetuner
-        choice = resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads)
+        choice = with_device(resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads), device)
         if choice.note:
             err.print(choice.note)
-        with progress(console, "adapting"):
+        what = f"adapting ({adapter}: {steps} steps on the support set, then fold and re-export)" if tuner else "adapting"
+        with progress_steps(err if as_json else console, what):
             task, t = adapt_task(
                 b, support, out, adapter=adapter, head=head, transform=transform, backend=choice.backend, head_opts=opts,
                 options=choice.options, batch=batch, seed=seed, steps=steps, fit_opts=fit_opts,
             )
+        if as_json:
+            from fsdeploy.commands.output import echo_json
+
+            echo_json({"out": str(out), "classes": list(task.classes), "support": task.info["support"], "head": task.info["head"],
+                       "adapter": task.info.get("adapter"), "backend": choice.backend, "precision": choice.options.precision,
+                       "load_ms": t.load_ms, "features_ms": t.features_ms, "fit_ms": t.fit_ms, "write_ms": t.write_ms,
+                       **({"adapt_macs": task.info["adapt_macs"], "fold_max_abs": task.info["fold_max_abs"]} if "adapt_macs" in task.info else {})})
+            return
         if "adapt_macs" in task.info:
             console.print(
                 f"{task.info['adapter']}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
@@ -270,7 +303,9 @@ def register(app: typer.Typer) -> None:
             )
         console.print(
             f"wrote {out}: {len(task.classes)} classes, {task.info['support']} support images, head={task.info['head']} | "
-            f"load {_duration(t.load_ms)}, features {_duration(t.features_ms)}, fit {_duration(t.fit_ms)}, write {_duration(t.write_ms)}"
+            f"load {_duration(t.load_ms)}, features {_duration(t.features_ms)}, "
+            + (f"{adapter} fit + fold + re-export {_duration(t.fit_ms)}" if tuner else f"fit {_duration(t.fit_ms)}")
+            + f", write {_duration(t.write_ms)}"
         )
 
     @app.command()
@@ -283,6 +318,7 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
         batch: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
         threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the engine and image decoding.")] = None,
+        device: DeviceOpt = None,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Classify the readable images and report each unreadable one (exit 1 if any); default: refuse the run, naming them.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines; with --skip-bad an unreadable image is a line with an \"error\".")] = False,
     ) -> None:
@@ -297,6 +333,7 @@ def register(app: typer.Typer) -> None:
         t.check_bundle(b, task)
         # a task with its own folded graph runs that graph (fp32): a tuned choice does not apply to it
         choice = resolve_choice(b, backend, precision, threads=threads) if "graph" not in t.task_state else resolve_choice(b, backend or "ort", precision, threads=threads)
+        choice = with_device(choice, device)
         if choice.note:
             err.print(choice.note)
         preds, bad = predict_or_report(

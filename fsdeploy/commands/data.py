@@ -5,11 +5,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+from fsdeploy.commands.aliases import renamed
+
+console = out_console()
 
 data_app = typer.Typer(
     help=(
@@ -21,10 +23,10 @@ data_app = typer.Typer(
 )
 
 
-@data_app.command("glyphs")
+@data_app.command("glyphs", cls=renamed({"--size": "--img-size"}))
 def glyphs(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write: <out>/<U+XXXX_script>/<typeface>.png and <out>/splits.json.")],
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    size: Annotated[int, typer.Option("--img-size", min=1, help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the affine and stroke jitter; same seed + same fonts = identical files.")] = 0,
     min_instances: Annotated[int, typer.Option(help="Keep characters drawn by at least this many distinct typefaces.")] = 10,
     max_instances: Annotated[Optional[int], typer.Option(help="Keep at most this many typefaces per character.")] = None,
@@ -43,7 +45,7 @@ def glyphs(
 
       fsdeploy data glyphs --out data/glyphs
 
-      fsdeploy data glyphs --out /tmp/tiny --classes 24 --max-instances 10 --size 32
+      fsdeploy data glyphs --out /tmp/tiny --classes 24 --max-instances 10 --img-size 32
     """
     from fsdeploy.data.glyphs import SPLITS, generate_glyphs
     from fsdeploy.data.typefaces import DEFAULT_FONT_DIRS

@@ -5,11 +5,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import err_console, out_console
+
+console = out_console()
+err = err_console()
 
 
 def register(app: typer.Typer) -> None:
@@ -35,11 +36,13 @@ def register(app: typer.Typer) -> None:
         from fsdeploy.commands.bench import _ints
 
         k = _ints(shots, "--shots")
-        with Progress(console=console, transient=True) as bar:
+        from fsdeploy.commands.progress import counting
+
+        with counting(console, "demo") as bar:
             task = bar.add_task("episodes", total=episodes * len(k) * 2)
             result = run_demo(
                 workdir, episodes=episodes, ways=ways, shots=k, threads=threads,
-                say=lambda m: bar.console.print(f"[dim]{m}[/dim]"), tick=lambda n: bar.advance(task, n),
+                say=lambda m: err.print(f"[dim]{m}[/dim]"), tick=lambda n: bar.advance(task, n),
             )
         table = Table(title=f"{ways}-way novel-class accuracy (% ± 95% CI over {episodes} episodes), ONNX Runtime CPU")
         table.add_column("bundle")

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-console = Console()
+from fsdeploy.commands.output import out_console
+from fsdeploy.commands.aliases import renamed
+
+console = out_console()
 
 
 def distill_command(
@@ -22,7 +24,7 @@ def distill_command(
     split: Annotated[str, typer.Option(help="Glyph-corpus split to train on (ignored for a plain ImageFolder).")] = "base",
     img_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the teacher's).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the images.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch", min=1, help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Student SGD learning rate (momentum 0.9, cosine over epochs).")] = 0.1,
     weight_decay: Annotated[float, typer.Option(help="Student SGD weight decay.")] = 1e-4,
     beta: Annotated[float, typer.Option(help="Weight of the matching loss (β).")] = 0.5,
@@ -87,4 +89,4 @@ def distill_command(
 
 def register(app: typer.Typer) -> None:
     """Add `fsdeploy distill` to `app`."""
-    app.command("distill")(distill_command)
+    app.command("distill", cls=renamed({"--batch-size": "--batch"}))(distill_command)

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +18,8 @@ def register(app: typer.Typer) -> None:
     def heads(
         ways: Annotated[int, typer.Option(min=1, help="Classes in the task (K).")] = 5,
         shots: Annotated[int, typer.Option(min=1, help="Support images per class; the support set has ways x shots.")] = 5,
-        dim: Annotated[int, typer.Option(help="Feature size D of the backbone (1280 for efficientnet_b0).")] = 1280,
+        dim: Annotated[int, typer.Option(min=1, help="Feature size D of the backbone (1280 for efficientnet_b0).")] = 1280,
+        as_json: Annotated[bool, typer.Option("--json", help="Print {heads: [...], transforms: [...]} as JSON instead of tables.")] = False,
     ) -> None:
         """List the heads `fsdeploy adapt --head` accepts and the transforms `--transform` accepts.
 
@@ -28,6 +30,11 @@ def register(app: typer.Typer) -> None:
         from fsdeploy.heads.catalog import head_costs, transform_infos
 
         n = ways * shots
+        if as_json:
+            from fsdeploy.commands.output import echo_json
+
+            echo_json({"ways": ways, "support": n, "dim": dim, "heads": head_costs(n, dim, ways), "transforms": transform_infos(dim)})
+            return
         table = Table(title=f"heads: {ways}-way, {n} support images, D={dim}")
         for col, justify in (("head", "left"), ("method", "left"), ("fit MACs", "right"),
                              ("MACs / query", "right"), ("params / task", "right")):

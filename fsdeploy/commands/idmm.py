@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console()
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 
 def run_idmm(*, model: str, data: Path, out: Path, img_size: int, epochs: int, batch_size: int, lr: float | None,

@@ -5,10 +5,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.aliases import renamed
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 # Below this per-image cosine the int8 features may change predictions: say so rather than judge silently.
 CLOSE_COSINE = 0.99
@@ -42,12 +44,13 @@ def _report_table(report: dict, latency: dict) -> Table:
 def register(app: typer.Typer) -> None:
     """Add quantize to `app`."""
 
-    @app.command()
+    @app.command(cls=renamed({}))  # hides the old positional CALIB_DIR from the usage line
     def quantize(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder exported with --adapter none.")],
-        calib_dir: Annotated[
-            Path, typer.Argument(help="Real images like those the model will serve (searched recursively; class folders are fine).")
-        ],
+        calib_dir: Annotated[Optional[Path], typer.Argument(hidden=True, help="Former spelling of --calib.")] = None,
+        calib: Annotated[
+            Optional[Path], typer.Option(help="Real images like those the model will serve (searched recursively; class folders are fine).")
+        ] = None,
         images: Annotated[int, typer.Option(min=1, help="Calibrate on at most this many; up to a quarter of the folder is held out to check agreement.")] = 64,
         reduce_range: Annotated[
             Optional[bool],
@@ -63,12 +66,15 @@ def register(app: typer.Typer) -> None:
 
         Agreement depends on the model and the CPU: the report shows centred cosine (features minus the calibration mean, which raw cosine hides) and the share of few-shot nearest-centroid decisions that match FP32 on episodes from your class folders. Check them, or let `fsdeploy tune` gate it. Re-running replaces the INT8 graph.
 
-        Example: fsdeploy quantize bundle/ photos/ then fsdeploy predict bundle/ task.npz img.jpg --precision int8
+        Example: fsdeploy quantize bundle/ --calib photos/ then fsdeploy predict bundle/ task.npz img.jpg --precision int8
         """
         from fsdeploy.bench.measure import time_precisions
         from fsdeploy.bundle import load_bundle
         from fsdeploy.pipeline.quantize import quantize_bundle
 
+        from fsdeploy.commands.aliases import calib_folder
+
+        calib_dir = calib_folder(calib, calib_dir, "quantize")
         b = load_bundle(bundle)
         from fsdeploy.commands.progress import progress
 

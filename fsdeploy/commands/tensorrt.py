@@ -5,10 +5,37 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+from fsdeploy.commands.aliases import renamed
+
+console = out_console()
+
+TRT_FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+TrtBackendOpt = Annotated[
+    str,
+    typer.Option("--backend", help="Which TensorRT: tensorrt (NVIDIA TensorRT), tensorrt-rtx (TensorRT-RTX, builds on the CPU), "
+                                   "or auto: FSDEPLOY_TRT_BACKEND when set, else tensorrt when installed, else tensorrt-rtx."),
+]
+
+
+def choose_trt(flavour: str) -> None:
+    """Bind this process to the TensorRT flavour `flavour` (auto: leave the env var / installed default).
+
+    Raises:
+        InvalidInput: an unknown flavour.
+    """
+    import os
+
+    from fsdeploy.engines.trt_backend import ENV_CHOICE
+    from fsdeploy.errors import InvalidInput
+
+    if flavour == "auto":
+        return
+    if flavour not in TRT_FLAVOURS:
+        raise InvalidInput(f"--backend {flavour!r} is not a TensorRT; use auto, {', '.join(TRT_FLAVOURS)}")
+    os.environ[ENV_CHOICE] = TRT_FLAVOURS[flavour]  # read by fsdeploy.engines.trt_backend before polygraphy loads
 
 PRECISION_HELP = (
     "fp32, or fp16: the graph is first converted to FP16 as ONNX (LayerNorm, Softmax, reductions and CaSE "
@@ -27,26 +54,29 @@ def _graph_list(values: Optional[list[str]]) -> Optional[list[str]]:
 def register(app: typer.Typer) -> None:
     """Add build and compare to `app`."""
 
-    @app.command()
+    @app.command(cls=renamed({"--batch": "--profile"}))
     def build(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder made by `fsdeploy export`.")],
         precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
-        batch: Annotated[str, typer.Option("--profile", "--batch", help="Batch profile MIN:OPT:MAX the engines accept, tuned for OPT (--batch is the former name).")] = "1:8:32",
+        batch: Annotated[str, typer.Option("--profile", help="Batch profile MIN:OPT:MAX the engines accept, tuned for OPT.")] = "1:8:32",
         graphs: Annotated[Optional[list[str]], typer.Option(help="Graphs to build (repeat or comma-separate; default all).")] = None,
         force: Annotated[bool, typer.Option(help="Rebuild engines that are up to date.")] = False,
         opt_level: Annotated[Optional[int], typer.Option(help="Builder optimisation level 0-5 (0 builds fastest).")] = None,
         current_gpu: Annotated[bool, typer.Option(help="TensorRT-RTX: target this machine's GPU instead of all supported ones.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per engine record instead of the table.")] = False,
+        backend: TrtBackendOpt = "auto",
     ) -> None:
         """Build a TensorRT engine for each graph of a bundle and list it, with its sha256, in the manifest.
 
-        Uses NVIDIA TensorRT when installed, else TensorRT-RTX (pip install tensorrt-rtx polygraphy), which builds engines on the CPU without a GPU. Set FSDEPLOY_TRT_BACKEND=tensorrt or tensorrt_rtx to choose.
+        Uses NVIDIA TensorRT when installed, else TensorRT-RTX (pip install tensorrt-rtx polygraphy), which builds engines on the CPU without a GPU. Choose with --backend tensorrt or --backend tensorrt-rtx (without it: FSDEPLOY_TRT_BACKEND when set, then what is installed).
 
         Engine files are named by graph hash, TensorRT version, precision and batch profile. An engine whose graph changed, or whose file is corrupt, is rebuilt; engines for another TensorRT version are kept for the machines that have it.
 
         Example: fsdeploy build bundle/ --precision fp16 --profile 1:8:32
         """
         from fsdeploy.engines.build import build_bundle
+
+        choose_trt(backend)
 
         from fsdeploy.commands.progress import progress
 
@@ -72,12 +102,13 @@ def register(app: typer.Typer) -> None:
             table.caption = f"{records[0].backend} {records[0].backend_version}; layer types: {records[0].precision_source}"
         console.print(table)
 
-    @app.command()
+    @app.command(cls=renamed({"--n": "--batch"}))
     def compare(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder with engines from `fsdeploy build`.")],
         precision: Annotated[str, typer.Option(help="Which engines to compare: fp32 or fp16.")] = "fp32",
-        n: Annotated[int, typer.Option(min=1, help="Images per batch (real photo crops); must fit the engines' batch profile.")] = 8,
+        batch: Annotated[int, typer.Option(min=1, help="Images per batch (real photo crops); must fit the engines' batch profile.")] = 8,
         graphs: Annotated[Optional[list[str]], typer.Option(help="Graphs to compare (default all).")] = None,
+        backend: TrtBackendOpt = "auto",
     ) -> None:
         """Run ONNX Runtime and TensorRT on the same inputs; print max |diff| and cosine per output (GPU only).
 
@@ -89,9 +120,12 @@ def register(app: typer.Typer) -> None:
         from fsdeploy.errors import ValidationFailed
         from fsdeploy.bundle import load_bundle
 
+        choose_trt(backend)
         b = load_bundle(bundle)
-        with console.status("comparing") as status:
-            report = compare_bundle(b, precision=precision, n=n, graphs=_graph_list(graphs), progress=lambda m: status.update(m))
+        from fsdeploy.commands.progress import progress
+
+        with progress(console, "comparing") as status:
+            report = compare_bundle(b, precision=precision, n=batch, graphs=_graph_list(graphs), progress=lambda m: status.update(m))
         from fsdeploy.commands.tables import compare_table
 
         console.print(compare_table(report, ref="max |ORT|"))

@@ -5,11 +5,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+from fsdeploy.commands.aliases import renamed
+
+console = out_console()
 
 
 def pretrain_command(
@@ -19,7 +21,7 @@ def pretrain_command(
     split: Annotated[str, typer.Option(help="Which split's classes to train on: base (default), val or novel.")] = "base",
     img_size: Annotated[int, typer.Option(help="Training and inference side in pixels (32 trains fast on CPU).")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Images per optimiser step.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch", min=1, help="Images per optimiser step.")] = 128,
     lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate (linear warm-up, then cosine to 0); default 2e-3, idmm 5e-4.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (supervised: not on norms and biases); default 0.05, idmm 1e-3.")] = None,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.1,
@@ -105,7 +107,7 @@ def pretrain_command(
 
 def register(app: typer.Typer) -> None:
     """Add the training commands to `app`."""
-    app.command("pretrain")(pretrain_command)
+    app.command("pretrain", cls=renamed({"--batch-size": "--batch"}))(pretrain_command)
     from fsdeploy.train.metatrain_cli import register_metatrain
     from fsdeploy.train.toast_cli import register_toast
 

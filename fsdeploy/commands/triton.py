@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 triton_app = typer.Typer(
     name="triton",
@@ -31,7 +32,7 @@ def export_repo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Repository folder to write (replaced atomically).")],
     tasks: Annotated[Optional[list[str]], typer.Argument(help="Task artefacts (.npz) to serve; each under its file stem, or ID=PATH.")] = None,
     backend: Annotated[str, typer.Option(help="Features model: python (ONNX Runtime in the Python backend; runs on the PyTriton server here), onnxruntime (platform onnxruntime_onnx), tensorrt (platform tensorrt_plan; plan built on the GPU server by models/features/build_plan.sh).")] = "python",
-    device: Annotated[Optional[str], typer.Option(help="Features model device: gpu (onnxruntime: TensorRT FP16 accelerator) or cpu (onnxruntime: OpenVINO accelerator). Default: cpu for python, gpu otherwise.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Features model device: cuda (NVIDIA GPU; onnxruntime: TensorRT FP16 accelerator) or cpu (onnxruntime: OpenVINO accelerator). Default: cpu for python, cuda otherwise. gpu is the former spelling of cuda.")] = None,
     max_batch: Annotated[int, typer.Option(help="Triton max_batch_size: most images one execution merges.")] = 32,
     topk: Annotated[int, typer.Option(help="Labels per image that classify returns (all probabilities come too).")] = 5,
     queue_delay_us: Annotated[int, typer.Option(help="Dynamic batcher: longest wait for more requests, microseconds.")] = 2000,
@@ -49,6 +50,12 @@ def export_repo(
     from fsdeploy.serving.repository import write_repository
 
     paths = None if python_path is None else [p for p in python_path if p]
+    if device == "gpu":
+        from fsdeploy.commands.aliases import note
+
+        note("--device gpu", "--device cuda")  # --device gpu[:N] elsewhere is OpenVINO's Intel GPU
+    elif device == "cuda":
+        device = "gpu"  # Triton's KIND_GPU
     info = write_repository(bundle, tasks or [], out, backend=backend, device=device, max_batch=max_batch, topk=topk,
                             queue_delay_us=queue_delay_us, instances=instances, threads=threads, sys_path=paths)
     if as_json:

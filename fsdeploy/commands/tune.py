@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from fsdeploy.commands.aliases import renamed
+from fsdeploy.commands.output import out_console
+
+console = out_console()
 
 
 def tune_table(record: dict[str, Any]) -> Table:
@@ -53,10 +55,11 @@ def print_tuned(record: dict[str, Any]) -> None:
 def register(app: typer.Typer) -> None:
     """Add `tune` to `app`."""
 
-    @app.command()
+    @app.command(cls=renamed({}))  # hides the old positional CALIB_DIR from the usage line
     def tune(
         bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-        calib_dir: Annotated[Path, typer.Argument(help="Your images, one sub-folder per class (e.g. 10 classes x 20 images).")],
+        calib_dir: Annotated[Optional[Path], typer.Argument(hidden=True, help="Former spelling of --calib.")] = None,
+        calib: Annotated[Optional[Path], typer.Option(help="Your images, one sub-folder per class (e.g. 10 classes x 20 images).")] = None,
         batch: Annotated[int, typer.Option(help="Images per query call to time (1: single requests; 16: batches).")] = 1,
         min_agreement: Annotated[float, typer.Option(help="Share of few-shot decisions that must equal FP32's (0-1).")] = 0.99,
         min_centred_cosine: Annotated[
@@ -75,16 +78,21 @@ def register(app: typer.Typer) -> None:
         Candidates: ort fp32 (the reference) and int8 (after `fsdeploy quantize`), openvino fp32, bf16 (CPUs with
         AVX512-BF16 or AMX) and int8, torch fp32. Each is timed on the query path at --batch (interleaved
         rounds) and compared with ort fp32: centred cosine of the features and the share of nearest-centroid
-        decisions that match on few-shot episodes drawn from CALIB_DIR. `adapt` and `predict` then run the
+        decisions that match on few-shot episodes drawn from --calib. `adapt` and `predict` then run the
         choice unless --backend or --precision is given; `fsdeploy info` shows the table again.
 
-        Example: fsdeploy quantize bundle/ photos/ && fsdeploy tune bundle/ photos/ --batch 16
+        Example: fsdeploy quantize bundle/ --calib photos/ && fsdeploy tune bundle/ --calib photos/ --batch 16
         """
         from fsdeploy.bundle import load_bundle
         from fsdeploy.pipeline.tune import Gate, interleaved_timer, tune_bundle
 
+        from fsdeploy.commands.aliases import calib_folder
+
+        calib_dir = calib_folder(calib, calib_dir, "tune")
         b = load_bundle(bundle)
-        with console.status("tuning") as status:
+        from fsdeploy.commands.progress import progress
+
+        with progress(console, "tuning") as status:
             rec = tune_bundle(
                 b, calib_dir, batch=batch, gate=Gate(min_agreement, min_centred_cosine), threads=threads, ways=ways, shots=shots,
                 episodes=episodes, timer=interleaved_timer(iters=iters), record=record, say=lambda m: status.update(m),

@@ -27,7 +27,7 @@ class EngineOptions:
     threads: int | None = None
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers
     precision: str = "fp32"  # which variant of a graph to run (fp32, int8 after `fsdeploy quantize`, fp16 on trt)
-    device: str | None = None  # torch device
+    device: str | None = None  # cpu | cuda[:N] | gpu[:N] (OpenVINO), mapped per backend by fsdeploy.engines.devices
     # When ONNX Runtime's workers busy-wait (OrtOptions.spinning: off | run | always). None: "always" for
     # graphs that run back to back and are closed right after (the CaSE stage chain), "run" otherwise.
     # Measured: a session left spinning between runs slows the next 100 ms of other work on a 2-core

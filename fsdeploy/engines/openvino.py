@@ -262,7 +262,10 @@ class OpenVinoEngine(Engine):
 
 def openvino_options(options: EngineOptions) -> OpenVinoOptions:
     """The backend-neutral options as OpenVINO compile settings (cache on, as for ONNX Runtime)."""
-    return OpenVinoOptions(precision=options.precision, threads=options.threads, hint=options.hint or "latency", cache_dir=cache_dir())
+    from fsdeploy.engines.devices import openvino_device
+
+    return OpenVinoOptions(precision=options.precision, threads=options.threads, hint=options.hint or "latency", cache_dir=cache_dir(),
+                           device=openvino_device(options.device))
 
 
 @register_backend("openvino", "onnx", PRECISIONS, summary="OpenVINO (CPU plugin): fp32, bf16 on AVX512-BF16/AMX, int8 QDQ",

@@ -48,6 +48,7 @@ class OrtOptions:
     # default; it is 9-13% faster than "off" for efficientnet_b0 at batch 1 (see SPIN_MODES).
     spinning: str = "run"
     cpu_arena: bool = True  # the arena keeps peak buffers for reuse; off for graphs that run once
+    device_id: int = 0  # the GPU of the CUDA provider
     # Where optimised graphs are cached (`fsdeploy.engines.ort_cache`); None re-optimises at every open.
     # Only CPU sessions of graph files at graph_opt "all" use it.
     cache_dir: Path | None = None
@@ -103,12 +104,13 @@ class OrtEngine(Engine):
         else:
             model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
             preload_cuda(ort, self.providers)
-            self.session = ort.InferenceSession(model, sess_options=make_options(True), providers=provider_list(self.providers))
+            self.session = ort.InferenceSession(model, sess_options=make_options(True), providers=provider_list(self.providers, options.device_id))
         label = "in-memory graph" if isinstance(onnx_path, bytes) else Path(onnx_path).name
         self.name = f"onnxruntime[{self.session.get_providers()[0]}]:{label}"
         self._inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self._outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
-        self._cuda = CudaIO(ort, self.session, {n for n, s in self._inputs.items() if s.shape and not isinstance(s.shape[0], int)}) \
+        self._cuda = CudaIO(ort, self.session, {n for n, s in self._inputs.items() if s.shape and not isinstance(s.shape[0], int)},
+                            device_id=options.device_id) \
             if self.session.get_providers()[0] == CUDA else None  # device buffers; γ stays on the GPU
 
     def input_specs(self) -> dict[str, TensorSpec]:
@@ -145,8 +147,11 @@ class OrtEngine(Engine):
 def _open_ort(source: GraphSource, options: EngineOptions) -> Engine:
     from fsdeploy.engines.ort_cache import cache_dir
 
+    from fsdeploy.engines.devices import ort_providers
+
+    providers, device_id = ort_providers(options.device)
     ort_options = OrtOptions(
-        providers=options.providers, threads=options.threads, spinning=options.spinning or "run",
+        providers=options.providers or providers, device_id=device_id, threads=options.threads, spinning=options.spinning or "run",
         cpu_arena=options.cpu_arena, cache_dir=cache_dir(),
     )
     return OrtEngine(source.data if source.data is not None else source.path, ort_options)  # type: ignore[arg-type]

@@ -185,5 +185,5 @@ def batch_range_error(engine: str, name: str, got: int, batch: Sequence[int]) ->
     lo, opt, hi = batch
     return EngineError(
         f"{engine}: input {name!r} has batch {got}, outside this engine's profile (min {lo}, max {hi}, opt {opt}); "
-        f"split the batch or rebuild with `fsdeploy build --batch {lo}:{opt}:{max(hi, got)}`"
+        f"split the batch or rebuild with `fsdeploy build --profile {lo}:{opt}:{max(hi, got)}`"
     )

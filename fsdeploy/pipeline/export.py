@@ -136,15 +136,15 @@ def export_bundle(
     with atomic_dir(out) as tmp:
         sets = validation_inputs(built, calib=list_images([calib]) if calib else None, n=n_validate, seed=0)
         infos: dict[str, GraphInfo] = {}
-        for graph in built.graphs:
+        for i, graph in enumerate(built.graphs, 1):
             spec = replace(graph.spec, opset=opset)
             example = tuple(require("torch").from_numpy(v) for v in graph.feeds(sets["random"][:2]).values())
-            say(f"exporting {graph.filename}")
+            say(f"exporting {graph.filename}" + (f" (graph {i}/{len(built.graphs)})" if len(built.graphs) > 1 else ""))
             export_onnx(graph.module, example, tmp / graph.filename, spec)
             with open_engine(tmp / graph.filename, "ort", CPU_ONLY) as eng:
                 infos[graph.name] = GraphInfo(graph.filename, eng.input_specs(), eng.output_specs())
         if validate:
-            say("validating against PyTorch")
+            say(f"validating {len(built.graphs)} graph{'s' if len(built.graphs) > 1 else ''} against PyTorch")
             report = validate_graphs(built, tmp, sets)
             if not report.passed:
                 raise ValidationFailed(

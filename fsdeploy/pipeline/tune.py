@@ -114,7 +114,7 @@ def available_candidates(bundle: Bundle, batch: int) -> list[tuple[Candidate, st
     from fsdeploy.deps import available
 
     has_int8 = bool(bundle.manifest.find_variants(kind="onnx", precision="int8"))
-    no_int8 = "" if has_int8 else "no int8 graph: run `fsdeploy quantize BUNDLE CALIB_DIR`"
+    no_int8 = "" if has_int8 else "no int8 graph: run `fsdeploy quantize BUNDLE --calib DIR`"
     out: list[tuple[Candidate, str]] = [(Candidate("ort", "fp32"), ""), (Candidate("ort", "int8"), no_int8)]
     if available("openvino"):
         from fsdeploy.engines.openvino import hint_for_batch
@@ -314,10 +314,10 @@ def resolve_choice(bundle: Bundle, backend: str | None, precision: str | None, *
     rec = TuneRecord.from_dict(info)
     if rec.machine != machine_key():
         return Choice("ort", EngineOptions(threads=threads), f"note: {bundle.path} was tuned on another CPU; running ort fp32 "
-                      f"(run `fsdeploy tune {bundle.path} CALIB_DIR` here, or pass --backend)")
+                      f"(run `fsdeploy tune {bundle.path} --calib DIR` here, or pass --backend)")
     changed = [rel for rel, sha in rec.files.items() if bundle.manifest.files.get(rel) != sha]
     if changed:
         raise BundleError(f"the tuned choice in {bundle.path} was measured on older {', '.join(changed)}; "
-                          f"re-run `fsdeploy tune {bundle.path} CALIB_DIR` or pass --backend / --precision")
+                          f"re-run `fsdeploy tune {bundle.path} --calib DIR` or pass --backend / --precision")
     opts = EngineOptions(threads=threads if threads is not None else rec.threads, precision=rec.precision, hint=rec.hint)
     return Choice(rec.backend, opts, f"using the tuned choice: {rec.backend} {rec.precision} (`fsdeploy info` shows the evidence)")

@@ -69,7 +69,7 @@ class DistillConfig:
     def as_command(self) -> str:
         parts = ["fsdeploy", "distill", "--teacher", self.teacher, "--student", self.student, "--data", str(self.data),
                  "--out", str(self.out), "--method", self.method, "--split", self.split, "--epochs", str(self.epochs),
-                 "--batch-size", str(self.batch_size), "--lr", f"{self.lr:g}", "--beta", f"{self.beta:g}",
+                 "--batch", str(self.batch_size), "--lr", f"{self.lr:g}", "--beta", f"{self.beta:g}",
                  "--meta-lr", f"{self.meta_lr:g}", "--inner-steps", str(self.inner_steps), "--pairs", self.pairs,
                  "--aug-scale", f"{self.aug_scale:g}", "--aug-rotation", f"{self.aug_rotation:g}", "--seed", str(self.seed)]
         parts += [] if self.img_size is None else ["--img-size", str(self.img_size)]

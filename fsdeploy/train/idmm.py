@@ -74,7 +74,7 @@ class IdmmConfig:
     def as_command(self) -> str:
         crops = ",".join(str(c.count) for c in self.crops)
         parts = ["fsdeploy", "pretrain", self.model, "--recipe", "idmm", "--data", str(self.data), "--out", str(self.out),
-                 "--img-size", str(self.img_size), "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
+                 "--img-size", str(self.img_size), "--epochs", str(self.epochs), "--batch", str(self.batch_size),
                  "--lr", f"{self.lr:g}", "--weight-decay", f"{self.weight_decay:g}", "--label-smoothing",
                  f"{self.label_smoothing:g}", "--cutmix-alpha", f"{self.cutmix_alpha:g}", "--crops", crops,
                  "--seed", str(self.seed)]

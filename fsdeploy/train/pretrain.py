@@ -69,7 +69,7 @@ class PretrainConfig:
     def as_command(self) -> str:
         """The equivalent `fsdeploy pretrain` command line, with every training option spelled out."""
         parts = ["fsdeploy", "pretrain", self.model, "--data", str(self.data), "--out", str(self.out), "--split", self.split,
-                 "--img-size", str(self.img_size), "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
+                 "--img-size", str(self.img_size), "--epochs", str(self.epochs), "--batch", str(self.batch_size),
                  "--lr", f"{self.lr:g}", "--weight-decay", f"{self.weight_decay:g}", "--label-smoothing",
                  f"{self.label_smoothing:g}", "--aug-scale", f"{self.max_scale_loss:g}", "--aug-rotation",
                  f"{self.max_rotation_deg:g}", "--holdout", str(self.holdout_per_class), "--seed", str(self.seed)]

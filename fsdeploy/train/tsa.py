@@ -228,13 +228,16 @@ def _fit(
     forward: Callable[[], torch.Tensor], optimiser: torch.optim.Optimizer, labels: torch.Tensor, n_classes: int,
     steps: int,
 ) -> tuple[float, ...]:
+    from fsdeploy.steps import step
+
     losses = []
-    for _ in range(int(steps)):
+    for i in range(int(steps)):
         optimiser.zero_grad(set_to_none=True)
         loss = ncc_cosine_loss(forward(), labels, n_classes)
         loss.backward()
         optimiser.step()
         losses.append(float(loss.detach()))
+        step("fitting on the support set", i + 1, int(steps), f"loss {losses[-1]:.3f}")
     return tuple(losses)
 
 
