@@ -248,7 +248,7 @@ def test_lite_tuning_writes_a_loadable_checkpoint_via_cli(glyph_folder: Path, ba
     out = tmp_path / "lite.safetensors"
     run = CliRunner().invoke(app, [
         "toast-tune", MODEL, "--data", str(glyph_folder), "--out", str(out), "--checkpoint", str(backbone_ckpt),
-        "--img-size", str(SIZE), "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "9", "--lite-rank", "2",
+        "--img-size", str(SIZE), "--epochs", "2", "--warmup-epochs", "1", "--batch", "9", "--lite-rank", "2",
     ])
     assert run.exit_code == 0, run.output
     assert "train accuracy" in run.output
@@ -266,7 +266,7 @@ def test_pretune_then_tune_via_cli_starts_from_the_pretuned_path(glyph_folder: P
     app = typer.Typer()
     register_toast(app)
     pre, out = tmp_path / "pre.safetensors", tmp_path / "tuned.safetensors"
-    common = ["--data", str(glyph_folder), "--checkpoint", str(backbone_ckpt), "--img-size", str(SIZE), "--batch-size", "18", "--no-flip"]
+    common = ["--data", str(glyph_folder), "--checkpoint", str(backbone_ckpt), "--img-size", str(SIZE), "--batch", "18", "--no-flip"]
     run = CliRunner().invoke(app, ["toast-pretune", MODEL, *common, "--out", str(pre), "--epochs", "2", "--warmup-epochs", "1"])
     assert run.exit_code == 0, run.output
     meta = toast_metadata(pre)
