@@ -164,6 +164,8 @@ DEFAULT_METHODS: tuple[Method, ...] = (
     Method("baseline", "Baseline", "head", "baseline"),
     Method("baseline++", "Baseline++", "head", "baseline++"),
     Method("lt-ncc", "LT + NCC", "head", "lt-ncc"),
+    Method("bd-cspn", "BD-CSPN (prototype rectification)", "head", "bd-cspn",
+           note="transductive: rectified per query batch, query MACs for a batch of one"),
     Method("case-linear", "CaSE + linear (UpperCaSE)", "case", "linear"),
     Method("toast", "TOAST + linear", "toast", "linear", note="top-down tuning is per dataset: not counted"),
     Method("tsa", "TSA (alpha+beta)", "tsa", "ncc", steps=40,
