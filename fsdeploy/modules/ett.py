@@ -32,6 +32,7 @@ PR_DIM = 64  # the regulariser's projection size (pa_prefix.py:16, out_dim=64)
 STUDENT_TEMP = 0.1  # pa_prefix.py:17
 TEACHER_TEMP = 0.04  # pa_prefix.py:16 (warm-up and final teacher temperatures are both 0.04)
 CENTER_MOMENTUM = 0.9  # pa_prefix.py:18
+PREFIX_KEY = "ett/prefix"  # task-state array of the prefix keys/values (the torch backend rebuilds the task graph from it)
 
 
 def check_vit(backbone: nn.Module) -> None:

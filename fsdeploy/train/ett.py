@@ -24,7 +24,10 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
-from fsdeploy.modules.ett import PR_DIM, ETTViT, PrefixRegulariser, PrefixTaskGraph, attentive_prototypes, check_vit
+from fsdeploy.modules.ett import (
+    PR_DIM, PREFIX_KEY, ETTViT, PrefixRegulariser, PrefixTaskGraph, attentive_prototypes, check_vit, folded_state,
+)
+from fsdeploy.modules.fold import TaskWeights
 from fsdeploy.train.tsa import _device, _support, ncc_cosine_loss
 
 ETT_LR = 1e-3
@@ -50,9 +53,30 @@ class ETTResult:
     steps: int
     device: str
 
+    adapt_macs: int = 0
+
     def task_graph(self) -> PrefixTaskGraph:
         """The module the task exports: DRA folded into biases, prefix keys/values as constants."""
         return PrefixTaskGraph.from_ett(self.model).eval()
+
+    def export_module(self) -> nn.Module:
+        """What `adapters.folded.fit_folded` re-exports (the plain graph cannot hold the prefixes)."""
+        return self.task_graph()
+
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """The plain ViT's state dict with the DRA offsets folded into `attn.proj` / `mlp.fc2` biases."""
+        return folded_state(self.model)
+
+    def task_weights(self) -> TaskWeights:
+        """The DRA-folded biases ("set/...") and vartheta ("beta"); the prefixes are in `extra_arrays`."""
+        state = folded_state(self.model)
+        keys = [k for k in state if k.endswith((".attn.proj.bias", ".mlp.fc2.bias"))]
+        return TaskWeights({}, {k: state[k].float().numpy().copy() for k in keys}, self.beta.copy())
+
+    def extra_arrays(self) -> dict[str, np.ndarray]:
+        """Task-state arrays beyond TaskWeights: the prefix keys/values `(depth, 2, heads, K, head_dim)`."""
+        with torch.no_grad():
+            return {PREFIX_KEY: self.model.prefix_tokens().float().numpy().copy()}
 
 
 def ett_optimiser(model: ETTViT, vartheta: nn.Parameter, reg: PrefixRegulariser, lr: float) -> torch.optim.Optimizer:
@@ -102,7 +126,9 @@ def fit_ett(backbone: nn.Module, images: torch.Tensor | np.ndarray, labels: torc
     model = model.cpu().eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return ETTResult(model, vartheta.detach().cpu().numpy().astype(np.float32), tuple(losses), float(lr), int(steps), dev.type)
+    macs = ett_adapt_macs(backbone, int(x.shape[-1]), int(x.shape[0]), n_way, steps)
+    return ETTResult(model, vartheta.detach().cpu().numpy().astype(np.float32), tuple(losses), float(lr), int(steps), dev.type,
+                     macs)
 
 
 def ett_adapt_macs(backbone: nn.Module, img_size: int, n_support: int, n_way: int, steps: int = ETT_STEPS) -> int:
