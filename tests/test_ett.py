@@ -212,3 +212,50 @@ def test_adapt_macs_equal_a_hand_count() -> None:
     control = k * (DIM * DIM // 2 + DIM // 2 * DEPTH * 2 * DIM)
     step = n * (patch + 2 * linears + 3 * attn(k)) + 3 * control + 3 * n * DIM * DIM + 4 * k * DIM * 64
     assert ett_adapt_macs(vit, SIZE, n, k, steps) == n * (patch + linears + attn(0)) + steps * step
+
+
+@pytest.fixture(scope="module")
+def vit_bundle(tmp_path_factory):
+    from fsdeploy.pipeline.export import export_bundle
+    from tests.helpers import glyph_folder, make_checkpoint
+
+    root = tmp_path_factory.mktemp("ett")
+    ckpt = make_checkpoint("vit_tiny_patch16_224", root / "vit.safetensors", img_size=SIZE)
+    bundle, _ = export_bundle("vit_tiny_patch16_224", root / "bundle", checkpoint=ckpt, img_size=SIZE, validate=False)
+    glyph_folder(root / "glyphs", classes="ABCD", per_class=3, size=40)
+    return root, bundle
+
+
+def test_bench_accuracy_takes_ett_and_the_task_records_its_macs(vit_bundle) -> None:
+    from typer.testing import CliRunner
+
+    from fsdeploy.bench.render import read_rows
+    from fsdeploy.cli import app
+    from fsdeploy.runtime import adapt_task
+    from fsdeploy.train.ett import ett_adapt_macs
+
+    root, bundle = vit_bundle
+    out = root / "acc.json"
+    res = CliRunner(env={"COLUMNS": "300"}).invoke(app, [
+        "bench", "accuracy", str(bundle.path), "--data", str(root / "glyphs"), "--ways", "2", "--shots", "1",
+        "--queries", "1", "--episodes", "1", "--heads", "ett,ncc", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert [r["method"] for r in read_rows(out)] == ["eTT (attentive prefixes + DRA)", "NCC / ProtoNet"]
+    task, _ = adapt_task(bundle, root / "glyphs", None, adapter="ett", steps=2)
+    from fsdeploy.runtime.open import torch_graphs
+
+    backbone = torch_graphs(bundle)["features"].module
+    assert task.info["adapt_macs"] == ett_adapt_macs(backbone, SIZE, 12, 4, 2)
+    assert task.task_state["ett/prefix"].shape == (12, 2, 3, 4, 64)  # vit_tiny: 12 blocks, 3 heads of 64, 4 classes
+
+
+def test_cnn_bundles_are_refused_in_one_line(tmp_path) -> None:
+    from fsdeploy.pipeline.export import export_bundle
+    from fsdeploy.runtime import TaskAdapter
+    from tests.helpers import make_checkpoint
+
+    ckpt = make_checkpoint("resnet18", tmp_path / "r.safetensors", img_size=SIZE)
+    bundle, _ = export_bundle("resnet18", tmp_path / "b", checkpoint=ckpt, img_size=SIZE, validate=False)
+    with pytest.raises(InvalidInput, match="ett adapter is defined for vision_transformer") as err:
+        TaskAdapter(bundle, adapter="ett")
+    assert "\n" not in str(err.value)
