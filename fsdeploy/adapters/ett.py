@@ -47,7 +47,7 @@ def ett_cost(m: Any, c: Any, task: Any, head: Any, tf: Any) -> Any:
     g = c.ett
     s = m.steps or 0
     head_part = s * 3 * (head.fit_macs(n, d, k) + head.predict_macs(n, d, k)) + head.fit_macs(n, d, k)
-    return Cost(s * n * (g.forward + g.backward) + 2 * n * c.backbone + head_part, g.forward + head.predict_macs(1, d, k),
+    return Cost(s * n * (g.forward + g.backward) + n * c.backbone + n * g.forward + head_part, g.forward + head.predict_macs(1, d, k),
                 g.params + head.n_params(d, k), head_part,
                 f"attentive-prototype pass + {s} steps x whole support, forward+backward, NCC loss + PR; 1 final pass",
                 "frozen ViT: input grads + prefix/DRA/vartheta grads")

@@ -173,7 +173,7 @@ DEFAULT_METHODS: tuple[Method, ...] = (
            note="recipe of Li et al., CVPR 2022, unseen-domain rates alpha 0.5 / beta 1.0"),
     Method("tsa-seen", "TSA (alpha+beta), seen-domain rates", "tsa", "ncc", steps=40,
            note="alpha 0.05 / beta 0.1, for images like the backbone's training data"),
-    Method("ett", "eTT (attentive prefixes + DRA)", "ett", "lt-ncc", steps=40,
+    Method("ett", "eTT (attentive prefixes + DRA)", "ett", "ncc", steps=40,
            note="Xu et al., TMLR 2023: prefixes from attentive prototypes, lr 1e-3; ViT only"),
     Method("bn-affine", "BN-affine", "finetune", steps=40, graph="bn_affine"),
     Method("bn-affine-olor", "BN-affine (OLOR)", "finetune", steps=40, graph="bn_affine",
