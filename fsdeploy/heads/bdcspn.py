@@ -3,11 +3,11 @@
 Cosine-similarity prototypes of the support set are rectified with the *query batch*:
 
 1. cross-class bias diminishing: every query is shifted by xi = mean(support) - mean(queries), the
-   difference between the support and query feature means (paper eq. 5; easyfsl `bd_cspn.py:28-31`);
+   difference between the support and query feature means (easyfsl `easyfsl/methods/bd_cspn.py:28-31`);
 2. intra-class bias diminishing: the shifted queries are pseudo-labelled by cosine similarity to the
    support-mean prototypes P_n, and each class's rectified prototype is the weighted mean of its support
    features and its pseudo-labelled queries, with weights w = exp(eps * cos(x, P_n)) normalised over that
-   union (paper eq. 3-4; easyfsl `bd_cspn.py:33-55`, which uses eps = 1);
+   union (easyfsl `bd_cspn.py:33-55`, which uses eps = 1 and every query under its arg-max label);
 3. queries are classified by softmax(scale * cos(shifted query, rectified prototype)).
 
 Deployment implication: predictions depend on the query batch. The same image can get another label when
@@ -35,10 +35,11 @@ class BDCSPNHead(StateMixin, Head):
     """Transductive BD-CSPN prototype rectification: predictions depend on the query batch.
 
     Args:
-        epsilon: the weights' temperature, w = exp(epsilon * cos) (paper: 10). epsilon=1 is easyfsl's
-            BDCSPN, which uses exp(cos).
-        top_z: pseudo-labelled queries kept per class, the most confident first (by the cosine classifier's
-            softmax probability); 0 keeps every query under its arg-max label, as easyfsl does.
+        epsilon: the weights' temperature, w = exp(epsilon * cos); default 10, the paper's value as we read
+            it (not re-checked against the paper's text here). epsilon=1 is easyfsl's BDCSPN (exp(cos)).
+        top_z: pseudo-labelled queries kept per class, the most confident first (the paper adds the top-Z
+            confident queries of each class; confidence here = softmax(epsilon * cos) of the arg-max class);
+            0 keeps every query under its arg-max label, as easyfsl does (default).
         scale: logit multiplier of the final cosine classifier (does not change the arg-max).
         shift: apply the cross-class mean shift (False: intra-class rectification only, for ablation).
         seed: unused (the fit is deterministic); kept so every head takes one.
