@@ -49,6 +49,7 @@ COUNTS = CountedMacs(
     tsa=TrainedGraph(110, 120, 50),
     case=CaseCounts(forward=105, mlp=7, gamma=12),
     toast=130,
+    ett=TrainedGraph(140, 150, 60),
 )
 TASK = TaskShape.from_shots(3, 2)  # n = 6 support images, K = 3, D = 4
 
@@ -115,6 +116,13 @@ def test_tsa_pays_steps_with_ncc_loss_and_a_final_prototype_pass() -> None:
     assert row.query_macs == 110 + 12
     assert row.params_adapted == 50 + _params("ncc")
     assert "frozen backbone" in row.backward
+
+
+def test_ett_pays_an_init_pass_steps_and_a_final_pass() -> None:
+    row = _rows()["ett"]
+    loss = _fit("ncc") + 6 * 4 * 3
+    assert row.adapt_macs == 40 * (6 * (140 + 150) + 3 * loss) + 6 * 100 + 6 * 140 + _fit("ncc")
+    assert row.query_macs == 140 + 12 and row.params_adapted == 60 + _params("ncc")
 
 
 def test_recipes_are_configurable_and_stated() -> None:

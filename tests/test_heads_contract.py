@@ -30,6 +30,7 @@ HEAD_CASES: dict[str, list[dict]] = {
                    {"epochs": 3, "scale": 10.0}, {"epochs": 2, "scale": "auto"}],
     "lt-ncc": [{"steps": 5}, {"steps": 0}, {"steps": 5, "optimizer": "rollback", "lr": 0.1}],
     "linear-newton": [{}, {"standardise": False}, {"steps": 2, "cg_steps": 3, "l2": 1e-2}],
+    "bd-cspn": [{}, {"epsilon": 1.0}, {"top_z": 2, "shift": False, "scale": 3.0}],
 }
 TRANSFORM_CASES: dict[str, list[dict]] = {
     "none": [{}],

@@ -54,6 +54,8 @@ def hand_fit_macs(name: str, head, n: int, d: int, k: int) -> int:
         cg = n * n * k + 3 * n * k
         newton = n * n * k + n * k + head.cg_steps * cg + 3 * n * k
         return (d * n if head.standardise else 0) + n * n * d + head.steps * newton + k * n * d
+    if name == "bd-cspn":  # class means, |p|, support norms, cos to own mean, weighted class sums
+        return k * n * d + k * d + n * d + n * d + k * n * d
     raise AssertionError(f"no hand formula for {name}")
 
 
@@ -66,6 +68,8 @@ def hand_predict_macs(name: str, head, m: int, d: int, k: int) -> int:
         return m * d + m * d * k
     if name == "lt-ncc":
         return m * d * d + m * d + m * d * k
+    if name == "bd-cspn":  # query norms, cos to means, pseudo-labelled sums, |p'|, final cos
+        return m * d + m * d * k + k * m * d + k * d + m * d * k
     raise AssertionError(f"no hand formula for {name}")
 
 

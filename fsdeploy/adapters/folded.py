@@ -79,13 +79,17 @@ def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np
     t0 = time.perf_counter()
     backbone = torch_graphs(bundle)["features"].module
     res = kind.fit(backbone, images, labels, steps=steps, **(fit_opts or {}))
-    folded = copy.deepcopy(backbone)
-    folded.load_state_dict(res.folded_state())
+    if hasattr(res, "export_module"):  # a graph the plain one cannot hold (eTT's prefix tokens)
+        folded = res.export_module()
+    else:
+        folded = copy.deepcopy(backbone)
+        folded.load_state_dict(res.folded_state())
     folded.eval()
     graph = export_bytes(folded, torch.from_numpy(images[:2]), bundle.manifest.opset)
     weights = res.task_weights()
     fit_ms = (time.perf_counter() - t0) * 1e3
-    state: dict[str, np.ndarray] = {"graph": np.frombuffer(graph, dtype=np.uint8), **weights.to_arrays()}
+    state: dict[str, np.ndarray] = {"graph": np.frombuffer(graph, dtype=np.uint8), **weights.to_arrays(),
+                                    **(res.extra_arrays() if hasattr(res, "extra_arrays") else {})}
     with open_engine(graph, "ort") as engine:
         feats = np.concatenate([engine.run({"images": images[i:i + CHECK_BATCH]})["features"] for i in range(0, len(images), CHECK_BATCH)])
     with torch.no_grad():
@@ -100,6 +104,8 @@ def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np
     recipe = {k: getattr(res, k) for k in ("lr_alpha", "lr_beta", "lr", "optimizer") if hasattr(res, k)}
     info = {"adapter": kind.name, "steps": steps, **(fit_opts or {}), **recipe, "fold_max_abs": report.checks[0].max_abs,
             "task_weight_bytes": int(weights.nbytes), "losses": [float(v) for v in res.losses[:: max(1, len(res.losses) // 8)]]}
-    if kind.fit_macs is not None:
+    if getattr(res, "adapt_macs", 0):  # counted by the fit itself (it depends on the task's ways: eTT)
+        info["adapt_macs"] = int(res.adapt_macs)
+    elif kind.fit_macs is not None:
         info["adapt_macs"] = int(kind.fit_macs(backbone, bundle.manifest.preprocess.input_size[-1], len(images), steps))
     return FoldedTask(state, head, feats, report, info, fit_ms)

@@ -126,9 +126,10 @@ class CountedMacs:
     tsa: TrainedGraph | None = None
     case: CaseCounts | None = None
     toast: int | None = None
+    ett: TrainedGraph | None = None  # eTT's prefix ViT; not filled by the counters yet (its size depends on the ways)
 
 
-ADAPTER_FIELDS = ("case", "toast", "tsa")  # CountedMacs fields an adapter kind's counter fills
+ADAPTER_FIELDS = ("case", "toast", "tsa", "ett")  # CountedMacs fields an adapter kind's counter fills
 TRANSFORM_KINDS = ("head", "toast", "case")  # method kinds whose features a transform may precede
 
 
@@ -164,12 +165,16 @@ DEFAULT_METHODS: tuple[Method, ...] = (
     Method("baseline", "Baseline", "head", "baseline"),
     Method("baseline++", "Baseline++", "head", "baseline++"),
     Method("lt-ncc", "LT + NCC", "head", "lt-ncc"),
+    Method("bd-cspn", "BD-CSPN (prototype rectification)", "head", "bd-cspn",
+           note="transductive: rectified per query batch, query MACs for a batch of one"),
     Method("case-linear", "CaSE + linear (UpperCaSE)", "case", "linear"),
     Method("toast", "TOAST + linear", "toast", "linear", note="top-down tuning is per dataset: not counted"),
     Method("tsa", "TSA (alpha+beta)", "tsa", "ncc", steps=40,
            note="recipe of Li et al., CVPR 2022, unseen-domain rates alpha 0.5 / beta 1.0"),
     Method("tsa-seen", "TSA (alpha+beta), seen-domain rates", "tsa", "ncc", steps=40,
            note="alpha 0.05 / beta 0.1, for images like the backbone's training data"),
+    Method("ett", "eTT (attentive prefixes + DRA)", "ett", "ncc", steps=40,
+           note="Xu et al., TMLR 2023: prefixes from attentive prototypes, lr 1e-3; ViT only"),
     Method("bn-affine", "BN-affine", "finetune", steps=40, graph="bn_affine"),
     Method("bn-affine-olor", "BN-affine (OLOR)", "finetune", steps=40, graph="bn_affine",
            note="Adam + OLOR rollback to the pretrained BN weights"),

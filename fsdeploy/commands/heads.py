@@ -25,7 +25,9 @@ def register(app: typer.Typer) -> None:
 
         Costs are exact multiply-accumulate counts of the numpy implementation for one task of this shape,
         so you can pick a head by its on-device cost: e.g. linear-newton fits a linear classifier with a
-        small fraction of the linear head's MACs. Example: fsdeploy heads --ways 10 --shots 10 --dim 384
+        small fraction of the linear head's MACs. Transductive heads (bd-cspn) rectify with the query batch:
+        a prediction depends on the other images scored with it, and MACs / query is for a batch of one.
+        Example: fsdeploy heads --ways 10 --shots 10 --dim 384
         """
         from fsdeploy.heads.catalog import head_costs, transform_infos
 

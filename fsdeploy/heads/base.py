@@ -28,6 +28,9 @@ class Head(ABC):
     """
 
     name: ClassVar[str] = ""
+    # True: predict_proba uses statistics of the query batch it is given (BD-CSPN), so a row's prediction
+    # depends on the other rows; callers score a task's queries as one batch (runtime.predict_images does)
+    transductive: ClassVar[bool] = False
 
     @abstractmethod
     def fit(self, feats: F32, labels: I64, rng: np.random.Generator | None = None) -> Head:

@@ -259,6 +259,8 @@ def predict_images(
     path = feature_path(bundle, backend, options, task_state=task.task_state)
     out: list[Prediction] = []
     k = max(1, min(topk, len(task.classes)))
+    # a transductive head (bd-cspn) uses the query batch's statistics: score every image of this call at once
+    pending: list[tuple[list[str | Path], np.ndarray]] | None = [] if model.head.transductive else None
     try:
         for i in range(0, len(paths), batch):
             chunk = paths[i : i + batch]
@@ -272,11 +274,23 @@ def predict_images(
                     continue
                 pixels = np.stack([a for a in loaded if not isinstance(a, InvalidInput)])
             feats = path.query(pixels, task.task_state)
+            if pending is not None:
+                pending.append((list(chunk), feats))
+                continue
             with name_bad_images(chunk, "query"):
                 probs = model.predict_proba(feats)
-            order = np.argsort(-probs, axis=1)[:, :k]
-            for p, row, idx in zip(chunk, probs, order):
-                out.append(Prediction(str(p), tuple(task.classes[j] for j in idx), tuple(float(row[j]) for j in idx)))
+            out += _top_k(task, chunk, probs, k)
+        if pending:
+            chunk = [p for c, _ in pending for p in c]
+            with name_bad_images(chunk, "query"):
+                probs = model.predict_proba(np.concatenate([f for _, f in pending]))
+            out += _top_k(task, chunk, probs, k)
     finally:
         path.close()
     return out
+
+
+def _top_k(task: TaskArtefact, chunk: Sequence[str | Path], probs: np.ndarray, k: int) -> list[Prediction]:
+    order = np.argsort(-probs, axis=1)[:, :k]
+    return [Prediction(str(p), tuple(task.classes[j] for j in idx), tuple(float(row[j]) for j in idx))
+            for p, row, idx in zip(chunk, probs, order)]

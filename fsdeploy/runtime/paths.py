@@ -121,6 +121,14 @@ def folded_module(bundle: Bundle, task_state: dict[str, np.ndarray]) -> Any:
     weights = TaskWeights.from_arrays(task_state)
     module = copy.deepcopy(plain)
     module.load_state_dict(weights.apply(plain.state_dict()))
+    from fsdeploy.modules.ett import PREFIX_KEY
+
+    if PREFIX_KEY in task_state:  # eTT: the ViT with its prefix keys/values in every block
+        import torch
+
+        from fsdeploy.modules.ett import PrefixTaskGraph
+
+        return PrefixTaskGraph(module.eval(), torch.from_numpy(np.asarray(task_state[PREFIX_KEY]))).eval()
     return module.eval()
 
 

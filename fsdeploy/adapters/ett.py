@@ -1,0 +1,68 @@
+"""The `ett` adapter kind: eTT's attentive prefix tuning + domain residual adapters, fitted per task (ViT only).
+
+Xu et al., "Exploring Efficient Few-shot Adaptation for Vision Transformers", TMLR 2023 (official code
+chmxu/eTT_TMLR2022). The fit (`fsdeploy.train.ett`) tunes one prefix token per class (initialised from
+attentive prototypes), its `control_trans` map, the DRA offsets and the pre-classifier map vartheta on the
+support set. The task graph is the bundle's ViT re-exported with the DRA folded into its biases and the
+prefix keys/values as constants; vartheta becomes the stored head's alignment (cosine NCC, as TSA's beta).
+The prefixes make the task graph's attention K tokens wider than the plain ViT's (K = the task's ways).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fsdeploy.adapters.base import AdapterKind, register_adapter
+
+
+def fit(backbone: Any, images: Any, labels: Any, *, steps: int, lr: float | str | None = None, device: str | None = None) -> Any:
+    """eTT's per-task fit: `steps` AdamW steps at learning rate `lr` (official default 1e-3)."""
+    from fsdeploy.errors import InvalidInput
+    from fsdeploy.train.ett import ETT_LR, fit_ett
+
+    try:
+        rate = ETT_LR if lr is None else float(lr)
+    except ValueError:
+        raise InvalidInput(f"--lr must be a number (eTT's official default is {ETT_LR}); got {lr!r}") from None
+    if not rate > 0:
+        raise InvalidInput(f"--lr must be > 0; got {lr!r}")
+    return fit_ett(backbone, images, labels, steps=steps, lr=rate, device=device)
+
+
+def head(result: Any) -> Any:
+    from fsdeploy.heads.pipeline import TaskModel
+
+    return TaskModel.create("lt-ncc", "none", steps=0, init=result.beta)
+
+
+def ett_cost(m: Any, c: Any, task: Any, head: Any, tf: Any) -> Any:
+    """S steps on the whole support set (forward + backward of the prefix ViT), the init pass, the final pass.
+
+    `CountedMacs.ett` is not filled by the bundle counters yet (the prefix ViT's cost depends on the ways),
+    so `bench macs` lists ett as not costed; `fsdeploy adapt --adapter ett` records the exact count per task
+    (`train.ett.ett_adapt_macs`) in the task's info.
+    """
+    from fsdeploy.bench.costs import Cost
+
+    n, k, d = task.n_support, task.ways, c.dim
+    g = c.ett
+    s = m.steps or 0
+    head_part = s * 3 * (head.fit_macs(n, d, k) + head.predict_macs(n, d, k)) + head.fit_macs(n, d, k)
+    return Cost(s * n * (g.forward + g.backward) + n * c.backbone + n * g.forward + head_part, g.forward + head.predict_macs(1, d, k),
+                g.params + head.n_params(d, k), head_part,
+                f"attentive-prototype pass + {s} steps x whole support, forward+backward, NCC loss + PR; 1 final pass",
+                "frozen ViT: input grads + prefix/DRA/vartheta grads")
+
+
+KIND = register_adapter(AdapterKind(
+    name="ett",
+    summary="eTT: attentive prefix tuning + domain residual adapters, 40 steps per task, re-exported with the prefixes (ViT)",
+    bundle_adapter="none",
+    families=("vision_transformer",),
+    fit=fit,
+    head=head,
+    cost=ett_cost,
+    methods={"ett": {}},
+    options={"lr": "AdamW learning rate of vartheta (the prefixes, control_trans and DRA use lr/2); official 1e-3, "
+                   "5e-4 for ImageNet-like images"},
+    why_missing="eTT's prefixes and domain residual adapters are defined for ViT backbones only",
+))

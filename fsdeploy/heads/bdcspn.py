@@ -1,0 +1,126 @@
+"""BD-CSPN: prototype rectification (Liu, Song, Qin, ECCV 2020, arXiv:1911.10713), a transductive head.
+
+Cosine-similarity prototypes of the support set are rectified with the *query batch*:
+
+1. cross-class bias diminishing: every query is shifted by xi = mean(support) - mean(queries), the
+   difference between the support and query feature means (easyfsl `easyfsl/methods/bd_cspn.py:28-31`);
+2. intra-class bias diminishing: the shifted queries are pseudo-labelled by cosine similarity to the
+   support-mean prototypes P_n, and each class's rectified prototype is the weighted mean of its support
+   features and its pseudo-labelled queries, with weights w = exp(eps * cos(x, P_n)) normalised over that
+   union (easyfsl `bd_cspn.py:33-55`, which uses eps = 1 and every query under its arg-max label);
+3. queries are classified by softmax(scale * cos(shifted query, rectified prototype)).
+
+Deployment implication: predictions depend on the query batch. The same image can get another label when
+it is scored together with other images (the mean shift and the pseudo-labels are batch statistics), and a
+batch of one still rectifies with that one image. `fsdeploy predict` therefore scores all the images of one
+call as one batch for this head, and `bench accuracy` scores each episode's query set as one batch.
+
+The support side does not depend on the queries, so `fit` stores it compressed: the unit basic prototypes,
+each class's support weights' sum and weighted feature sum, and the support mean.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from fsdeploy.errors import InvalidInput
+from fsdeploy.heads import ops
+from fsdeploy.heads.base import F32, I64, Head, check_fit_inputs, l2_normalise, one_hot, prototypes, register_head, softmax
+from fsdeploy.heads.common import StateMixin, check_positive, check_query
+
+
+@register_head("bd-cspn")
+class BDCSPNHead(StateMixin, Head):
+    """Transductive BD-CSPN prototype rectification: predictions depend on the query batch.
+
+    Args:
+        epsilon: the weights' temperature, w = exp(epsilon * cos); default 10, the paper's value as we read
+            it (not re-checked against the paper's text here). epsilon=1 is easyfsl's BDCSPN (exp(cos)).
+        top_z: pseudo-labelled queries kept per class, the most confident first (the paper adds the top-Z
+            confident queries of each class; confidence here = softmax(epsilon * cos) of the arg-max class);
+            0 keeps every query under its arg-max label, as easyfsl does (default).
+        scale: logit multiplier of the final cosine classifier (does not change the arg-max).
+        shift: apply the cross-class mean shift (False: intra-class rectification only, for ablation).
+        seed: unused (the fit is deterministic); kept so every head takes one.
+    """
+
+    transductive: ClassVar[bool] = True
+    _options = ("epsilon", "top_z", "scale", "shift", "seed")
+    _fitted = ("protos_", "support_sum_", "support_weight_", "support_mean_")
+
+    def __init__(self, epsilon: float = 10.0, top_z: int = 0, scale: float = 10.0, shift: bool = True, seed: int = 0):
+        self.epsilon = float(check_positive("bd-cspn epsilon", epsilon))
+        if int(top_z) != top_z or top_z < 0:
+            raise InvalidInput(f"bd-cspn top_z must be an integer >= 0 (0 keeps every query); got {top_z!r}")
+        self.top_z = int(top_z)
+        self.scale = float(check_positive("bd-cspn scale", scale))
+        self.shift = bool(shift)
+        self.seed = int(seed)
+        self.protos_: F32 | None = None  # (K, D) unit basic prototypes
+        self.support_sum_: F32 | None = None  # (K, D) sum over class n's support of w_i x_i
+        self.support_weight_: F32 | None = None  # (K,) sum over class n's support of w_i
+        self.support_mean_: F32 | None = None  # (D,) mean support feature
+
+    def _weights(self, cos: np.ndarray) -> np.ndarray:
+        # exp(eps * (cos - 1)): the common factor exp(-eps) cancels in the normalised weights, no overflow
+        return np.exp(self.epsilon * (cos - 1.0))
+
+    def fit(self, feats: F32, labels: I64, rng: np.random.Generator | None = None) -> BDCSPNHead:
+        feats, labels, k = check_fit_inputs(feats, labels)
+        protos = l2_normalise(prototypes(feats, labels, k))
+        cos = ops.rowdot(l2_normalise(feats), protos[labels])  # each support feature against its own prototype
+        w = self._weights(cos)
+        self.protos_ = protos
+        self.support_sum_ = ops.mm((one_hot(labels, k) * w[:, None]).T.astype(feats.dtype), feats)
+        self.support_weight_ = np.bincount(labels, weights=w, minlength=k).astype(feats.dtype)
+        self.support_mean_ = feats.mean(axis=0)
+        return self
+
+    def rectified(self, feats: F32) -> tuple[np.ndarray, np.ndarray]:
+        """(shifted unit queries (M, D), unit rectified prototypes (K, D)) for the query batch `feats`."""
+        self._require_fitted()
+        assert self.protos_ is not None and self.support_sum_ is not None
+        assert self.support_weight_ is not None and self.support_mean_ is not None
+        feats = check_query(feats, self.protos_.shape[1], "bd-cspn head")
+        if feats.shape[0] == 0:
+            raise InvalidInput("bd-cspn head needs at least one query feature (it rectifies with the query batch)")
+        if self.shift:
+            feats = feats + (self.support_mean_ - feats.mean(axis=0))
+        k = self.protos_.shape[0]
+        unit = l2_normalise(feats)
+        cos = ops.mm(unit, self.protos_.T)  # (M, K)
+        pseudo = np.argmax(cos, axis=1)
+        keep = np.ones(feats.shape[0], dtype=bool)
+        if self.top_z:
+            conf = softmax(self.epsilon * cos)[np.arange(cos.shape[0]), pseudo]
+            keep[:] = False
+            for n in range(k):
+                rows = np.flatnonzero(pseudo == n)
+                keep[rows[np.argsort(-conf[rows], kind="stable")[: self.top_z]]] = True
+        w = np.where(keep, self._weights(cos[np.arange(cos.shape[0]), pseudo]), 0.0)
+        onehot = one_hot(pseudo, k) * w[:, None]
+        num = self.support_sum_ + ops.mm(onehot.T.astype(feats.dtype), feats)
+        den = self.support_weight_ + onehot.sum(axis=0)
+        return unit, l2_normalise(num / den[:, None])
+
+    def predict_proba(self, feats: F32) -> F32:
+        """Probabilities for the query batch `feats`, rectified with this batch (see the module docstring)."""
+        q, protos = self.rectified(feats)
+        return softmax(self.scale * ops.mm(q, protos.T)).astype(np.float32)
+
+    def fit_macs(self, n_support: int, dim: int, n_classes: int) -> int:
+        # class means, |p|, support norms, cos to own prototype, weighted class sums
+        n, d, k = n_support, dim, n_classes
+        return ops.mm_macs(k, n, d) + ops.rowdot_macs(k, d) + ops.rowdot_macs(n, d) + ops.rowdot_macs(n, d) \
+            + ops.mm_macs(k, n, d)
+
+    def predict_macs(self, n_query: int, dim: int, n_classes: int) -> int:
+        # per query batch: query norms, cos to basic prototypes, pseudo-labelled sums, |p'|, final cos
+        m, d, k = n_query, dim, n_classes
+        return ops.rowdot_macs(m, d) + ops.mm_macs(m, d, k) + ops.mm_macs(k, m, d) + ops.rowdot_macs(k, d) \
+            + ops.mm_macs(m, d, k)
+
+    def n_params(self, dim: int, n_classes: int) -> int:
+        """Stored per task: basic prototypes and weighted support sums (2 K D), K weight sums, the support mean."""
+        return 2 * n_classes * dim + n_classes + dim
