@@ -36,6 +36,7 @@ CASES = {
     "toast": ("vit_tiny_patch16_224", "toast"),
     "tsa": ("resnet18", "none"),
     "bn-affine": ("resnet18", "none"),
+    "full-ft": ("resnet18", "none"),
     "toy-scale": ("resnet18", "toy-scale"),
 }
 
