@@ -37,6 +37,7 @@ CASES = {
     "tsa": ("resnet18", "none"),
     "bn-affine": ("resnet18", "none"),
     "full-ft": ("resnet18", "none"),
+    "maml": ("resnet18", "none"),
     "toy-scale": ("resnet18", "toy-scale"),
 }
 

@@ -104,9 +104,10 @@ def test_finetuning_recipes_pay_steps_of_forward_backward() -> None:
     assert rows["partial-ft"].adapt_macs == 100 * (64 * (100 + 30) + 3 * 64 * classifier)
     # whole support set per step (batch None)
     assert rows["bn-affine"].adapt_macs == 40 * (6 * (100 + 95) + 3 * 6 * classifier)
-    assert rows["maml"].adapt_macs == 10 * (6 * (100 + 190) + 3 * 6 * classifier)
-    assert rows["maml"].query_macs == 100 + classifier
-    assert "inner loop only" in rows["maml"].recipe
+    assert rows["maml-10"].adapt_macs == 10 * (6 * (100 + 190) + 3 * 6 * classifier)
+    assert rows["maml-100"].adapt_macs == 100 * (6 * (100 + 190) + 3 * 6 * classifier)
+    assert rows["maml-10"].query_macs == 100 + classifier
+    assert "inner loop only" in rows["maml-10"].recipe and "10 steps x whole support" in rows["maml-10"].recipe
 
 
 def test_tsa_pays_steps_with_ncc_loss_and_a_final_prototype_pass() -> None:

@@ -178,12 +178,12 @@ def test_cost_formula_equals_the_fit_counts_plus_the_classifier(bundle, counts) 
     backbone = torch_graphs(bundle)["features"].module
     rows = {r.method: r for r in bundle_costs(bundle, TaskShape.from_shots(3, 2), counts=counts).rows}
     for key, (kind, _) in finetuner_methods().items():
-        if kind not in ("full-ft",):
+        if kind not in ("full-ft", "maml"):
             continue
         row = rows[key]
         fit = ADAPTERS.get(kind).fit_macs(backbone, SIZE, 6, row.steps)
         assert row.adapt_macs - row.head_macs == fit
-        assert row.head_macs == row.steps * 3 * 6 * counts.dim * 3  # linear classifier: 3 x n D K per epoch
+        assert row.head_macs == row.steps * 3 * 6 * counts.dim * 3  # linear classifier: 3 x n D K per epoch/step
 
 
 # ---- through the deployed path: a tiny resnet18 bundle at 32 px
@@ -221,7 +221,7 @@ def _images(work: Path, bundle):
     return load_checked(files.paths, bundle.manifest.preprocess), np.asarray(files.labels)
 
 
-@pytest.mark.parametrize("key", ["full-ft", "full-ft-olor"])
+@pytest.mark.parametrize("key", ["full-ft", "full-ft-olor", "maml-10"])
 def test_folded_task_graph_predicts_what_the_torch_network_and_head_predict(work, bundle, key) -> None:
     from fsdeploy.modules.fold import TaskWeights
     from fsdeploy.runtime import TaskAdapter
@@ -264,7 +264,7 @@ def test_bench_accuracy_and_macs_take_every_fine_tuner_by_name(work, bundle, mon
 
     from fsdeploy.bench import methods
 
-    keys = [k for k, (kind, _) in finetuner_methods().items() if kind in ("full-ft",)]
+    keys = [k for k, (kind, _) in finetuner_methods().items() if kind in ("full-ft", "maml")]
     for k in keys:  # the recipes' own step counts are benchmark-sized; 2 keeps this a smoke run of the names
         monkeypatch.setitem(methods.BY_KEY, k, replace(methods.BY_KEY[k], steps=2))
     out_json = work / "acc.json"

@@ -22,7 +22,8 @@ MACs F and backward MACs G per image of the trained graph (convention in `fsdepl
   grad and its input grad. query = F + linear.predict_macs(1, D, K).
 - full fine-tuning (`full-ft`, formula of `fsdeploy.adapters.full_ft`): S epochs, each passing every
   support image once (batches of B): adapt = S (n (F + G) + 3 linear.predict_macs(n, D, K)).
-  MAML counts the inner loop only: first-order, no second-order terms; the outer loop is meta-training.
+  MAML (`maml-10`, `maml-100`, kind `maml`) counts the inner loop only (no second-order terms: the outer
+  loop is meta-training), the whole support set per step: the full-ft formula with S steps.
 - TSA (alpha + beta): S steps on the whole support set with the NCC loss, then one pass to build the final
   prototypes: adapt = S (n (F + G) + 3 L) + n F + ncc.fit_macs(n, D, K), L = ncc.fit_macs(n, D, K) +
   ncc.predict_macs(n, D, K) (the loss head's forward; its backward is counted as 2x forward).
@@ -180,8 +181,10 @@ DEFAULT_METHODS: tuple[Method, ...] = (
            note="Chen et al. ICLR 2019 baseline fine-tuning loop on backbone + head: SGD lr 0.01"),
     Method("full-ft-olor", "Full fine-tuning (OLOR)", "full-ft", steps=100, batch=4, graph="full",
            note="OLOR on the backbone: Adam lr 1e-4 cosine + rollback to the pretrained weights"),
-    Method("maml", "MAML-style (inner loop)", "finetune", steps=10, graph="full",
-           note="inner loop only, first-order; the outer loop is meta-training"),
+    Method("maml-10", "MAML inner loop (10 steps)", "maml", steps=10, graph="full",
+           note="inner loop only, SGD lr 0.01 from the pretrained backbone and a zero head; no meta-trained init"),
+    Method("maml-100", "MAML inner loop (100 steps)", "maml", steps=100, graph="full",
+           note="inner loop only, SGD lr 0.01 from the pretrained backbone and a zero head; no meta-trained init"),
 )
 
 BACKWARD_TEXT = {
