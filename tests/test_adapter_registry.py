@@ -38,6 +38,7 @@ CASES = {
     "bn-affine": ("resnet18", "none"),
     "full-ft": ("resnet18", "none"),
     "maml": ("resnet18", "none"),
+    "partial-ft": ("resnet18", "none"),
     "toy-scale": ("resnet18", "toy-scale"),
 }
 

@@ -101,7 +101,7 @@ def test_finetuning_recipes_pay_steps_of_forward_backward() -> None:
     assert rows["full-ft-olor"].adapt_macs == rows["full-ft"].adapt_macs
     assert rows["full-ft"].params_adapted == 1000 + _params("linear")
     assert (rows["full-ft"].steps, rows["full-ft"].batch) == (100, 4)
-    assert rows["partial-ft"].adapt_macs == 100 * (64 * (100 + 30) + 3 * 64 * classifier)
+    assert rows["partial-ft"].adapt_macs == 100 * (6 * (100 + 30) + 3 * 6 * classifier)
     # whole support set per step (batch None)
     assert rows["bn-affine"].adapt_macs == 40 * (6 * (100 + 95) + 3 * 6 * classifier)
     assert rows["maml-10"].adapt_macs == 10 * (6 * (100 + 190) + 3 * 6 * classifier)
@@ -186,8 +186,8 @@ def test_finetune_cost_equals_a_real_training_run_under_flop_counter(graph: str)
     for n, p in backbone.named_parameters():
         p.requires_grad_(trainable(n))
     classifier = nn.Linear(16, ways)
-    # full-ft: `steps` epochs over the 10 support images in batches of `batch`; the others `steps` batches
-    sizes = [min(batch, 10 - i) for _ in range(steps) for i in range(0, 10, batch)] if key == "full-ft" else [batch] * steps
+    # full-ft, partial-ft: `steps` epochs over the 10 support images in batches of `batch`; bn-affine `steps` batches
+    sizes = [min(batch, 10 - i) for _ in range(steps) for i in range(0, 10, batch)] if key != "bn-affine" else [batch] * steps
     with FlopCounterMode(display=False) as fc:
         for b in sizes:
             logits = classifier(backbone(torch.randn(b, 3, 8, 8)))

@@ -178,10 +178,10 @@ def test_cost_formula_equals_the_fit_counts_plus_the_classifier(bundle, counts) 
     backbone = torch_graphs(bundle)["features"].module
     rows = {r.method: r for r in bundle_costs(bundle, TaskShape.from_shots(3, 2), counts=counts).rows}
     for key, (kind, _) in finetuner_methods().items():
-        if kind not in ("full-ft", "maml"):
+        if kind not in ("full-ft", "maml", "partial-ft"):
             continue
         row = rows[key]
-        fit = ADAPTERS.get(kind).fit_macs(backbone, SIZE, 6, row.steps)
+        fit = ADAPTERS.get(kind).fit_macs(backbone, SIZE, 6, row.steps)  # partial-ft: the default spec, the last block
         assert row.adapt_macs - row.head_macs == fit
         assert row.head_macs == row.steps * 3 * 6 * counts.dim * 3  # linear classifier: 3 x n D K per epoch/step
 
@@ -221,7 +221,7 @@ def _images(work: Path, bundle):
     return load_checked(files.paths, bundle.manifest.preprocess), np.asarray(files.labels)
 
 
-@pytest.mark.parametrize("key", ["full-ft", "full-ft-olor", "maml-10"])
+@pytest.mark.parametrize("key", ["full-ft", "full-ft-olor", "maml-10", "partial-ft"])
 def test_folded_task_graph_predicts_what_the_torch_network_and_head_predict(work, bundle, key) -> None:
     from fsdeploy.modules.fold import TaskWeights
     from fsdeploy.runtime import TaskAdapter
@@ -244,7 +244,10 @@ def test_folded_task_graph_predicts_what_the_torch_network_and_head_predict(work
     assert np.abs(probs - want).max() <= 1e-4
     # the task carries every trained tensor in full; applied to the plain weights it is the fitted network
     weights = TaskWeights.from_arrays(adapted.task.task_state)
-    assert set(weights.replaced) == {n for n, _ in backbone.named_parameters()}
+    assert set(weights.replaced) == set(res.changed_keys)
+    trained = {n for n, _ in backbone.named_parameters()} if kind_name != "partial-ft" else {
+        n for n, _ in backbone.named_parameters() if n.startswith("layer4.1.")}  # default spec: the last block
+    assert set(res.changed_keys) == trained
     state = weights.apply(backbone.state_dict())
     for name, value in res.model.state_dict().items():
         assert torch.allclose(state[name], value, atol=1e-7), name
@@ -264,7 +267,7 @@ def test_bench_accuracy_and_macs_take_every_fine_tuner_by_name(work, bundle, mon
 
     from fsdeploy.bench import methods
 
-    keys = [k for k, (kind, _) in finetuner_methods().items() if kind in ("full-ft", "maml")]
+    keys = [k for k, (kind, _) in finetuner_methods().items() if kind in ("full-ft", "maml", "partial-ft")]
     for k in keys:  # the recipes' own step counts are benchmark-sized; 2 keeps this a smoke run of the names
         monkeypatch.setitem(methods.BY_KEY, k, replace(methods.BY_KEY[k], steps=2))
     out_json = work / "acc.json"
@@ -277,3 +280,123 @@ def test_bench_accuracy_and_macs_take_every_fine_tuner_by_name(work, bundle, mon
     assert code == 0, out
     costed = {r["method"] for r in json.loads((work / "macs.json").read_text())}
     assert set(keys) <= costed
+
+
+# ---- partial fine-tuning (Shen et al., AAAI 2021): layer units, multipliers, the search, the spec file
+
+def test_units_split_block_sequences_into_blocks() -> None:
+    from fsdeploy.backbones import create_backbone
+    from fsdeploy.train.partial_search import units_of
+
+    assert units_of(TinyNet()) == ["conv1", "bn1", "conv2"]
+    r18, _ = create_backbone("resnet18", img_size=SIZE)
+    units = units_of(r18)
+    assert units[:2] == ["conv1", "bn1"] and units[2:] == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    # every parameter belongs to exactly one unit
+    for name, _ in r18.named_parameters():
+        assert sum(name.startswith(u + ".") for u in units) == 1, name
+
+
+def test_partial_rule_trains_only_the_listed_units_at_their_rates() -> None:
+    """Chen's SGD (as in the full-ft test) with lr 0.01 x multiplier per unit; multiplier 0 or unlisted: frozen."""
+    net, x, labels = tiny_task(n=4)
+    mults = {"conv1": 0.0, "conv2": 0.1}
+    res = fit_finetune(net, x, labels, steps=3, recipe="chen", multipliers=mults, seed=1, device="cpu")
+    ref = TinyNet().eval()
+    ref.load_state_dict(net.state_dict())
+    head = _reference_head(6, 2, 1, zero=False)
+    trained = [(p, 0.01 * 0.1) for p in ref.conv2.parameters()] + [(p, 0.01) for p in head.parameters()]
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for p, _ in trained:
+        p.requires_grad_(True)
+    bufs: list[torch.Tensor | None] = [None] * len(trained)
+    y = torch.as_tensor(labels)
+    for _ in range(3):
+        grads = torch.autograd.grad(F.cross_entropy(head(ref(x)), y), [p for p, _ in trained])
+        with torch.no_grad():
+            for i, ((p, lr), g) in enumerate(zip(trained, grads)):
+                d = g + 1e-3 * p
+                bufs[i] = d.clone() if bufs[i] is None else 0.9 * bufs[i] + 0.1 * d
+                p -= lr * bufs[i]
+    for got, want in zip(_result_params(res), _final_params(ref, head)):
+        assert torch.allclose(got, want, atol=1e-7, rtol=1e-5)
+    assert res.changed_keys == ("conv2.weight", "conv2.bias")
+    assert torch.equal(res.model.conv1.weight, net.conv1.weight) and torch.equal(res.model.bn1.weight, net.bn1.weight)
+
+
+def test_search_finds_the_best_genome_of_a_known_fitness_and_is_seeded() -> None:
+    """A separable fitness with one optimum: mutation + crossover of the top k reach it; same seed, same run."""
+    from fsdeploy.train.partial_search import SearchSettings, search
+
+    net = TinyNet()
+    target = (0.0, 0.1, 1.0)
+    calls = []
+
+    def fitness(g):
+        calls.append(g)
+        return -sum(abs(a - b) for a, b in zip(g, target))
+
+    settings = SearchSettings(population=8, select=3, mutation=3, crossover=3, iterations=6, mutation_prob=0.4, seed=2)
+    spec = search(net, [], settings, fitness=fitness)
+    assert spec.units == ("conv1", "bn1", "conv2") and spec.multipliers == target and spec.fitness == 0
+    assert len(calls) == len(set(calls)) == spec.search["evaluated"] <= 8 * 6  # each genome scored once
+    assert spec.search["best_per_iteration"] == sorted(spec.search["best_per_iteration"])  # the top k never loses its best
+    again = search(net, [], settings, fitness=lambda g: -sum(abs(a - b) for a, b in zip(g, target)))
+    assert again.search["best_per_iteration"] == spec.search["best_per_iteration"]
+
+
+def test_small_search_on_real_tasks_scores_what_fine_tuning_scores(tmp_path) -> None:
+    from fsdeploy.train.partial_search import PartialSpec, SearchSettings, ValTask, search, task_accuracy
+
+    net, x, labels = tiny_task(n=4)
+    torch.manual_seed(5)
+    tasks = [ValTask(x.numpy(), labels, torch.randn(6, 3, 8, 8).numpy(), np.arange(6) % 2)]
+    spec = search(net, tasks, SearchSettings.small(), model="tiny")
+    # the recorded fitness is the mean query accuracy of fine-tuning with the winning multipliers
+    again = task_accuracy(net, tasks[0], spec.as_dict(), SearchSettings.small().epochs, seed=0)
+    assert spec.fitness == pytest.approx(again)
+    back = PartialSpec.load(spec.save(tmp_path / "spec.json"))
+    assert back == spec
+    back.check_backbone(TinyNet())
+
+
+def test_bad_specs_are_one_line_errors(tmp_path) -> None:
+    from fsdeploy.errors import InvalidInput
+    from fsdeploy.train.partial_search import PartialSpec
+
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InvalidInput, match="cannot read a partial-ft spec"):
+        PartialSpec.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(InvalidInput, match="not a version-1 partial-ft spec"):
+        PartialSpec.load(tmp_path / "other.json")
+    spec = PartialSpec(("conv1", "bn1", "conv2"), (0.0, 0.0, 1.0))
+    from fsdeploy.backbones import create_backbone
+
+    with pytest.raises(InvalidInput, match="searched on another backbone"):
+        spec.check_backbone(create_backbone("resnet18", img_size=SIZE)[0])
+
+
+def test_searched_spec_drives_partial_ft_at_adapt_time(work, bundle) -> None:
+    """search_bundle on the bundle's own backbone writes a spec; adapt --adapter partial-ft --spec trains
+    exactly its units, through the folded graph, and costs what it trains."""
+    from fsdeploy.modules.fold import TaskWeights
+    from fsdeploy.runtime import TaskAdapter
+    from fsdeploy.train.partial_search import SearchSettings, search_bundle
+
+    out = work / "spec.json"
+    spec = search_bundle(bundle.path, work / "glyphs", out, split="all", settings=SearchSettings.small(epochs=1),
+                         n_tasks=1, ways=2, shots=1, queries=1)
+    assert spec.model == "resnet18" and out.is_file()
+    images, labels = _images(work, bundle)
+    with TaskAdapter(bundle, adapter="partial-ft", steps=1, fit_opts={"spec": str(out)}) as tuner:
+        adapted = tuner.adapt(images[:8], labels[:8], list("AB"))
+    info = adapted.task.info
+    assert info["fold_max_abs"] <= 1e-4 and info["spec"] == str(out)
+    keys = set(TaskWeights.from_arrays(adapted.task.task_state).replaced)
+    from fsdeploy.runtime.open import torch_graphs
+
+    backbone = torch_graphs(bundle)["features"].module
+    assert keys == {n for n, _ in backbone.named_parameters() if any(n.startswith(u + ".") for u in spec.trained_units())}
+    assert info["adapt_macs"] == ADAPTERS.get("partial-ft").fit_macs(backbone, SIZE, 8, 1, spec=str(out))

@@ -40,7 +40,7 @@ class AdapterKind:
         fit: fine-tuners: `(backbone, images, labels, steps, **opts) -> result` with `.model` (the fitted
             torch network), `.folded_state()` and `.task_weights()`.
         head: fine-tuners: `(fit result) -> TaskModel`, the head the task stores.
-        fit_macs: fine-tuners: `(backbone, image size, n support, steps) -> MACs` of the fit.
+        fit_macs: fine-tuners: `(backbone, image size, n support, steps, **fit options) -> MACs` of the fit.
         default_heads: head methods `bench accuracy` runs on this kind's features by default.
         head_methods: head method key -> cost-table method key on this kind's features (linear -> case-linear).
         methods: fine-tuners: cost-table method key -> the fit options it stands for (tsa: {}, tsa-seen:

@@ -101,5 +101,6 @@ def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np
     info = {"adapter": kind.name, "steps": steps, **(fit_opts or {}), **recipe, "fold_max_abs": report.checks[0].max_abs,
             "task_weight_bytes": int(weights.nbytes), "losses": [float(v) for v in res.losses[:: max(1, len(res.losses) // 8)]]}
     if kind.fit_macs is not None:
-        info["adapt_macs"] = int(kind.fit_macs(backbone, bundle.manifest.preprocess.input_size[-1], len(images), steps))
+        info["adapt_macs"] = int(kind.fit_macs(backbone, bundle.manifest.preprocess.input_size[-1], len(images), steps,
+                                               **(fit_opts or {})))  # partial-ft: its spec decides what trains
     return FoldedTask(state, head, feats, report, info, fit_ms)

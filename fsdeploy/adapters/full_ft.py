@@ -32,7 +32,7 @@ def head(result: Any) -> Any:
     return trained_linear(result.weight, result.bias)
 
 
-def fit_macs(backbone: Any, size: int, n_support: int, steps: int) -> int:
+def fit_macs(backbone: Any, size: int, n_support: int, steps: int, **_: Any) -> int:  # fit options do not change it
     from fsdeploy.train.finetune import finetune_adapt_macs
 
     return finetune_adapt_macs(backbone, size, n_support, steps)

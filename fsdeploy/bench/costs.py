@@ -16,12 +16,13 @@ MACs F and backward MACs G per image of the trained graph (convention in `fsdepl
   so only inference cost enters.
 - CaSE + linear (UpperCaSE): adapt = n F_case (context pass on the support set) + CaSE MLP MACs (once per
   task) + linear.fit_macs(n, D, K); query = F_case + linear.predict_macs(1, D, K).
-- fine-tuning recipes (partial, BN-affine, MAML inner loop), S steps of batch B (B images per step,
+- fine-tuning recipes (BN-affine), S steps of batch B (B images per step,
   drawn with replacement; None = the whole support set) with a linear classifier trained jointly:
   adapt = S (B (F + G) + 3 linear.predict_macs(B, D, K)), the classifier paying its forward, its weight
   grad and its input grad. query = F + linear.predict_macs(1, D, K).
-- full fine-tuning (`full-ft`, formula of `fsdeploy.adapters.full_ft`): S epochs, each passing every
-  support image once (batches of B): adapt = S (n (F + G) + 3 linear.predict_macs(n, D, K)).
+- full and partial fine-tuning (`full-ft`, `partial-ft`, formula of `fsdeploy.adapters.full_ft`): S epochs,
+  each passing every support image once (batches of B): adapt = S (n (F + G) + 3 linear.predict_macs(n, D, K)),
+  G the backward of the trained set (partial: the last block and everything after it).
   MAML (`maml-10`, `maml-100`, kind `maml`) counts the inner loop only (no second-order terms: the outer
   loop is meta-training), the whole support set per step: the full-ft formula with S steps.
 - TSA (alpha + beta): S steps on the whole support set with the NCC loss, then one pass to build the final
@@ -176,7 +177,8 @@ DEFAULT_METHODS: tuple[Method, ...] = (
     Method("bn-affine", "BN-affine", "finetune", steps=40, graph="bn_affine"),
     Method("bn-affine-olor", "BN-affine (OLOR)", "finetune", steps=40, graph="bn_affine",
            note="Adam + OLOR rollback to the pretrained BN weights"),
-    Method("partial-ft", "Partial fine-tuning (last block + head)", "finetune", steps=100, batch=64, graph="partial"),
+    Method("partial-ft", "Partial fine-tuning (last block + head)", "partial-ft", steps=100, batch=4, graph="partial",
+           note="Chen et al.'s loop; counted for the last block, a searched spec's own count is in the task's info"),
     Method("full-ft", "Full fine-tuning", "full-ft", steps=100, batch=4, graph="full",
            note="Chen et al. ICLR 2019 baseline fine-tuning loop on backbone + head: SGD lr 0.01"),
     Method("full-ft-olor", "Full fine-tuning (OLOR)", "full-ft", steps=100, batch=4, graph="full",
