@@ -400,3 +400,28 @@ def test_searched_spec_drives_partial_ft_at_adapt_time(work, bundle) -> None:
     backbone = torch_graphs(bundle)["features"].module
     assert keys == {n for n, _ in backbone.named_parameters() if any(n.startswith(u + ".") for u in spec.trained_units())}
     assert info["adapt_macs"] == ADAPTERS.get("partial-ft").fit_macs(backbone, SIZE, 8, 1, spec=str(out))
+
+
+def test_adapt_cli_takes_the_spec_and_refuses_a_bad_one(work, bundle) -> None:
+    from typer.testing import CliRunner
+
+    from fsdeploy.cli import app
+    from fsdeploy.runtime import TaskArtefact
+    from fsdeploy.train.partial_search import PartialSpec, units_of
+    from fsdeploy.runtime.open import torch_graphs
+
+    units = units_of(torch_graphs(bundle)["features"].module)
+    spec = PartialSpec(tuple(units), tuple(0.1 if u == "layer3.1" else 0.0 for u in units), model="resnet18").save(work / "l3.json")
+    runner = CliRunner(env={"COLUMNS": "300"})
+    args = ["adapt", str(bundle.path), str(work / "glyphs"), "--adapter", "partial-ft", "--steps", "1"]
+    result = runner.invoke(app, [*args, "--spec", str(spec), "--out", str(work / "p.npz")])
+    assert result.exit_code == 0, result.output
+    task = TaskArtefact.load(work / "p.npz")
+    trained = [k[4:] for k in task.task_state if k.startswith("set/")]
+    assert trained and all(k.startswith("layer3.1.") for k in trained)
+    (work / "junk.json").write_text("[]")
+    result = runner.invoke(app, [*args, "--spec", str(work / "junk.json"), "--out", str(work / "q.npz")])
+    from fsdeploy.errors import InvalidInput  # the CLI's entry point prints it as one line (cli.FsdeployError)
+
+    assert isinstance(result.exception, InvalidInput) and "not a version-1 partial-ft spec" in str(result.exception)
+    assert not (work / "q.npz").exists()

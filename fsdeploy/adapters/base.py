@@ -4,7 +4,7 @@ An adapter kind is how a frozen backbone adapts to a task. Two shapes exist:
 - *exported* kinds (`none`, `case`, `toast`) are part of the bundle: `build` makes the torch module and
   its graphs at export, `feature_path` runs them on the device (support half once per task, query half
   per request);
-- *per-task fine-tuners* (`tsa`, `bn-affine`) run on a bundle of kind `bundle_adapter`: `fit` trains the
+- *per-task fine-tuners* (`tsa`, `bn-affine`, `full-ft`, `partial-ft`, `maml`) run on a bundle of kind `bundle_adapter`: `fit` trains the
   support set in PyTorch, folds the result into the plain weights, and the task carries the re-exported
   graph; `head` is the head they store.
 

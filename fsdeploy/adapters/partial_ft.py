@@ -6,7 +6,7 @@ base/validation-class tasks (`fsdeploy.train.partial_search`, `python -m fsdeplo
 BUNDLE DATA --out spec.json`), passed as `--spec spec.json`; the fine-tuning itself is Chen et al.'s loop
 with a new linear head (`fsdeploy.train.finetune`, recipe chen: SGD 0.01, 100 epochs of batches of 4), the
 unit's rate multiplier x 0.01, the head at 0.01. Without a spec it fine-tunes the last block and what follows
-it (multiplier 1) and the head, the cost table's `partial-ft` row; the task's info names which. The task stores only the
+it (multiplier 1) and the head, the cost table's `partial-ft` row; the task's info records the `--spec` path when one was given. The task stores only the
 trained tensors.
 """
 from __future__ import annotations
