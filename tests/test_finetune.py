@@ -425,3 +425,16 @@ def test_adapt_cli_takes_the_spec_and_refuses_a_bad_one(work, bundle) -> None:
 
     assert isinstance(result.exception, InvalidInput) and "not a version-1 partial-ft spec" in str(result.exception)
     assert not (work / "q.npz").exists()
+
+
+def test_a_diverging_fit_stops_with_a_one_line_error_and_lr_is_an_option() -> None:
+    from fsdeploy.errors import InvalidInput
+
+    net, x, labels = tiny_task(n=6, k=3)
+    with pytest.raises(InvalidInput, match=r"maml fine-tuning diverged at step \d+ of 50 .*pass a lower lr"):
+        ADAPTERS.get("maml").fit(net, x, labels, steps=50, lr=1e12)
+    with pytest.raises(InvalidInput, match="--lr must be a positive number"):
+        ADAPTERS.get("full-ft").fit(net, x, labels, steps=1, lr="fast")
+    res = ADAPTERS.get("full-ft").fit(net, x, labels, steps=1, lr=0.5)
+    assert res.lr == 0.5
+    ADAPTERS.get("partial-ft").check_options({"spec": "s.json", "lr": 0.1})

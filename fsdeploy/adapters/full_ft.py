@@ -16,14 +16,32 @@ from fsdeploy.adapters.base import AdapterKind, register_adapter
 OPTIMIZERS = {"sgd": "chen", "olor": "olor"}
 
 
-def fit(backbone: Any, images: Any, labels: Any, *, steps: int, optimizer: str = "sgd", device: str | None = None) -> Any:
-    """Chen et al.'s fine-tuning loop on the whole network (`steps` = epochs), SGD or OLOR."""
+def fit(backbone: Any, images: Any, labels: Any, *, steps: int, optimizer: str = "sgd", lr: float | None = None,
+        device: str | None = None) -> Any:
+    """Chen et al.'s fine-tuning loop on the whole network (`steps` = epochs), SGD or OLOR; `lr` overrides the rate."""
     from fsdeploy.errors import InvalidInput
     from fsdeploy.train.finetune import fit_finetune
 
     if optimizer not in OPTIMIZERS:
         raise InvalidInput(f"unknown --optimizer {optimizer!r} for --adapter full-ft; choose one of {', '.join(OPTIMIZERS)}")
-    return fit_finetune(backbone, images, labels, steps=steps, recipe=OPTIMIZERS[optimizer], device=device)
+    return fit_finetune(backbone, images, labels, steps=steps, recipe=OPTIMIZERS[optimizer], lr=_rate(lr), device=device)
+
+
+LR_HELP = "learning rate instead of the recipe's (a deliberate deviation, e.g. where the recipe's rate diverges)"
+
+
+def _rate(lr: Any) -> float | None:
+    from fsdeploy.errors import InvalidInput
+
+    if lr is None:
+        return None
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0:
+        raise InvalidInput(f"--lr must be a positive number, got {lr!r}")
+    return value
 
 
 def head(result: Any) -> Any:
@@ -62,5 +80,6 @@ KIND = register_adapter(AdapterKind(
     cost=network_cost,
     methods={"full-ft": {}, "full-ft-olor": {"optimizer": "olor"}},
     options={"optimizer": "sgd (Chen et al.: lr 0.01, momentum 0.9, dampening 0.9, wd 1e-3) or olor (OLOR on the "
-                          "backbone: Adam lr 1e-4 cosine, rollback towards the pretrained weights; head plain Adam)"},
+                          "backbone: Adam lr 1e-4 cosine, rollback towards the pretrained weights; head plain Adam)",
+             "lr": LR_HELP},
 ))

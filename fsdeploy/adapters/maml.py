@@ -13,14 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from fsdeploy.adapters.base import AdapterKind, register_adapter
-from fsdeploy.adapters.full_ft import fit_macs, head, network_cost
+from fsdeploy.adapters.full_ft import LR_HELP, _rate, fit_macs, head, network_cost
 
 
-def fit(backbone: Any, images: Any, labels: Any, *, steps: int, device: str | None = None) -> Any:
+def fit(backbone: Any, images: Any, labels: Any, *, steps: int, lr: float | None = None, device: str | None = None) -> Any:
     """`steps` SGD steps (lr 0.01) of the whole network and a zero head on the whole support set."""
     from fsdeploy.train.finetune import fit_finetune
 
-    return fit_finetune(backbone, images, labels, steps=steps, recipe="maml", device=device)
+    return fit_finetune(backbone, images, labels, steps=steps, recipe="maml", lr=_rate(lr), device=device)
 
 
 KIND = register_adapter(AdapterKind(
@@ -32,4 +32,5 @@ KIND = register_adapter(AdapterKind(
     fit_macs=fit_macs,
     cost=network_cost,
     methods={"maml-10": {}, "maml-100": {}},
+    options={"lr": LR_HELP},
 ))
