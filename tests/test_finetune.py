@@ -438,3 +438,21 @@ def test_a_diverging_fit_stops_with_a_one_line_error_and_lr_is_an_option() -> No
     res = ADAPTERS.get("full-ft").fit(net, x, labels, steps=1, lr=0.5)
     assert res.lr == 0.5
     ADAPTERS.get("partial-ft").check_options({"spec": "s.json", "lr": 0.1})
+
+
+@pytest.mark.slow
+def test_search_at_the_published_population_keeps_improving_on_real_fine_tuning() -> None:
+    """The SPOS-style budget (population 50, top 10, 25 + 25 children) for 3 iterations, 5 epochs per task,
+    on two tiny tasks: every strategy is fine-tuned for real; the best never gets worse and beats freezing all."""
+    from fsdeploy.train.partial_search import SearchSettings, ValTask, search, task_accuracy
+
+    net, _, _ = tiny_task()
+    torch.manual_seed(11)
+    tasks = [ValTask(torch.randn(4, 3, 8, 8).numpy(), np.arange(4) % 2, torch.randn(8, 3, 8, 8).numpy(), np.arange(8) % 2)
+             for _ in range(2)]
+    settings = SearchSettings(iterations=3, epochs=5)
+    spec = search(net, tasks, settings)
+    best = spec.search["best_per_iteration"]
+    assert best == sorted(best) and spec.search["evaluated"] >= 50
+    frozen = np.mean([task_accuracy(net, t, {u: 0.0 for u in spec.units}, 5, seed=i) for i, t in enumerate(tasks)])
+    assert spec.fitness >= frozen
