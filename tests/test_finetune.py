@@ -130,7 +130,7 @@ def test_maml_inner_loop_is_plain_sgd_from_a_zero_head() -> None:
 
 def test_full_ft_olor_is_adam_with_layerwise_rollback_on_the_backbone_and_plain_adam_on_the_head() -> None:
     """OLOR (Lu et al., AAAI 2024): Adam step, then θ ← (1−λ)θ + λθ₀ with λ = η_t κ/η₀ (1 − i/L) on the
-    backbone tensors i = 0..L; the head plain Adam; η_t cosine from 1e-4."""
+    backbone tensors i = 0..L; the head plain Adam; η_t warmed up, then cosine from 1e-4."""
     net, x, labels = tiny_task(n=4)
     epochs, lr0, kappa, b1, b2, eps = 3, 1e-4, 0.01, 0.9, 0.999, 1e-8
     res = fit_finetune(net, x, labels, steps=epochs, recipe="olor", seed=3, device="cpu")
@@ -144,8 +144,8 @@ def test_full_ft_olor_is_adam_with_layerwise_rollback_on_the_backbone_and_plain_
     v = [torch.zeros_like(p) for p in params]
     y = torch.as_tensor(labels)
     n_last = len(backbone) - 1
-    for t in range(epochs):
-        lr = 0.5 * lr0 * (1 + math.cos(math.pi * t / epochs))
+    for t in range(epochs):  # OLOR/train.py: warm-up (10% of the steps: here step 0, factor 0.01), then cosine
+        lr = lr0 * 0.01 if t < 0.1 * epochs else 0.5 * lr0 * (1 + math.cos(math.pi * t / epochs))
         grads = _loss_grads(ref, head, x, y)
         with torch.no_grad():
             for i, (p, g) in enumerate(zip(params, grads)):

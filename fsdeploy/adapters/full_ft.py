@@ -3,7 +3,7 @@
 Recipe: Chen et al., "A Closer Look at Few-shot Classification", ICLR 2019, baseline fine-tuning (SGD lr
 0.01, momentum 0.9, dampening 0.9, weight decay 1e-3, 100 epochs of batches of 4, nn.Linear default init,
 no augmentation), applied to the backbone as well as the head; `--optimizer olor` runs OLOR as published
-on the backbone (Adam lr 1e-4, cosine; the head plain Adam). Details and deliberate differences:
+on the backbone (Adam lr 1e-4, warm-up then cosine; the head plain Adam). Details and deliberate differences:
 `fsdeploy.train.finetune`. The stored head is that jointly trained linear classifier; the task stores
 every backbone tensor (the whole network per task).
 """

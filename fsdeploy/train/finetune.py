@@ -22,9 +22,9 @@ Recipes:
 - ``olor`` (`full-ft-olor`): the same batches and epochs, optimised with OLOR as published
   (`fsdeploy.train.olor.OLORAdam`: Adam without weight decay, the backbone rolled back towards its
   pretrained weights with a ratio decaying linearly by layer from 0.01 to 0; the new head plain Adam) at
-  OLOR's base learning rate 1e-4 with a cosine schedule over all steps (OLOR/config.py and train.py
-  of rainbow-xiao/OLOR-AAAI-2024: lr 1e-4, cosine; its warm-up epochs have no counterpart in 100 epochs
-  of a few images and are left out).
+  OLOR's schedule (rainbow-xiao/OLOR-AAAI-2024, `OLOR/train.py`: init lr 1e-4, 5 warm-up epochs of 50, the
+  factor rising linearly from 0.01 to 1, then 0.5 lr (1 + cos(π t / T)) over all T steps), here with the
+  warm-up as the same 10% of the steps.
 - ``maml`` (`maml`): MAML's inner loop (Finn, Abbeel, Levine, ICML 2017) run at test time: plain SGD,
   no momentum or weight decay, inner learning rate 0.01 (the paper's miniImageNet setting), each step
   on the whole support set, `steps` steps (10 at test time in the paper). There is no meta-trained
@@ -73,6 +73,7 @@ class Recipe:
             the whole support set per step, and `steps` counts optimiser steps.
         head_init: 'default' (nn.Linear's own init) or 'zero'.
         cosine: cosine learning-rate schedule over all steps (OLOR's), else constant.
+        warmup: fraction of the steps warmed up first (OLOR: 5 of 50 epochs), the factor linear from 0.01 to 1.
     """
 
     name: str
@@ -84,10 +85,11 @@ class Recipe:
     batch: int | None = None
     head_init: str = "default"
     cosine: bool = False
+    warmup: float = 0.0
 
 
 CHEN = Recipe("chen", "sgd", 0.01, momentum=0.9, dampening=0.9, weight_decay=1e-3, batch=4)
-OLOR = Recipe("olor", "olor", 1e-4, batch=4, cosine=True)
+OLOR = Recipe("olor", "olor", 1e-4, batch=4, cosine=True, warmup=0.1)
 MAML = Recipe("maml", "sgd", 0.01, head_init="zero")
 RECIPES: dict[str, Recipe] = {r.name: r for r in (CHEN, OLOR, MAML)}
 CHEN_EPOCHS = 100
@@ -170,6 +172,16 @@ def batch_schedule(n: int, steps: int, recipe: Recipe, generator: torch.Generato
     return out
 
 
+def schedule_factor(t: int, total: int, warmup: float) -> float:
+    """OLOR's learning-rate factor at step t of `total`: linear warm-up from 0.01 over the first `warmup`
+    fraction of the steps, then 0.5 (1 + cos(π t / total))."""
+    w = warmup * total
+    if t < w:
+        a = t / w
+        return min(0.01 * (1 - a) + a, 1.0)
+    return 0.5 * (1 + math.cos(math.pi * t / total))
+
+
 def make_head(dim: int, n_classes: int, init: str, generator_seed: int) -> nn.Linear:
     """The new linear classifier: nn.Linear's default init under a fixed seed, or zeros."""
     with torch.random.fork_rng(devices=[]):
@@ -247,7 +259,7 @@ def fit_finetune(
     for t, idx in enumerate(schedule):
         if rec.cosine:
             for g, lr0 in zip(opt.param_groups, initial):
-                g["lr"] = 0.5 * lr0 * (1 + math.cos(math.pi * t / len(schedule)))
+                g["lr"] = lr0 * schedule_factor(t, len(schedule), rec.warmup)
         opt.zero_grad(set_to_none=True)
         idx = idx.to(dev)
         loss = F.cross_entropy(head(model(x[idx])), y[idx])
