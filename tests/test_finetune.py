@@ -107,13 +107,17 @@ def test_chen_recipe_batches_are_a_permutation_per_epoch() -> None:
         assert sorted(torch.cat(batches[3 * e:3 * e + 3]).tolist()) == list(range(10))
 
 
-def test_maml_inner_loop_is_plain_sgd_from_a_zero_head() -> None:
-    """MAML's inner loop (Finn et al. 2017): θ ← θ − α ∇L_support, α = 0.01, whole support set per step."""
+@pytest.mark.parametrize("bn", ["batch", "frozen"])
+def test_maml_inner_loop_is_plain_sgd_from_a_zero_head(bn: str) -> None:
+    """MAML's inner loop (Finn et al. 2017): θ ← θ − α ∇L_support, α = 0.01, whole support set per step;
+    BatchNorm on batch statistics (MAML's, the default) or frozen running statistics."""
     net, x, labels = tiny_task(n=6, k=3)
     steps, alpha = 4, 0.01
-    res = fit_finetune(net, x, labels, steps=steps, recipe="maml", device="cpu")
+    res = fit_finetune(net, x, labels, steps=steps, recipe="maml", bn=None if bn == "batch" else bn, device="cpu")
     ref = TinyNet().eval()
     ref.load_state_dict(net.state_dict())
+    if bn == "batch":
+        ref.bn1.train()  # torch's own batch-statistics BatchNorm, running statistics updated with momentum 0.1
     head = _reference_head(6, 3, 0, zero=True)
     y = torch.as_tensor(labels)
     for t in range(steps):
@@ -126,6 +130,11 @@ def test_maml_inner_loop_is_plain_sgd_from_a_zero_head() -> None:
     for got, want in zip(_result_params(res), _final_params(ref, head)):
         assert torch.allclose(got, want, atol=1e-7, rtol=1e-5)
     assert res.losses[0] == pytest.approx(math.log(3))
+    stats = ("bn1.running_mean", "bn1.running_var")
+    assert (set(stats) <= set(res.changed_keys)) == (bn == "batch") and not res.model.bn1.training
+    for key in stats:  # batch: the running statistics moved as torch's own BatchNorm moved them; frozen: untouched
+        assert torch.allclose(res.model.state_dict()[key], ref.state_dict()[key], atol=1e-7)
+        assert torch.equal(res.model.state_dict()[key], net.state_dict()[key]) == (bn == "frozen")
 
 
 def test_full_ft_olor_is_adam_with_layerwise_rollback_on_the_backbone_and_plain_adam_on_the_head() -> None:
@@ -247,6 +256,9 @@ def test_folded_task_graph_predicts_what_the_torch_network_and_head_predict(work
     assert set(weights.replaced) == set(res.changed_keys)
     trained = {n for n, _ in backbone.named_parameters()} if kind_name != "partial-ft" else {
         n for n, _ in backbone.named_parameters() if n.startswith("layer4.1.")}  # default spec: the last block
+    if kind_name == "maml":  # batch-statistics BatchNorm: the running statistics are task weights too
+        trained |= {f"{n}.{b}" for n, m in backbone.named_modules() if isinstance(m, nn.BatchNorm2d)
+                    for b in ("running_mean", "running_var")}
     assert set(res.changed_keys) == trained
     state = weights.apply(backbone.state_dict())
     for name, value in res.model.state_dict().items():

@@ -17,17 +17,20 @@ OPTIMIZERS = {"sgd": "chen", "olor": "olor"}
 
 
 def fit(backbone: Any, images: Any, labels: Any, *, steps: int, optimizer: str = "sgd", lr: float | None = None,
-        device: str | None = None) -> Any:
+        bn: str | None = None, device: str | None = None) -> Any:
     """Chen et al.'s fine-tuning loop on the whole network (`steps` = epochs), SGD or OLOR; `lr` overrides the rate."""
     from fsdeploy.errors import InvalidInput
     from fsdeploy.train.finetune import fit_finetune
 
     if optimizer not in OPTIMIZERS:
         raise InvalidInput(f"unknown --optimizer {optimizer!r} for --adapter full-ft; choose one of {', '.join(OPTIMIZERS)}")
-    return fit_finetune(backbone, images, labels, steps=steps, recipe=OPTIMIZERS[optimizer], lr=_rate(lr), device=device)
+    return fit_finetune(backbone, images, labels, steps=steps, recipe=OPTIMIZERS[optimizer], lr=_rate(lr), bn=bn,
+                        device=device)
 
 
 LR_HELP = "learning rate instead of the recipe's (a deliberate deviation, e.g. where the recipe's rate diverges)"
+BN_HELP = ("BatchNorm while fitting: frozen (running statistics, eval mode) or batch (batch statistics, running ones "
+           "updated and stored with the task)")
 
 
 def _rate(lr: Any) -> float | None:
@@ -81,5 +84,5 @@ KIND = register_adapter(AdapterKind(
     methods={"full-ft": {}, "full-ft-olor": {"optimizer": "olor"}},
     options={"optimizer": "sgd (Chen et al.: lr 0.01, momentum 0.9, dampening 0.9, wd 1e-3) or olor (OLOR on the "
                           "backbone: Adam lr 1e-4 cosine, rollback towards the pretrained weights; head plain Adam)",
-             "lr": LR_HELP},
+             "lr": LR_HELP, "bn": BN_HELP + "; default frozen"},
 ))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsdeploy.adapters.base import AdapterKind, register_adapter
-from fsdeploy.adapters.full_ft import LR_HELP, _rate, head, network_cost
+from fsdeploy.adapters.full_ft import BN_HELP, LR_HELP, _rate, head, network_cost
 
 
 def multipliers(backbone: Any, spec: str | None) -> dict[str, float]:
@@ -37,12 +37,12 @@ def multipliers(backbone: Any, spec: str | None) -> dict[str, float]:
 
 
 def fit(backbone: Any, images: Any, labels: Any, *, steps: int, spec: str | None = None, lr: float | None = None,
-        device: str | None = None) -> Any:
+        bn: str | None = None, device: str | None = None) -> Any:
     """Chen et al.'s loop (`steps` = epochs) on the spec's units at their multipliers, plus a new linear head."""
     from fsdeploy.train.finetune import fit_finetune
 
     return fit_finetune(backbone, images, labels, steps=steps, recipe="chen", multipliers=multipliers(backbone, spec),
-                        lr=_rate(lr), device=device)
+                        lr=_rate(lr), bn=bn, device=device)
 
 
 def fit_macs(backbone: Any, size: int, n_support: int, steps: int, spec: str | None = None, **_: Any) -> int:
@@ -61,5 +61,5 @@ KIND = register_adapter(AdapterKind(
     cost=network_cost,
     methods={"partial-ft": {}},
     options={"spec": "JSON layer spec from `python -m fsdeploy.train.partial_search` (default: last block + head)",
-             "lr": LR_HELP},
+             "lr": LR_HELP, "bn": BN_HELP + "; default frozen"},
 ))

@@ -1,9 +1,11 @@
 """Per-task fine-tuning of the backbone's own weights with a new linear classifier, on the support set, in PyTorch.
 
 One loop serves three adapter kinds (`full-ft`, `partial-ft`, `maml`); they differ only in the recipe below.
-Every recipe keeps the network in eval mode: BatchNorm normalises with its pretrained running statistics
-and those statistics are never updated (batches of 4, or a 1-shot support set, give useless batch
-statistics; TSA and BN-affine do the same), dropout and drop-path are off. What trains are the parameters
+The network stays in eval mode (dropout and drop-path off). BatchNorm is `bn="frozen"` for full-ft and
+partial-ft (normalise with the pretrained running statistics, never updated; batches of 4 give poor batch
+statistics; TSA and BN-affine do the same), and `bn="batch"` for maml (MAML normalises with the batch's
+statistics; the running statistics are updated on the way, PyTorch's train mode, and deploy with the
+task); each kind takes the other as a `bn` fit option. What trains are the parameters
 (conv/linear weights, norm affine weights), so the fitted network has the plain graph with new values:
 the "fold" is writing them into the state dict, and a task stores every trained tensor in full
 (`TaskWeights.replaced`).
@@ -31,13 +33,15 @@ Recipes:
   initialisation here: the inner loop starts from the pretrained backbone and a zero-initialised head
   (so the first step moves only the head: with W = 0 no gradient reaches the backbone). First-order or
   not makes no difference at adaptation time (second-order terms only enter the outer, meta-training
-  update), so this is also first-order MAML's and Reptile's inner loop. Deliberate difference: MAML
-  normalises with the current batch's statistics; here BatchNorm keeps its running statistics (above).
+  update), so this is also first-order MAML's and Reptile's inner loop. BatchNorm uses batch statistics
+  while fitting, as MAML's; deliberate difference: the deployed graph normalises each query with the
+  running statistics those steps accumulated (momentum 0.1), not with a batch of queries (transductive).
 
-A fit whose support loss turns non-finite stops with InvalidInput naming the step: it happens with MAML's
-rate 0.01 on the shipped 3-epoch efficientnet_b0 (measured: loss 1.6 -> 64 -> 1e36 by step 9), whose
-BatchNorm layers hold channels with running variance 0 (normalised by 1/sqrt(1e-5) in eval mode). Every
-kind takes an `lr` fit option to override the recipe's rate.
+A fit whose support loss turns non-finite stops with InvalidInput naming the step. With frozen BatchNorm
+it happens at the published rate 0.01 on the shipped 3-epoch efficientnet_b0 (measured, MAML: loss
+1.6 -> 64 -> 1e36 by step 9; Chen's loop: by step 7 in some episodes), whose BatchNorm layers hold
+channels with running variance 0, normalised by 1/sqrt(1e-5) in eval mode; with bn="batch" the same
+MAML episode converges. Every kind takes an `lr` fit option to override the recipe's rate.
 
 Randomness (head init and batch order) comes from `seed` only, so a fit is repeatable; on CPU it is
 bit-identical.
@@ -74,6 +78,7 @@ class Recipe:
         head_init: 'default' (nn.Linear's own init) or 'zero'.
         cosine: cosine learning-rate schedule over all steps (OLOR's), else constant.
         warmup: fraction of the steps warmed up first (OLOR: 5 of 50 epochs), the factor linear from 0.01 to 1.
+        bn: the recipe's BatchNorm mode when the caller gives none (`fit_finetune`'s `bn`).
     """
 
     name: str
@@ -86,13 +91,15 @@ class Recipe:
     head_init: str = "default"
     cosine: bool = False
     warmup: float = 0.0
+    bn: str = "frozen"
 
 
 CHEN = Recipe("chen", "sgd", 0.01, momentum=0.9, dampening=0.9, weight_decay=1e-3, batch=4)
 OLOR = Recipe("olor", "olor", 1e-4, batch=4, cosine=True, warmup=0.1)
-MAML = Recipe("maml", "sgd", 0.01, head_init="zero")
+MAML = Recipe("maml", "sgd", 0.01, head_init="zero", bn="batch")
 RECIPES: dict[str, Recipe] = {r.name: r for r in (CHEN, OLOR, MAML)}
 CHEN_EPOCHS = 100
+BN_MODES = ("frozen", "batch")
 MAML_TEST_STEPS = 10
 
 
@@ -103,7 +110,8 @@ class FineTuneResult:
     Attributes:
         model: the fine-tuned backbone (CPU, eval, every parameter frozen); same graph as the plain one.
         weight, bias: the linear head, logits = feats @ weight.T + bias; (K, D) and (K,).
-        changed_keys: state-dict names of the trained backbone tensors.
+        changed_keys: state-dict names of the trained backbone tensors (and, with bn='batch', every BatchNorm's
+            running mean and variance).
         losses: support-batch loss of each optimiser step.
         recipe, lr, steps, batch, optimizer, device: what ran (steps as the caller gave them).
         multipliers: partial fine-tuning's learning-rate multiplier per unit (empty: every parameter at 1).
@@ -121,6 +129,7 @@ class FineTuneResult:
     optimizer: str
     device: str
     multipliers: dict[str, float] = field(default_factory=dict)
+    bn: str = "frozen"
 
     def folded_state(self) -> dict[str, torch.Tensor]:
         """State dict for the plain graph (the trained tensors replaced)."""
@@ -221,6 +230,7 @@ def fit_finetune(
     recipe: str | Recipe = "chen",
     multipliers: Mapping[str, float] | None = None,
     lr: float | None = None,
+    bn: str | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> FineTuneResult:
@@ -234,6 +244,10 @@ def fit_finetune(
         multipliers: partial fine-tuning: unit prefix -> learning-rate multiplier (see `trained_parameters`);
             None trains every parameter. The head always trains at the base rate.
         lr: overrides the recipe's base learning rate.
+        bn: 'frozen' (eval-mode BatchNorm, running statistics kept) or 'batch' (BatchNorm normalises with each
+            batch's statistics while fitting and updates its running statistics, PyTorch's train mode; the new
+            running statistics are task weights too); None: the recipe's (maml: batch, the others: frozen).
+            A step on a single image (the last batch of 4 of an odd support set) uses the running statistics.
         seed: head init and batch order.
 
     Raises:
@@ -245,8 +259,15 @@ def fit_finetune(
     base_lr = rec.lr if lr is None else float(lr)
     dev = _device(device)
     x, y, n_classes = _support(images, labels, dev)
+    bn = rec.bn if bn is None else bn
+    if bn not in BN_MODES:
+        raise InvalidInput(f"unknown --bn {bn!r}; choose one of {', '.join(BN_MODES)}")
     model = copy.deepcopy(backbone).to(dev).eval()
     _freeze(model.parameters())
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if bn == "batch":
+        for m in norms:
+            m.train()
     trained = trained_parameters(model, multipliers)
     for _, p, _ in trained:
         p.requires_grad_(True)
@@ -262,7 +283,12 @@ def fit_finetune(
                 g["lr"] = lr0 * schedule_factor(t, len(schedule), rec.warmup)
         opt.zero_grad(set_to_none=True)
         idx = idx.to(dev)
+        single = bn == "batch" and len(idx) == 1  # one image has no batch statistics: that step uses the running ones
+        for m in norms if single else ():
+            m.eval()
         loss = F.cross_entropy(head(model(x[idx])), y[idx])
+        for m in norms if single else ():
+            m.train()
         if not torch.isfinite(loss):
             raise InvalidInput(
                 f"{rec.name} fine-tuning diverged at step {t + 1} of {len(schedule)} (support loss {float(loss.detach())}): learning "
@@ -271,13 +297,19 @@ def fit_finetune(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    model.cpu()
+    model.cpu().eval()
     _freeze(model.parameters())
+    for m, original in zip(norms, (m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                   and m.track_running_stats)):
+        if m.num_batches_tracked is not None:  # a counter eval mode never reads: keep the plain value, not a task weight
+            m.num_batches_tracked.copy_(original.num_batches_tracked)
+    stats = tuple(f"{n}.{b}" for n, m in model.named_modules() if m in norms for b in ("running_mean", "running_var")) \
+        if bn == "batch" else ()
     w = head.weight.detach().cpu().numpy().astype(np.float32, copy=True)
     b = head.bias.detach().cpu().numpy().astype(np.float32, copy=True)
     mults = {} if multipliers is None else {k: float(v) for k, v in multipliers.items()}
-    return FineTuneResult(model, w, b, tuple(n for n, _, _ in trained), tuple(losses), rec.name, base_lr, int(steps),
-                          rec.batch, rec.optimizer, dev.type, mults)
+    return FineTuneResult(model, w, b, tuple(n for n, _, _ in trained) + stats, tuple(losses), rec.name, base_lr, int(steps),
+                          rec.batch, rec.optimizer, dev.type, mults, bn)
 
 
 def finetune_adapt_macs(backbone: nn.Module, img_size: int | tuple[int, int], n_support: int, steps: int,
