@@ -28,7 +28,10 @@ from fsdeploy.exporters.spec import ExportSpec
 from fsdeploy.runtime.open import torch_graphs
 from fsdeploy.runtime.task import name_bad_images
 
-FOLD_TOL = Tolerance(atol=1e-4)  # folded graph vs the unfolded adapter network, max |feature diff|
+# folded graph vs the unfolded adapter network, max |feature diff|: 1e-4 plus 1e-5 of the largest feature, since
+# the exporter's Conv+BN fusion rounds in float32 relative to the weights' scale (a fully fine-tuned efficientnet_b0
+# with features up to 15.5 differed by 1.03e-4, cosine 1.00000)
+FOLD_TOL = Tolerance(atol=1e-4, rtol=1e-5)
 CHECK_BATCH = 32
 
 
