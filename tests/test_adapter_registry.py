@@ -37,6 +37,9 @@ CASES = {
     "tsa": ("resnet18", "none"),
     "bn-affine": ("resnet18", "none"),
     "ett": ("vit_tiny_patch16_224", "none"),
+    "full-ft": ("resnet18", "none"),
+    "maml": ("resnet18", "none"),
+    "partial-ft": ("resnet18", "none"),
     "toy-scale": ("resnet18", "toy-scale"),
 }
 

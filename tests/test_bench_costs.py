@@ -97,16 +97,18 @@ def test_case_pays_a_context_pass_the_mlps_once_and_a_linear_fit() -> None:
 def test_finetuning_recipes_pay_steps_of_forward_backward() -> None:
     rows = _rows()
     classifier = 4 * 3  # linear classifier per image: forward; backward pays 2 more
-    # full: 500 steps x batch 64
-    assert rows["full-ft"].adapt_macs == 500 * (64 * (100 + 190) + 3 * 64 * classifier)
+    # full: 100 epochs over the 6 support images (Chen et al.'s loop, batches of 4)
+    assert rows["full-ft"].adapt_macs == 100 * (6 * (100 + 190) + 3 * 6 * classifier)
+    assert rows["full-ft-olor"].adapt_macs == rows["full-ft"].adapt_macs
     assert rows["full-ft"].params_adapted == 1000 + _params("linear")
-    assert (rows["full-ft"].steps, rows["full-ft"].batch) == (500, 64)
-    assert rows["partial-ft"].adapt_macs == 100 * (64 * (100 + 30) + 3 * 64 * classifier)
+    assert (rows["full-ft"].steps, rows["full-ft"].batch) == (100, 4)
+    assert rows["partial-ft"].adapt_macs == 100 * (6 * (100 + 30) + 3 * 6 * classifier)
     # whole support set per step (batch None)
     assert rows["bn-affine"].adapt_macs == 40 * (6 * (100 + 95) + 3 * 6 * classifier)
-    assert rows["maml"].adapt_macs == 10 * (6 * (100 + 190) + 3 * 6 * classifier)
-    assert rows["maml"].query_macs == 100 + classifier
-    assert "inner loop only" in rows["maml"].recipe
+    assert rows["maml-10"].adapt_macs == 10 * (6 * (100 + 190) + 3 * 6 * classifier)
+    assert rows["maml-100"].adapt_macs == 100 * (6 * (100 + 190) + 3 * 6 * classifier)
+    assert rows["maml-10"].query_macs == 100 + classifier
+    assert "inner loop only" in rows["maml-10"].recipe and "10 steps x whole support" in rows["maml-10"].recipe
 
 
 def test_tsa_pays_steps_with_ncc_loss_and_a_final_prototype_pass() -> None:
@@ -128,8 +130,8 @@ def test_ett_pays_an_init_pass_steps_and_a_final_pass() -> None:
 def test_recipes_are_configurable_and_stated() -> None:
     methods = [replace(m, steps=3, batch=5) for m in DEFAULT_METHODS if m.key == "full-ft"]
     (row,) = adaptation_costs(COUNTS, TASK, methods, make_head=FakeHead)
-    assert row.adapt_macs == 3 * (5 * (100 + 190) + 3 * 5 * 12)
-    assert "3 steps x batch 5" in row.recipe
+    assert row.adapt_macs == 3 * (6 * (100 + 190) + 3 * 6 * 12)  # 3 epochs: each image once per epoch
+    assert "3 epochs x batches of 5" in row.recipe
 
 
 def test_every_default_method_gets_a_row_and_missing_counts_are_reported() -> None:
@@ -153,7 +155,7 @@ def test_meta_dataset_sized_tasks_keep_exact_integers() -> None:
     rows = {r.method: r for r in adaptation_costs(big, TASK_PRESETS["md-max"], make_head=FakeHead)}
     assert "simpleshot" not in rows
     assert rows["ncc"].adapt_macs == 500 * 4_000_000_000 + FakeHead("ncc").fit_macs(500, 4, 50)
-    assert rows["full-ft"].adapt_macs == 500 * (64 * 12_000_000_000 + 3 * 64 * 4 * 50)
+    assert rows["full-ft"].adapt_macs == 100 * (500 * 12_000_000_000 + 3 * 500 * 4 * 50)
     assert rows["ncc"].ways == 50 and rows["ncc"].n_support == 500
     with pytest.raises(InvalidInput, match="support image per way"):
         TaskShape(5, 3)
@@ -192,10 +194,12 @@ def test_finetune_cost_equals_a_real_training_run_under_flop_counter(graph: str)
     for n, p in backbone.named_parameters():
         p.requires_grad_(trainable(n))
     classifier = nn.Linear(16, ways)
+    # full-ft, partial-ft: `steps` epochs over the 10 support images in batches of `batch`; bn-affine `steps` batches
+    sizes = [min(batch, 10 - i) for _ in range(steps) for i in range(0, 10, batch)] if key != "bn-affine" else [batch] * steps
     with FlopCounterMode(display=False) as fc:
-        for _ in range(steps):
-            logits = classifier(backbone(torch.randn(batch, 3, 8, 8)))
-            nn.functional.cross_entropy(logits, torch.randint(0, ways, (batch,))).backward()
+        for b in sizes:
+            logits = classifier(backbone(torch.randn(b, 3, 8, 8)))
+            nn.functional.cross_entropy(logits, torch.randint(0, ways, (b,))).backward()
     assert row.adapt_macs == fc.get_total_flops() // 2
     expected_params = sum(p.numel() for n, p in backbone.named_parameters() if trainable(n))
     assert row.params_adapted == expected_params + FakeHead("linear").n_params(16, ways)

@@ -1,4 +1,4 @@
-"""Adapter kinds, one file each: none, case (UpperCaSE), toast (TOAST), tsa (TSA α+β), bn_affine.
+"""Adapter kinds, one file each: none, case (UpperCaSE), toast (TOAST), tsa (TSA α+β), bn_affine, full_ft, partial_ft, maml.
 
 `ADAPTERS` is the registry generic code reads; see `fsdeploy.adapters.base.AdapterKind` for what a kind
 carries and the README's "Extending fsdeploy" for adding one.

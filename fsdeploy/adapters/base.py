@@ -4,7 +4,7 @@ An adapter kind is how a frozen backbone adapts to a task. Two shapes exist:
 - *exported* kinds (`none`, `case`, `toast`) are part of the bundle: `build` makes the torch module and
   its graphs at export, `feature_path` runs them on the device (support half once per task, query half
   per request);
-- *per-task fine-tuners* (`tsa`, `bn-affine`) run on a bundle of kind `bundle_adapter`: `fit` trains the
+- *per-task fine-tuners* (`tsa`, `bn-affine`, `full-ft`, `partial-ft`, `maml`) run on a bundle of kind `bundle_adapter`: `fit` trains the
   support set in PyTorch, folds the result into the plain weights, and the task carries the re-exported
   graph; `head` is the head they store.
 
@@ -40,7 +40,7 @@ class AdapterKind:
         fit: fine-tuners: `(backbone, images, labels, steps, **opts) -> result` with `.model` (the fitted
             torch network), `.folded_state()` and `.task_weights()`.
         head: fine-tuners: `(fit result) -> TaskModel`, the head the task stores.
-        fit_macs: fine-tuners: `(backbone, image size, n support, steps) -> MACs` of the fit.
+        fit_macs: fine-tuners: `(backbone, image size, n support, steps, **fit options) -> MACs` of the fit.
         default_heads: head methods `bench accuracy` runs on this kind's features by default.
         head_methods: head method key -> cost-table method key on this kind's features (linear -> case-linear).
         methods: fine-tuners: cost-table method key -> the fit options it stands for (tsa: {}, tsa-seen:

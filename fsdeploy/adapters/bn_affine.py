@@ -22,7 +22,7 @@ def head(result: Any) -> Any:
     return TaskModel.create("ncc", "none", distance="cosine", scale=10.0)
 
 
-def fit_macs(backbone: Any, size: int, n_support: int, steps: int) -> int:
+def fit_macs(backbone: Any, size: int, n_support: int, steps: int, **_: Any) -> int:  # fit options do not change it
     from fsdeploy.train.tsa import bn_affine_adapt_macs
 
     return bn_affine_adapt_macs(backbone, size, n_support, steps=steps)

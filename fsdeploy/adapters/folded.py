@@ -28,7 +28,10 @@ from fsdeploy.exporters.spec import ExportSpec
 from fsdeploy.runtime.open import torch_graphs
 from fsdeploy.runtime.task import name_bad_images
 
-FOLD_TOL = Tolerance(atol=1e-4)  # folded graph vs the unfolded adapter network, max |feature diff|
+# folded graph vs the unfolded adapter network, max |feature diff|: 1e-4 plus 1e-5 of the largest feature, since
+# the exporter's Conv+BN fusion rounds in float32 relative to the weights' scale (a fully fine-tuned efficientnet_b0
+# with features up to 15.5 differed by 1.03e-4, cosine 1.00000)
+FOLD_TOL = Tolerance(atol=1e-4, rtol=1e-5)
 CHECK_BATCH = 32
 
 
@@ -107,5 +110,6 @@ def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np
     if getattr(res, "adapt_macs", 0):  # counted by the fit itself (it depends on the task's ways: eTT)
         info["adapt_macs"] = int(res.adapt_macs)
     elif kind.fit_macs is not None:
-        info["adapt_macs"] = int(kind.fit_macs(backbone, bundle.manifest.preprocess.input_size[-1], len(images), steps))
+        info["adapt_macs"] = int(kind.fit_macs(backbone, bundle.manifest.preprocess.input_size[-1], len(images), steps,
+                                               **(fit_opts or {})))  # partial-ft: its spec decides what trains
     return FoldedTask(state, head, feats, report, info, fit_ms)

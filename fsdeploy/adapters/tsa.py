@@ -28,7 +28,7 @@ def head(result: Any) -> Any:
     return TaskModel.create("lt-ncc", "none", steps=0, init=result.beta)
 
 
-def fit_macs(backbone: Any, size: int, n_support: int, steps: int) -> int:
+def fit_macs(backbone: Any, size: int, n_support: int, steps: int, **_: Any) -> int:  # fit options do not change it
     from fsdeploy.train.tsa import tsa_adapt_macs
 
     return tsa_adapt_macs(backbone, size, n_support, steps=steps)

@@ -16,11 +16,15 @@ MACs F and backward MACs G per image of the trained graph (convention in `fsdepl
   so only inference cost enters.
 - CaSE + linear (UpperCaSE): adapt = n F_case (context pass on the support set) + CaSE MLP MACs (once per
   task) + linear.fit_macs(n, D, K); query = F_case + linear.predict_macs(1, D, K).
-- fine-tuning recipes (full, partial, BN-affine, MAML inner loop), S steps of batch B (B images per step,
+- fine-tuning recipes (BN-affine), S steps of batch B (B images per step,
   drawn with replacement; None = the whole support set) with a linear classifier trained jointly:
   adapt = S (B (F + G) + 3 linear.predict_macs(B, D, K)), the classifier paying its forward, its weight
   grad and its input grad. query = F + linear.predict_macs(1, D, K).
-  MAML counts the inner loop only: first-order, no second-order terms; the outer loop is meta-training.
+- full and partial fine-tuning (`full-ft`, `partial-ft`, formula of `fsdeploy.adapters.full_ft`): S epochs,
+  each passing every support image once (batches of B): adapt = S (n (F + G) + 3 linear.predict_macs(n, D, K)),
+  G the backward of the trained set (partial: the last block and everything after it).
+  MAML (`maml-10`, `maml-100`, kind `maml`) counts the inner loop only (no second-order terms: the outer
+  loop is meta-training), the whole support set per step: the full-ft formula with S steps.
 - TSA (alpha + beta): S steps on the whole support set with the NCC loss, then one pass to build the final
   prototypes: adapt = S (n (F + G) + 3 L) + n F + ncc.fit_macs(n, D, K), L = ncc.fit_macs(n, D, K) +
   ncc.predict_macs(n, D, K) (the loss head's forward; its backward is counted as 2x forward).
@@ -178,10 +182,16 @@ DEFAULT_METHODS: tuple[Method, ...] = (
     Method("bn-affine", "BN-affine", "finetune", steps=40, graph="bn_affine"),
     Method("bn-affine-olor", "BN-affine (OLOR)", "finetune", steps=40, graph="bn_affine",
            note="Adam + OLOR rollback to the pretrained BN weights"),
-    Method("partial-ft", "Partial fine-tuning (last block + head)", "finetune", steps=100, batch=64, graph="partial"),
-    Method("full-ft", "Full fine-tuning", "finetune", steps=500, batch=64, graph="full"),
-    Method("maml", "MAML-style (inner loop)", "finetune", steps=10, graph="full",
-           note="inner loop only, first-order; the outer loop is meta-training"),
+    Method("partial-ft", "Partial fine-tuning (last block + head)", "partial-ft", steps=100, batch=4, graph="partial",
+           note="Chen et al.'s loop; counted for the last block, a searched spec's own count is in the task's info"),
+    Method("full-ft", "Full fine-tuning", "full-ft", steps=100, batch=4, graph="full",
+           note="Chen et al. ICLR 2019 baseline fine-tuning loop on backbone + head: SGD lr 0.01"),
+    Method("full-ft-olor", "Full fine-tuning (OLOR)", "full-ft", steps=100, batch=4, graph="full",
+           note="OLOR on the backbone: Adam lr 1e-4 cosine + rollback to the pretrained weights"),
+    Method("maml-10", "MAML inner loop (10 steps)", "maml", steps=10, graph="full",
+           note="inner loop only, SGD lr 0.01 from the pretrained backbone and a zero head; no meta-trained init"),
+    Method("maml-100", "MAML inner loop (100 steps)", "maml", steps=100, graph="full",
+           note="inner loop only, SGD lr 0.01 from the pretrained backbone and a zero head; no meta-trained init"),
 )
 
 BACKWARD_TEXT = {
@@ -229,8 +239,8 @@ def missing_counts(
     """Methods that cannot be costed from `counts` (and `transform_macs`), with what each one lacks."""
     out = {}
     for m in methods:
-        # a finetune row trains `m.graph`; an adapter kind's own row (case, toast, tsa) reads its kind's field
-        fld = m.graph if m.kind == "finetune" else m.kind if m.kind in ADAPTER_FIELDS else None
+        # a fine-tuning row trains `m.graph`; an adapter kind's own row (case, toast, tsa) reads its kind's field
+        fld = m.graph or (m.kind if m.kind in ADAPTER_FIELDS else None)
         if fld and getattr(counts, fld) is None:
             out[m.key] = f"CountedMacs.{fld} not measured"
         elif m.transform != "none" and transform_macs is None:

@@ -258,6 +258,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback (linear) or --head-opt distance=cosine (ncc); keys per head are listed above."),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (task, classes, head, timings in ms) instead of the summary line.")] = False,
+        spec: Annotated[Optional[Path], typer.Option(help="--adapter partial-ft layer spec (JSON from `python -m fsdeploy.train.partial_search`; default: last block + head).")] = None,
     ) -> None:
         from fsdeploy.adapters import ADAPTERS
         from fsdeploy.bundle import load_bundle
@@ -276,7 +277,7 @@ def register(app: typer.Typer) -> None:
         else:
             head, transform = resolve_method(head, transform)
             opts = check_head_options(head, parse_options(head_opt or []))
-        fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer)) if v is not None}
+        fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer), ("spec", spec and str(spec))) if v is not None}
         # a fine-tuner runs its own folded fp32 graph: a tuned choice does not apply to it
         tuner = bool(adapter) and ADAPTERS.get(adapter).finetuner
         choice = with_device(resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads), device)

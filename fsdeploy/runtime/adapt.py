@@ -130,7 +130,7 @@ class TaskAdapter:
             folded = fit_folded(self.kind, self.bundle, images, np.asarray(labels), steps=self.steps, backend=self.backend,
                                 fit_opts=self.fit_opts, paths=paths)
             total = (time.perf_counter() - t0) * 1e3
-            head_name = "lt-ncc" if folded.head.head.name == "lt-ncc" else f"{folded.head.head.name}-cosine"
+            head_name = {"ncc": "ncc-cosine"}.get(folded.head.head.name, folded.head.head.name)  # full-ft, maml: linear
             task = TaskArtefact(m.bundle_id, m.model, m.adapter, tuple(classes), folded.head.state(), folded.task_state,
                                 {"head": head_name, **meta, **folded.info})
             return Adapted(task, folded.feats, total - folded.fit_ms, folded.fit_ms)
