@@ -142,10 +142,11 @@ class _Run:
     def bundle(self, model: str, adapter: str = "none", size: int | None = None) -> Any:
         cfg = self.cfg
         size = size or cfg.img_size
-        key = f"{model}@{size}"
+        key = f"{model}-{adapter}@{size}"  # a case bundle may get other weights (the shipped meta-trained CaSE)
         if key not in self.weights:
-            self.weights[key] = pick_weights(model, cfg.workdir, size, cfg.checkpoint if model == cfg.case_model else None)
-            self.report.notes.append(f"{model} at {size} px: {self.weights[key].description}")
+            self.weights[key] = pick_weights(model, cfg.workdir, size, cfg.checkpoint if model == cfg.case_model else None,
+                                             adapter=adapter)
+            self.report.notes.append(f"{model} ({adapter}) at {size} px: {self.weights[key].description}")
         return prepare_bundle(cfg.workdir, model, adapter=adapter, img_size=size, weights=self.weights[key], say=self.say)
 
     def photos(self) -> list[Path]:
