@@ -14,8 +14,8 @@ DEFAULT_IMG_SIZE = 32  # px; the checkpoint's metadata carries the full preproce
 DEFAULT_CHECKPOINT_NAME = "efficientnet_b0_glyphs.safetensors"
 REPRODUCE = (
     "fsdeploy data glyphs --out data/glyphs && fsdeploy pretrain efficientnet_b0 --data data/glyphs "
-    f"--out fsdeploy/weights/{DEFAULT_CHECKPOINT_NAME} --img-size 32 --epochs 3 --batch 64 --lr 0.002 "
-    "--aug-scale 0 --aug-rotation 0 --threads 1"
+    f"--out fsdeploy/weights/{DEFAULT_CHECKPOINT_NAME} --img-size 32 --epochs 25 --batch 128 --lr 0.002 "
+    "--threads 1 --no-recalibrate-bn"
 )
 
 
