@@ -58,17 +58,14 @@ def tiny_workspace(tmp_path_factory: pytest.TempPathFactory):
     """
     from types import SimpleNamespace
 
-    from fsdeploy.bundle import load_bundle
-    from fsdeploy.pipeline.export import export_bundle
     from fsdeploy.runtime import adapt_task
-    from tests.helpers import glyph_folder, make_checkpoint
+    from tests.helpers import glyph_folder, tiny_bundle
 
     tmp = tmp_path_factory.mktemp("tiny-workspace")
-    ckpt = make_checkpoint("resnet18", tmp / "w.safetensors", img_size=32)
-    export_bundle("resnet18", tmp / "bundle", checkpoint=ckpt)
+    bundle = tiny_bundle(tmp, validate=True)
+    ckpt = tmp / "w.safetensors"
     support = glyph_folder(tmp / "support", classes="ABC", per_class=4, seed=0)
     query = glyph_folder(tmp / "query", classes="ABC", per_class=2, seed=1)
-    bundle = load_bundle(tmp / "bundle")
     adapt_task(bundle, support, tmp / "task.npz", head="ncc")
     return SimpleNamespace(tmp=tmp, checkpoint=ckpt, bundle=bundle, path=tmp / "bundle", support=support, query=query,
                            task=tmp / "task.npz")

@@ -27,6 +27,15 @@ def make_checkpoint(name: str, path: Path, img_size: int = 32, seed: int = 0) ->
     return save_checkpoint(realistic_(model, seed), path, name=name, preprocess=pre)
 
 
+def tiny_bundle(root: Path, name: str = "resnet18", img_size: int = 32, *, validate: bool = False):
+    """Export a realistic random-init `name` to `root/bundle` (checkpoint at `root/w.safetensors`); the bundle."""
+    from fsdeploy.pipeline.export import export_bundle
+
+    ckpt = make_checkpoint(name, root / "w.safetensors", img_size=img_size)
+    bundle, _ = export_bundle(name, root / "bundle", checkpoint=ckpt, img_size=img_size, validate=validate)
+    return bundle
+
+
 def glyph_folder(root: Path, classes: str = "ABCD", per_class: int = 4, size: int = 40, seed: int = 0) -> Path:
     """An ImageFolder of letters drawn with DejaVu/PIL default fonts at jittered positions (real renders)."""
     rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ from torch import nn
 
 from fsdeploy.adapters import ADAPTERS, finetuner_methods
 from fsdeploy.train.finetune import fit_finetune, finetune_adapt_macs
-from tests.helpers import glyph_folder, make_checkpoint
+from tests.helpers import glyph_folder
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -199,11 +199,10 @@ def test_cost_formula_equals_the_fit_counts_plus_the_classifier(bundle, counts) 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from fsdeploy.pipeline.export import export_bundle
+    from tests.helpers import tiny_bundle
 
     root = tmp_path_factory.mktemp("finetune")
-    ckpt = make_checkpoint("resnet18", root / "w.safetensors", img_size=SIZE)
-    export_bundle("resnet18", root / "bundle", checkpoint=ckpt, img_size=SIZE, validate=False)
+    tiny_bundle(root, img_size=SIZE)
     glyph_folder(root / "glyphs", classes="ABCD", per_class=4, size=40)
     return root
 

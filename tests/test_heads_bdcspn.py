@@ -87,12 +87,10 @@ def test_task_model_and_huge_features() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fsdeploy.pipeline.export import export_bundle
-    from tests.helpers import glyph_folder, make_checkpoint
+    from tests.helpers import glyph_folder, tiny_bundle
 
     root = tmp_path_factory.mktemp("bdcspn")
-    ckpt = make_checkpoint("resnet18", root / "r18.safetensors", img_size=32)
-    bundle, _ = export_bundle("resnet18", root / "bundle", checkpoint=ckpt, img_size=32, validate=False)
+    bundle = tiny_bundle(root)
     glyph_folder(root / "glyphs", classes="ABCDE", per_class=4, size=40)
     glyph_folder(root / "support", classes="ABC", per_class=2, size=40, seed=3)
     return root, bundle
@@ -108,7 +106,7 @@ def test_bench_accuracy_runs_bd_cspn_on_the_episode_query_set(tiny) -> None:
     out = root / "acc.json"
     res = CliRunner(env={"COLUMNS": "300"}).invoke(app, [
         "bench", "accuracy", str(bundle.path), "--data", str(root / "glyphs"), "--ways", "3", "--shots", "1",
-        "--queries", "2", "--episodes", "2", "--heads", "bd-cspn,ncc", "--threads", "1",
+        "--queries", "2", "--episodes", "2", "--methods", "bd-cspn,ncc", "--threads", "1",
         "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = read_rows(out)
