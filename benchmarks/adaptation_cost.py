@@ -35,7 +35,7 @@ from rich.console import Console
 
 from fsdeploy.adapters import ADAPTERS, finetuner_methods
 from fsdeploy.bench.accuracy import evaluate
-from fsdeploy.bench.cost_inputs import CostTable, bundle_costs, count_bundle
+from fsdeploy.bench.cost_inputs import CostTable, bundle_costs, count_bundle, torch_model
 from fsdeploy.bench.costs import TaskShape
 from fsdeploy.bench.measure import adaptation_times
 from fsdeploy.bench.methods import BY_KEY, HEAD_KEYS, accuracy_methods, adaptation_specs, join_accuracy
@@ -45,7 +45,8 @@ from fsdeploy.bench.render import accuracy_table, rows_table, write_rows
 from fsdeploy.bench.workspace import Weights, pick_weights, prepare_bundle, split_classes
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.engines import EngineOptions
-from fsdeploy.weights import DEFAULT_IMG_SIZE
+from fsdeploy.modules.placement import families as placement_families
+from fsdeploy.weights import DEFAULT_IMG_SIZE, shipped
 
 RESULTS = Path(__file__).parent / "results"
 CASE_HEADS = ("linear",)  # CaSE + linear is UpperCaSE; other heads on CaSE features are not in the seeds' figure
@@ -56,10 +57,20 @@ def plain_heads() -> list[str]:
     return [k for k in HEAD_KEYS if BY_KEY[k].kind == "head"]
 
 
-def tuners_for(family: str) -> list[str]:
-    """Cost-table keys of the per-task fine-tuners defined for this backbone family."""
-    return [key for key, (kind, _) in finetuner_methods().items()
+def tuners_for(family: str, bundle: Any = None) -> list[str]:
+    """Cost-table keys of the per-task fine-tuners defined for this backbone family (BN-affine only where the
+    bundle's backbone has BatchNorm layers)."""
+    keys = [key for key, (kind, _) in finetuner_methods().items()
             if not ADAPTERS.get(kind).families or family in ADAPTERS.get(kind).families]
+    if bundle is not None and not _has_batchnorm(bundle):
+        keys = [k for k in keys if finetuner_methods()[k][0] != "bn-affine"]
+    return keys
+
+
+def _has_batchnorm(bundle: Any) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in torch_model(bundle).modules())
 
 
 def task_folder(data: Any, ways: int, shots: int, root: Path) -> Path:
@@ -79,7 +90,9 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,efficientnet_b0")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
                         help="weights for one backbone (repeatable); CaSE bundles of it use identity blocks")
-    parser.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="bundle input size (accuracy and its MACs)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="bundle input size (accuracy and its MACs); default: the size each shipped checkpoint "
+                             f"was trained at, else {DEFAULT_IMG_SIZE}")
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", default="1,5")
     parser.add_argument("--queries", type=int, default=5, help="per class (every glyph class has >= 10 instances)")
@@ -103,23 +116,28 @@ def main() -> None:
     summary: list[dict[str, Any]] = []
 
     for model in args.models.split(","):
+        size = args.img_size or (shipped(model).img_size if shipped(model) else DEFAULT_IMG_SIZE)
         if model in given:
             weights = case_weights = Weights(Path(given[model]), Path(given[model]).name)
         else:
-            weights = pick_weights(model, args.workdir, args.img_size)
-            case_weights = pick_weights(model, args.workdir, args.img_size, adapter="case")
-        console.print(f"[bold]{model}[/bold] at {args.img_size} px: {weights.description}; CaSE: {case_weights.description}")
-        plain = prepare_bundle(args.workdir, model, img_size=args.img_size, weights=weights, say=console.print,
+            weights = pick_weights(model, args.workdir, size)
+            case_weights = pick_weights(model, args.workdir, size, adapter="case")
+        plain = prepare_bundle(args.workdir, model, img_size=size, weights=weights, say=console.print,
                                base_data=args.data)  # SimpleShot centres on the base split's mean feature
-        case = prepare_bundle(args.workdir, model, adapter="case", img_size=args.img_size, weights=case_weights,
-                              say=console.print)
+        family = plain.manifest.family
+        has_case = family in placement_families("case")  # UpperCaSE places CaSE blocks in CNNs only
+        console.print(f"[bold]{model}[/bold] at {size} px: {weights.description}"
+                      + (f"; CaSE: {case_weights.description}" if has_case else "; no CaSE placement for this family"))
+        case = prepare_bundle(args.workdir, model, adapter="case", img_size=size, weights=case_weights,
+                              say=console.print) if has_case else None
         heads = [k for k in plain_heads() if not wanted or k in wanted]
-        tuners = [k for k in tuners_for(plain.manifest.family) if not wanted or k in wanted] if args.finetune_episodes else []
-        with_case = not wanted or "case-linear" in wanted
-        counts = count_bundle(case)  # the CaSE bundle's backbone is the plain one: every row from one count
+        tuners = [k for k in tuners_for(family, plain) if not wanted or k in wanted] if args.finetune_episodes else []
+        with_case = has_case and (not wanted or "case-linear" in wanted)
+        costed = case or plain  # the CaSE bundle's backbone is the plain one: every row from one count
+        counts = count_bundle(costed)
         tasks = [TaskShape.from_shots(args.ways, k) for k in shots]
-        tables: list[CostTable] = [bundle_costs(case, t, counts=counts) for t in tasks]
-        write_rows(args.out / f"costs_{model}_{args.img_size}px.csv", [r for t in tables for r in t.rows])
+        tables: list[CostTable] = [bundle_costs(costed, t, counts=counts) for t in tasks]
+        write_rows(args.out / f"costs_{model}_{size}px.csv", [r for t in tables for r in t.rows])
 
         acc = []
         for k in shots:
@@ -139,7 +157,7 @@ def main() -> None:
         if args.time_repeats:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = task_folder(data, args.ways, max(shots), Path(tmp))
-                for bundle, keys in ((plain, heads + tuners), (case, ["linear"] if with_case else [])):
+                for bundle, keys in [(plain, heads + tuners)] + ([(case, ["linear"])] if with_case else []):
                     for row in adaptation_times(bundle, folder, adaptation_specs(keys), options=options,
                                                 repeats=args.time_repeats):
                         key = row.method if bundle is plain else "case-linear"
@@ -157,7 +175,7 @@ def main() -> None:
     write_rows(args.out / "adaptation_cost.csv", summary)
     png = plot_adaptation_cost(summary, args.out / "accuracy_vs_macs.png",
                                title=f"{args.ways}-way accuracy on novel glyph classes vs MACs to adapt one task "
-                                     f"({args.img_size} px)")
+                                     "(glyphs at each backbone's trained size)")
     console.print(f"wrote {args.out / 'adaptation_cost.csv'} and {png}")
 
 

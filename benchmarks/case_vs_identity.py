@@ -34,7 +34,7 @@ from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.modules.case_checkpoint import build_casenet
 from fsdeploy.pipeline.export import export_bundle
 from fsdeploy.train.metatrain import HeadRecipe, TaskStats, episode_classes, metatrain
-from fsdeploy.weights import DEFAULT_MODEL, default_checkpoint
+from fsdeploy.weights import DEFAULT_MODEL, shipped_checkpoint
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
-    backbone_ckpt = args.checkpoint or default_checkpoint()
+    backbone_ckpt = args.checkpoint or shipped_checkpoint(args.model)
 
     case_ckpt = args.case
     if case_ckpt is None:

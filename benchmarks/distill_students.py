@@ -86,10 +86,10 @@ def main() -> None:
         runs.insert(1, ("student, plain fine-tuning", replace(base, method="finetune", student_checkpoint=args.student_checkpoint)))
     models: list[tuple[str, str, Path | None, float]] = []
     teacher_ckpt = Path(args.teacher) if Path(args.teacher).exists() else None
-    if teacher_ckpt is None and args.teacher == "efficientnet_b0":
-        from fsdeploy.weights import default_checkpoint
+    if teacher_ckpt is None:
+        from fsdeploy.weights import shipped, shipped_checkpoint
 
-        teacher_ckpt = default_checkpoint()
+        teacher_ckpt = shipped_checkpoint(args.teacher) if shipped(args.teacher) else None
     models.append((f"teacher {teacher_name}", teacher_name, teacher_ckpt, 0.0))
     for i, (label, cfg) in enumerate(runs):
         cfg = replace(cfg, out=args.workdir / f"student{i}_{cfg.method}.safetensors")

@@ -29,7 +29,7 @@ from fsdeploy.bench.accuracy import Method, evaluate
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.data.glyphs import load_splits
 from fsdeploy.pipeline.export import export_bundle
-from fsdeploy.weights import DEFAULT_MODEL, default_checkpoint
+from fsdeploy.weights import DEFAULT_MODEL, shipped_checkpoint
 
 NCC_L2 = Method("NCC (L2-normalised)", "ncc", "l2")
 
@@ -50,7 +50,7 @@ def main() -> None:
     torch.manual_seed(args.seed)  # the random-init baseline is reproducible
 
     files = scan_image_folder(args.data, classes=list(load_splits(args.data).split(args.split)))
-    checkpoint = args.checkpoint or default_checkpoint()
+    checkpoint = args.checkpoint or shipped_checkpoint(args.model)
     pretrained, preprocess = create_backbone(args.model, checkpoint=checkpoint)
     random_init, _ = create_backbone(args.model, img_size=preprocess.input_size[-1])
     console = Console()

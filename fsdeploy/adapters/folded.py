@@ -28,10 +28,11 @@ from fsdeploy.exporters.spec import ExportSpec
 from fsdeploy.runtime.open import torch_graphs
 from fsdeploy.runtime.task import name_bad_images
 
-# folded graph vs the unfolded adapter network, max |feature diff|: 1e-4 plus 1e-5 of the largest feature, since
-# the exporter's Conv+BN fusion rounds in float32 relative to the weights' scale (a fully fine-tuned efficientnet_b0
-# with features up to 15.5 differed by 1.03e-4, cosine 1.00000)
-FOLD_TOL = Tolerance(atol=1e-4, rtol=1e-5)
+# folded graph vs the unfolded adapter network: the bound `fsdeploy export` validates every graph with (1e-4 plus
+# 1e-4 of the largest feature). Conv+BN fusion rounds in float32 relative to the weights' scale, so a tighter bound
+# fails healthy folds (a fine-tuned efficientnet_b0 task differed by 1.56e-4 at features up to 3.42, cosine 1.00000),
+# while a wrong fold moves features by their own order of magnitude.
+FOLD_TOL = Tolerance(atol=ExportSpec.atol, rtol=ExportSpec.rtol)
 CHECK_BATCH = 32
 
 

@@ -62,37 +62,35 @@ def unit_scale_norms_(model: Any, seed: int = 0) -> Any:
     return model
 
 
-SHIPPED_CASE = "efficientnet_b0_glyphs_case.safetensors"  # meta-trained CaSE blocks beside the backbone weights
-
-
 def pick_weights(
     model: str, workdir: Path, img_size: int, checkpoint: Path | None = None, *, adapter: str = "none"
 ) -> Weights:
-    """`checkpoint` if given, else the shipped checkpoint when it is for `model` at this input size (for a
-    `case` bundle: the shipped meta-trained CaSE checkpoint when installed), else a unit-scale random-init
-    stand-in.
+    """`checkpoint` if given, else fsdeploy's shipped glyph checkpoint when it ships one for `model` at this input
+    size (for a `case` bundle: the shipped meta-trained CaSE checkpoint when there is one), else a unit-scale
+    random-init stand-in.
 
-    The shipped checkpoint is trained on 32 px glyphs; run at 224 px its activations leave the range its
-    BatchNorm statistics describe, so timing and agreement runs at other sizes use the stand-in (speed does
-    not depend on the weights' values).
+    The shipped checkpoints are trained on small glyphs (32 or 64 px); run at 224 px their activations leave the
+    range their BatchNorm statistics describe, so timing and agreement runs at other sizes use the stand-in
+    (speed does not depend on the weights' values).
     """
     if checkpoint is not None:
         return Weights(Path(checkpoint), f"{Path(checkpoint).name}")
-    from fsdeploy.weights import DEFAULT_IMG_SIZE, DEFAULT_MODEL, default_checkpoint
+    from fsdeploy.weights import shipped, shipped_checkpoint
 
     why = "no pretrained weights available"
-    if model == DEFAULT_MODEL:
+    record = shipped(model)
+    if record is not None:
         try:
-            shipped = default_checkpoint()
+            path = shipped_checkpoint(model)
         except InvalidInput:
             pass
         else:
-            case = shipped.with_name(SHIPPED_CASE)
-            if img_size == DEFAULT_IMG_SIZE and adapter == "case" and case.is_file():
+            case = path.with_name(record.case_file) if record.case_file else None
+            if img_size == record.img_size and adapter == "case" and case is not None and case.is_file():
                 return Weights(case, "shipped glyph-pretrained checkpoint with meta-trained CaSE blocks")
-            if img_size == DEFAULT_IMG_SIZE:
-                return Weights(shipped, "shipped glyph-pretrained checkpoint")
-            why = f"the shipped checkpoint is trained at {DEFAULT_IMG_SIZE} px"
+            if img_size == record.img_size:
+                return Weights(path, "shipped glyph-pretrained checkpoint")
+            why = f"the shipped checkpoint is trained at {record.img_size} px"
     path = unit_scale_checkpoint(model, img_size, workdir / f"{model}-random-init-{img_size}px.safetensors")
     return Weights(path, f"random init (unit-scale norm statistics; {why})")
 

@@ -25,6 +25,7 @@ def pretrain_command(
     lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate (linear warm-up, then cosine to 0); default 2e-3, idmm 5e-4.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (supervised: not on norms and biases); default 0.05, idmm 1e-3.")] = None,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.1,
+    warmup_epochs: Annotated[float, typer.Option(min=0.0, help="Linear learning-rate warm-up, in epochs (ViTs from scratch need several: DeiT uses 5).")] = 0.5,
     aug_scale: Annotated[float, typer.Option(help="Random resized crop drops up to this share of the area (0 = off).")] = 0.25,
     aug_rotation: Annotated[float, typer.Option(help="Random rotation up to +- this many degrees (0 = off).")] = 10.0,
     holdout: Annotated[int, typer.Option(help="Typefaces per class held out to report accuracy each epoch.")] = 1,
@@ -72,7 +73,7 @@ def pretrain_command(
     cfg = PretrainConfig(
         model=model, data=data, out=out, split=split, img_size=img_size, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, label_smoothing=label_smoothing, max_scale_loss=aug_scale, max_rotation_deg=aug_rotation, holdout_per_class=holdout, seed=seed, fp16=fp16,
-        device=device, threads=threads, resume=resume, precision=precision, channels_last=channels_last,
+        warmup_epochs=warmup_epochs, device=device, threads=threads, resume=resume, precision=precision, channels_last=channels_last,
         recalibrate_bn=recalibrate_bn,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

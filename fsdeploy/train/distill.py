@@ -114,10 +114,10 @@ def load_teacher(spec: str, img_size: int | None = None) -> tuple[Any, Preproces
                                "(fsdeploy pretrain / distill) or pass a timm name")
         model, pre = create_backbone(name, checkpoint=path, img_size=img_size)
         return model, pre, name
-    from fsdeploy.weights import DEFAULT_MODEL, default_checkpoint
+    from fsdeploy.weights import shipped, shipped_checkpoint
 
-    if spec == DEFAULT_MODEL:
-        model, pre = create_backbone(spec, checkpoint=default_checkpoint(), img_size=img_size)
+    if shipped(spec) is not None:
+        model, pre = create_backbone(spec, checkpoint=shipped_checkpoint(spec), img_size=img_size)
     else:
         model, pre = create_backbone(spec, pretrained=True, img_size=img_size)
     return model, pre, spec
