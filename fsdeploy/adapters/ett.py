@@ -65,4 +65,6 @@ KIND = register_adapter(AdapterKind(
     options={"lr": "AdamW learning rate of vartheta (the prefixes, control_trans and DRA use lr/2); official 1e-3, "
                    "5e-4 for ImageNet-like images"},
     why_missing="eTT's prefixes and domain residual adapters are defined for ViT backbones only",
+    default_steps=40,
+    steps_source="chmxu/eTT_TMLR2022 test_extractor_pa_vit_prefix.py:100",
 ))

@@ -85,4 +85,7 @@ KIND = register_adapter(AdapterKind(
     options={"optimizer": "sgd (Chen et al.: lr 0.01, momentum 0.9, dampening 0.9, wd 1e-3) or olor (OLOR on the "
                           "backbone: Adam lr 1e-4 cosine, rollback towards the pretrained weights; head plain Adam)",
              "lr": LR_HELP, "bn": BN_HELP + "; default frozen"},
+    default_steps=100,
+    steps_unit="epochs",
+    steps_source="Chen et al. ICLR 2019, CloserLookFewShot methods/baselinefinetune.py:40",
 ))

@@ -35,4 +35,6 @@ KIND = register_adapter(AdapterKind(
     cost=network_cost,
     methods={"maml-10": {}, "maml-100": {}},
     options={"lr": LR_HELP, "bn": BN_HELP + "; default batch (MAML's)"},
+    default_steps=10,
+    steps_source="Finn et al. 2017 Sec. 5.2 miniImageNet test time, cbfinn/maml main.py:228",
 ))
