@@ -21,14 +21,14 @@ PUBLISHED = {"tsa": (40, "steps"), "bn-affine": (40, "steps"), "full-ft": (100, 
 
 
 class Reached(Exception):
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, opts: dict | None = None) -> None:
         super().__init__(steps)
-        self.steps = steps
+        self.steps, self.opts = steps, opts or {}
 
 
 def _spy(kind):
     def fit(backbone, images, labels, *, steps, **opts):
-        raise Reached(steps)
+        raise Reached(steps, opts)
 
     return replace(kind, fit=fit, families=())  # families=(): the spy runs on the resnet bundle whatever the kind
 
@@ -94,3 +94,19 @@ def test_a_kind_without_a_default_asks_for_steps() -> None:
     assert kind.resolve_steps(7) == 7
     with pytest.raises(InvalidInput, match="pass --steps"):
         kind.resolve_steps(None)
+
+
+def test_cli_bn_and_lr_reach_the_fit_of_the_kinds_that_take_them(bundle_and_support, monkeypatch, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from fsdeploy.cli import app
+
+    bundle, support, _, _ = bundle_and_support
+    runner = CliRunner(env={"COLUMNS": "400"})
+    base = ["adapt", str(bundle.path), str(support), "--out", str(tmp_path / "t.npz")]
+    monkeypatch.setitem(ADAPTERS._entries, "maml", _spy(ADAPTERS.get("maml")))
+    res = runner.invoke(app, [*base, "--adapter", "maml", "--bn", "frozen", "--lr", "0.001"])
+    assert isinstance(res.exception, Reached) and res.exception.opts == {"bn": "frozen", "lr": 0.001}, res.output
+    res = runner.invoke(app, [*base, "--adapter", "tsa", "--bn", "batch"])
+    assert isinstance(res.exception, InvalidInput)  # the CLI's entry point prints it as one `error:` line
+    assert "--bn does not apply to --adapter tsa; it is for --adapter full-ft, maml, partial-ft" in str(res.exception)

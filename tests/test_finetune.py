@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsdeploy.adapters import ADAPTERS, finetuner_methods
+from fsdeploy.errors import InvalidInput
 from fsdeploy.train.finetune import fit_finetune, finetune_adapt_macs
 from tests.helpers import glyph_folder
 
@@ -135,6 +136,24 @@ def test_maml_inner_loop_is_plain_sgd_from_a_zero_head(bn: str) -> None:
     for key in stats:  # batch: the running statistics moved as torch's own BatchNorm moved them; frozen: untouched
         assert torch.allclose(res.model.state_dict()[key], ref.state_dict()[key], atol=1e-7)
         assert torch.equal(res.model.state_dict()[key], net.state_dict()[key]) == (bn == "frozen")
+
+
+@pytest.mark.parametrize("name,published", [("full-ft", "frozen"), ("maml", "batch")])  # partial-ft: chen, as full-ft
+def test_each_kind_defaults_to_its_published_batchnorm_and_takes_the_other(name: str, published: str) -> None:
+    """Chen et al.: eval-mode features (CloserLookFewShot save_features.py:120), so frozen statistics; MAML:
+    batch statistics (cbfinn/maml utils.py:41, CloserLookFewShot backbone.py:88-102). Checked on the
+    running statistics: untouched when frozen, moved when batch."""
+    net, x, labels = tiny_task(n=6, k=3)
+    opts: dict = {}
+    kind = ADAPTERS.get(name)
+    before = net.bn1.running_var.clone()
+    for bn in (None, "frozen", "batch"):
+        res = kind.fit(net, x, labels, steps=2, bn=bn, device="cpu", **opts) if bn else kind.fit(net, x, labels, steps=2, device="cpu", **opts)
+        mode = bn or published
+        assert res.bn == mode
+        assert torch.equal(res.model.bn1.running_var, before) == (mode == "frozen")
+    with pytest.raises(InvalidInput, match="unknown --bn 'train'"):
+        kind.fit(net, x, labels, steps=1, bn="train", device="cpu", **opts)
 
 
 def test_full_ft_olor_is_adam_with_layerwise_rollback_on_the_backbone_and_plain_adam_on_the_head() -> None:

@@ -29,8 +29,8 @@ def fit(backbone: Any, images: Any, labels: Any, *, steps: int, optimizer: str =
 
 
 LR_HELP = "learning rate instead of the recipe's (a deliberate deviation, e.g. where the recipe's rate diverges)"
-BN_HELP = ("BatchNorm while fitting: frozen (running statistics, eval mode) or batch (batch statistics, running ones "
-           "updated and stored with the task)")
+BN_HELP = ("BatchNorm while fitting: frozen (pretrained running statistics, eval mode: Chen et al.'s features) or batch "
+           "(batch statistics, MAML's; running statistics updated and stored with the task)")
 
 
 def _rate(lr: Any) -> float | None:

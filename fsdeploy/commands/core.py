@@ -264,6 +264,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback (linear) or --head-opt distance=cosine (ncc); keys per head are listed above."),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (task, classes, head, timings in ms) instead of the summary line.")] = False,
+        bn: Annotated[Optional[str], typer.Option(help="--adapter full-ft/partial-ft/maml BatchNorm while fitting: frozen (running statistics; the default of full-ft and partial-ft, as Chen et al.'s eval-mode features) or batch (batch statistics, MAML's default; running statistics updated and stored with the task).")] = None,
+        lr: Annotated[Optional[float], typer.Option(help="--adapter full-ft/partial-ft/maml/ett learning rate instead of the recipe's (e.g. where the recipe's rate diverges).")] = None,
         spec: Annotated[Optional[Path], typer.Option(help="--adapter partial-ft layer spec (JSON from `python -m fsdeploy.train.partial_search`; default: last block + head).")] = None,
     ) -> None:
         from fsdeploy.adapters import ADAPTERS
@@ -283,7 +285,8 @@ def register(app: typer.Typer) -> None:
         else:
             head, transform = resolve_method(head, transform)
             opts = check_head_options(head, parse_options(head_opt or []))
-        fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer), ("spec", spec and str(spec))) if v is not None}
+        fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer), ("spec", spec and str(spec)), ("bn", bn),
+                                      ("lr", lr)) if v is not None}
         # a fine-tuner runs its own folded fp32 graph: a tuned choice does not apply to it
         tuner = bool(adapter) and ADAPTERS.get(adapter).finetuner
         choice = with_device(resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads), device)
