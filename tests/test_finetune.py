@@ -486,3 +486,17 @@ def test_search_at_the_published_population_keeps_improving_on_real_fine_tuning(
     assert best == sorted(best) and spec.search["evaluated"] >= 50
     frozen = np.mean([task_accuracy(net, t, {u: 0.0 for u in spec.units}, 5, seed=i) for i, t in enumerate(tasks)])
     assert spec.fitness >= frozen
+
+
+def test_search_defaults_are_the_spos_searchers_as_documented() -> None:
+    """The module docstring says the budget is SPOS's official one (megvii-model/SinglePathOneShot
+    src/Search/search.py:240-245: max-epochs 20, select-num 10, population-num 50, m_prob 0.1, crossover-num 25,
+    mutation-num 25) and the genome has 10 genes on resnet18, 20 on efficientnet_b0."""
+    import timm
+
+    from fsdeploy.train.partial_search import MULTIPLIERS, SearchSettings, units_of
+
+    s = SearchSettings()
+    assert (s.iterations, s.select, s.population, s.mutation_prob, s.crossover, s.mutation) == (20, 10, 50, 0.1, 25, 25)
+    assert s.epochs == 100 and MULTIPLIERS == (0.0, 0.01, 0.1, 1.0)
+    assert [len(units_of(timm.create_model(n, num_classes=0))) for n in ("resnet18", "efficientnet_b0")] == [10, 20]
