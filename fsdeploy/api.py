@@ -87,7 +87,7 @@ def adapt(
     transform: str = "none",
     head_opts: dict[str, Any] | None = None,
     adapter: str | None = None,
-    steps: int = 40,
+    steps: int | None = None,
     backend: str | None = None,
     precision: str | None = None,
     device: str | None = None,

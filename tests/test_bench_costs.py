@@ -22,6 +22,7 @@ from fsdeploy.bench.costs import (
     missing_counts,
 )
 from fsdeploy.errors import InvalidInput, UnknownName
+from fsdeploy.modules.ett import EttCounts
 
 
 class FakeHead:
@@ -49,7 +50,7 @@ COUNTS = CountedMacs(
     tsa=TrainedGraph(110, 120, 50),
     case=CaseCounts(forward=105, mlp=7, gamma=12),
     toast=130,
-    ett=TrainedGraph(140, 150, 60),
+    ett=EttCounts(patch=3, linears=50, attn=20, attn_per_prefix=7, control=11, align=16, proj=5, stored=40, stored_per_prefix=9),
 )
 TASK = TaskShape.from_shots(3, 2)  # n = 6 support images, K = 3, D = 4
 
@@ -121,10 +122,13 @@ def test_tsa_pays_steps_with_ncc_loss_and_a_final_prototype_pass() -> None:
 
 
 def test_ett_pays_an_init_pass_steps_and_a_final_pass() -> None:
+    # by hand from the fake counts: N = 6, K = 3; plain forward 3 + 50 + 20 = 73, with 3 prefixes 73 + 21 = 94
     row = _rows()["ett"]
     loss = _fit("ncc") + 6 * 4 * 3
-    assert row.adapt_macs == 40 * (6 * (140 + 150) + 3 * loss) + 6 * 100 + 6 * 140 + _fit("ncc")
-    assert row.query_macs == 140 + 12 and row.params_adapted == 60 + _params("ncc")
+    step = 6 * (3 + 2 * 50 + 3 * (20 + 21)) + 3 * 3 * 11 + 3 * 6 * 16 + 4 * 3 * 5
+    assert row.adapt_macs == 6 * 73 + 40 * step + 40 * 3 * loss + 6 * (94 + 16) + _fit("ncc")
+    assert row.query_macs == 94 + 16 + 12 and row.params_adapted == 40 + 3 * 9 + _params("ncc")
+    assert row.head_macs == 40 * 3 * loss + _fit("ncc")
 
 
 def test_recipes_are_configurable_and_stated() -> None:

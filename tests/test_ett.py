@@ -3,6 +3,8 @@ prototype init vs a hand computation, the DRA fold, the exported task graph (ORT
 one fitting step vs an independent reference loop, the MAC count vs a hand count."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import numpy as np
@@ -214,6 +216,33 @@ def test_adapt_macs_equal_a_hand_count() -> None:
     assert ett_adapt_macs(vit, SIZE, n, k, steps) == n * (patch + linears + attn(0)) + steps * step
 
 
+def test_cost_row_counts_the_real_vit_by_hand() -> None:
+    """The cost table's ett row on the tiny ViT's own counts, against a hand count for K = 3, N = 6, S = 5."""
+    from fsdeploy.bench.cost_inputs import measure_ett
+    from fsdeploy.bench.costs import DEFAULT_METHODS, CountedMacs, TaskShape, adaptation_costs
+    from fsdeploy.heads import make_head
+    from fsdeploy.train.ett import ett_adapt_macs
+
+    vit = tiny_vit()
+    n, k, steps = 6, 3, 5
+    tokens = (SIZE // PATCH) ** 2 + 1
+    hidden = 2 * DIM
+    linears = DEPTH * tokens * (DIM * 3 * DIM + DIM * DIM + DIM * hidden + hidden * DIM)
+    patch = (SIZE // PATCH) ** 2 * 3 * PATCH * PATCH * DIM
+    forward_k = patch + linears + DEPTH * 2 * tokens * (tokens + k) * DIM  # the task graph: K prefix tokens per block
+    counts = measure_ett(vit, SIZE)
+    assert measure_ett(__import__("timm").create_model("resnet18", num_classes=0), SIZE) is None
+    (method,) = [replace(m, steps=steps) for m in DEFAULT_METHODS if m.key == "ett"]
+    (row,) = adaptation_costs(CountedMacs(dim=DIM, backbone=0, ett=counts), TaskShape(k, n), [method])
+    ncc = make_head("ncc")
+    head = steps * 3 * (ncc.fit_macs(n, DIM, k) + ncc.predict_macs(n, DIM, k)) + ncc.fit_macs(n, DIM, k)
+    assert row.head_macs == head
+    assert row.adapt_macs == ett_adapt_macs(vit, SIZE, n, k, steps) + n * (forward_k + DIM * DIM) + head
+    assert row.query_macs == forward_k + DIM * DIM + ncc.predict_macs(1, DIM, k)
+    # stored per task: 2 folded biases per block, vartheta, K keys + values per block, the NCC prototypes
+    assert row.params_adapted == DEPTH * 2 * DIM + DIM * DIM + k * DEPTH * 2 * DIM + ncc.n_params(DIM, k)
+
+
 @pytest.fixture(scope="module")
 def vit_bundle(tmp_path_factory):
     from fsdeploy.pipeline.export import export_bundle
@@ -247,6 +276,12 @@ def test_bench_accuracy_takes_ett_and_the_task_records_its_macs(vit_bundle) -> N
     backbone = torch_graphs(bundle)["features"].module
     assert task.info["adapt_macs"] == ett_adapt_macs(backbone, SIZE, 12, 4, 2)
     assert task.task_state["ett/prefix"].shape == (12, 2, 3, 4, 64)  # vit_tiny: 12 blocks, 3 heads of 64, 4 classes
+    from fsdeploy.bench.cost_inputs import bundle_costs, count_bundle
+    from fsdeploy.bench.costs import TaskShape
+
+    assert count_bundle(bundle).ett is not None  # the bundle counter fills eTT's counts on a ViT bundle
+    rows = {r.method: r for r in bundle_costs(bundle, TaskShape(4, 12)).rows}
+    assert rows["ett"].adapt_macs - rows["ett"].head_macs > ett_adapt_macs(backbone, SIZE, 12, 4, 40)
 
 
 def test_cnn_bundles_are_refused_in_one_line(tmp_path) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsdeploy.adapters import ADAPTERS, finetuner_methods
+from fsdeploy.errors import InvalidInput
 from fsdeploy.train.finetune import fit_finetune, finetune_adapt_macs
 from tests.helpers import glyph_folder
 
@@ -135,6 +136,24 @@ def test_maml_inner_loop_is_plain_sgd_from_a_zero_head(bn: str) -> None:
     for key in stats:  # batch: the running statistics moved as torch's own BatchNorm moved them; frozen: untouched
         assert torch.allclose(res.model.state_dict()[key], ref.state_dict()[key], atol=1e-7)
         assert torch.equal(res.model.state_dict()[key], net.state_dict()[key]) == (bn == "frozen")
+
+
+@pytest.mark.parametrize("name,published", [("full-ft", "frozen"), ("maml", "batch")])  # partial-ft: chen, as full-ft
+def test_each_kind_defaults_to_its_published_batchnorm_and_takes_the_other(name: str, published: str) -> None:
+    """Chen et al.: eval-mode features (CloserLookFewShot save_features.py:120), so frozen statistics; MAML:
+    batch statistics (cbfinn/maml utils.py:41, CloserLookFewShot backbone.py:88-102). Checked on the
+    running statistics: untouched when frozen, moved when batch."""
+    net, x, labels = tiny_task(n=6, k=3)
+    opts: dict = {}
+    kind = ADAPTERS.get(name)
+    before = net.bn1.running_var.clone()
+    for bn in (None, "frozen", "batch"):
+        res = kind.fit(net, x, labels, steps=2, bn=bn, device="cpu", **opts) if bn else kind.fit(net, x, labels, steps=2, device="cpu", **opts)
+        mode = bn or published
+        assert res.bn == mode
+        assert torch.equal(res.model.bn1.running_var, before) == (mode == "frozen")
+    with pytest.raises(InvalidInput, match="unknown --bn 'train'"):
+        kind.fit(net, x, labels, steps=1, bn="train", device="cpu", **opts)
 
 
 def test_full_ft_olor_is_adam_with_layerwise_rollback_on_the_backbone_and_plain_adam_on_the_head() -> None:
@@ -467,3 +486,17 @@ def test_search_at_the_published_population_keeps_improving_on_real_fine_tuning(
     assert best == sorted(best) and spec.search["evaluated"] >= 50
     frozen = np.mean([task_accuracy(net, t, {u: 0.0 for u in spec.units}, 5, seed=i) for i, t in enumerate(tasks)])
     assert spec.fitness >= frozen
+
+
+def test_search_defaults_are_the_spos_searchers_as_documented() -> None:
+    """The module docstring says the budget is SPOS's official one (megvii-model/SinglePathOneShot
+    src/Search/search.py:240-245: max-epochs 20, select-num 10, population-num 50, m_prob 0.1, crossover-num 25,
+    mutation-num 25) and the genome has 10 genes on resnet18, 20 on efficientnet_b0."""
+    import timm
+
+    from fsdeploy.train.partial_search import MULTIPLIERS, SearchSettings, units_of
+
+    s = SearchSettings()
+    assert (s.iterations, s.select, s.population, s.mutation_prob, s.crossover, s.mutation) == (20, 10, 50, 0.1, 25, 25)
+    assert s.epochs == 100 and MULTIPLIERS == (0.0, 0.01, 0.1, 1.0)
+    assert [len(units_of(timm.create_model(n, num_classes=0))) for n in ("resnet18", "efficientnet_b0")] == [10, 20]

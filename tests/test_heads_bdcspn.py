@@ -128,3 +128,50 @@ def test_predict_images_scores_all_images_as_one_batch(tiny) -> None:
         probs = ta.predict_proba(task, load_checked(imgs, bundle.manifest.preprocess))
     for p, row in zip(preds, probs):
         assert p.probs[0] == pytest.approx(float(row.max()), rel=1e-5)
+
+
+def easyfsl_formula(xs, ys, xq) -> torch.Tensor:
+    """easyfsl's BDCSPN in its own matrix form (bd_cspn.py:28-55 at 8023ff4): exp(cos) logits, one-hot masks,
+    one normalisation vector per class over support + pseudo-labelled queries; then cosine logits x 10."""
+    s, q = (F.normalize(torch.as_tensor(a, dtype=torch.float64), dim=1) for a in (xs, xq))
+    y = torch.as_tensor(ys).long()
+    k = int(y.max()) + 1
+    protos = torch.stack([s[y == c].mean(0) for c in range(k)])
+    q = q + (s.mean(0, keepdim=True) - q.mean(0, keepdim=True))
+    logit_s = (F.normalize(s, dim=1) @ F.normalize(protos, dim=1).T).exp()
+    logit_q = (F.normalize(q, dim=1) @ F.normalize(protos, dim=1).T).exp()
+    hot_s, hot_q = F.one_hot(y, k).double(), F.one_hot(logit_q.argmax(1), k).double()
+    norm = ((hot_s * logit_s).sum(0) + (hot_q * logit_q).sum(0))[None]
+    rect = (hot_s * logit_s / norm).T @ s + (hot_q * logit_q / norm).T @ q
+    return torch.softmax(10.0 * F.normalize(q, dim=1) @ F.normalize(rect, dim=1).T, 1)
+
+
+def test_default_is_the_papers_temperature_and_easyfsl_is_a_named_recipe() -> None:
+    """Default eps = 10 (the paper's, module docstring); recipe=easyfsl is eps = 1, equal to easyfsl's own
+    matrix formula on L2-normalised features (easyfsl normalises before rectifying)."""
+    xs, ys, xq, _ = make_task(seed=7, k=4, shots=3, dim=12, queries=9)
+    xs = xs / np.linalg.norm(xs, axis=1, keepdims=True)
+    xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    default = make_head("bd-cspn")
+    assert default.epsilon == 10.0 and default.recipe == "paper"
+    np.testing.assert_allclose(default.fit(xs, ys).predict_proba(xq), reference(xs, ys, xq, 10.0).numpy(), rtol=1e-4, atol=1e-5)
+    easy = make_head("bd-cspn", recipe="easyfsl").fit(xs, ys)
+    assert easy.epsilon == 1.0
+    np.testing.assert_allclose(easy.predict_proba(xq), easyfsl_formula(xs, ys, xq).numpy(), rtol=1e-4, atol=1e-5)
+    _, rect10 = default.rectified(xq)
+    _, rect1 = easy.rectified(xq)
+    assert not np.allclose(rect10, rect1, atol=1e-4)  # the temperature matters: the two recipes differ
+    assert make_head("bd-cspn", epsilon=3.0, recipe="easyfsl").epsilon == 3.0  # an explicit epsilon wins
+    with pytest.raises(InvalidInput, match="recipe must be one of paper, easyfsl"):
+        make_head("bd-cspn", recipe="liu")
+    with pytest.raises(InvalidInput, match="epsilon must be a number"):
+        make_head("bd-cspn", epsilon="ten")
+
+
+def test_recipe_survives_a_save_and_load() -> None:
+    xs, ys, xq, _ = make_task(seed=1, k=3, shots=2, dim=8, queries=4)
+    model = TaskModel.create("bd-cspn", "none", recipe="easyfsl")
+    model.fit(xs, ys)
+    again = TaskModel.from_state(model.state())
+    assert again.head.epsilon == 1.0 and again.head.recipe == "easyfsl"
+    np.testing.assert_allclose(again.predict_proba(xq), model.predict_proba(xq), rtol=1e-6)

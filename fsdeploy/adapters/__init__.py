@@ -14,6 +14,7 @@ from fsdeploy.adapters.base import (
     finetuner_methods,
     finetuners,
     register_adapter,
+    steps_help,
 )
 
-__all__ = ["ADAPTERS", "AdapterKind", "adapter_kind", "build_adapted", "exported_kinds", "finetuner_methods", "finetuners", "register_adapter"]
+__all__ = ["ADAPTERS", "AdapterKind", "adapter_kind", "build_adapted", "exported_kinds", "finetuner_methods", "finetuners", "register_adapter", "steps_help"]

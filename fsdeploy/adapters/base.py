@@ -48,6 +48,12 @@ class AdapterKind:
         why_missing: what a user does when the kind's costs cannot be counted on a bundle.
         options: fit options the kind accepts (`adapt --domain`, `--optimizer`), with their meaning; any
             other option given to it is refused.
+        default_steps: fine-tuners: the published length of the per-task fit, what `adapt --steps`, `TaskAdapter`
+            and `adapt_task` use when no steps are given (TSA 40 steps, Chen et al.'s 100 epochs, MAML's 10
+            test-time steps, ...); counted in `steps_unit`.
+        steps_unit: what one step of `default_steps` is: "steps" (optimiser steps on the whole support set) or
+            "epochs" (passes over the support set in mini-batches).
+        steps_source: where `default_steps` comes from (paper section or official file:line), for `--help`.
     """
 
     name: str
@@ -66,6 +72,9 @@ class AdapterKind:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     why_missing: str = ""
     options: dict[str, str] = field(default_factory=dict)
+    default_steps: int | None = None
+    steps_unit: str = "steps"
+    steps_source: str = ""
 
     @property
     def exported(self) -> bool:
@@ -74,6 +83,18 @@ class AdapterKind:
     @property
     def finetuner(self) -> bool:
         return self.fit is not None
+
+    def resolve_steps(self, steps: int | None) -> int:
+        """`steps` if given, else this kind's published default.
+
+        Raises:
+            InvalidInput: a fine-tuner without a default and no steps given.
+        """
+        if steps is not None:
+            return int(steps)
+        if self.default_steps is None:
+            raise InvalidInput(f"--adapter {self.name} has no default number of steps; pass --steps")
+        return self.default_steps
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Refuse fit options this kind does not take, naming the kinds that do.
@@ -124,6 +145,12 @@ def finetuners() -> list[str]:
 def finetuner_methods() -> dict[str, tuple[str, dict[str, Any]]]:
     """Cost-table method key -> (fine-tuner kind, fit options), for every per-task fine-tuner."""
     return {key: (k.name, dict(opts)) for k in ADAPTERS.values() if k.finetuner for key, opts in k.methods.items()}
+
+
+def steps_help() -> str:
+    """Every fine-tuner's default `--steps`, from the registry (for `adapt --help`)."""
+    return "; ".join(f"{k.name} {k.default_steps} {k.steps_unit}" + (f" ({k.steps_source})" if k.steps_source else "")
+                     for k in ADAPTERS.values() if k.finetuner)
 
 
 def build_adapted(adapter: str, request: Any) -> Any:

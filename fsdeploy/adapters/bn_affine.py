@@ -37,4 +37,6 @@ KIND = register_adapter(AdapterKind(
     fit_macs=fit_macs,
     methods={"bn-affine": {}, "bn-affine-olor": {"optimizer": "olor"}},
     options={"optimizer": "adadelta (lr 0.5) or olor (OLOR: Adam lr 1e-3, rollback towards the pretrained BN weights)"},
+    default_steps=40,
+    steps_source="TSA's loop",
 ))

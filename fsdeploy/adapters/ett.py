@@ -35,20 +35,19 @@ def head(result: Any) -> Any:
 
 
 def ett_cost(m: Any, c: Any, task: Any, head: Any, tf: Any) -> Any:
-    """S steps on the whole support set (forward + backward of the prefix ViT), the init pass, the final pass.
-
-    `CountedMacs.ett` is not filled by the bundle counters yet (the prefix ViT's cost depends on the ways),
-    so `bench macs` lists ett as not costed; `fsdeploy adapt --adapter ett` records the exact count per task
-    (`train.ett.ett_adapt_macs`) in the task's info.
-    """
+    """eTT's fit counted from `CountedMacs.ett` (`fsdeploy.modules.ett.EttCounts`) for the task's ways: the
+    attentive-prototype pass and S steps on the whole support set (`EttCounts.fit`, the count `adapt --adapter
+    ett` records per task), the NCC loss of each step (forward + 2x backward), then one pass of the support set
+    through the task graph (K prefix tokens) and vartheta, and the head's fit. Queries: the task graph,
+    vartheta and the head. Stored: the folded biases, vartheta, K prefix keys/values and the head."""
     from fsdeploy.bench.costs import Cost
 
     n, k, d = task.n_support, task.ways, c.dim
-    g = c.ett
+    e = c.ett
     s = m.steps or 0
     head_part = s * 3 * (head.fit_macs(n, d, k) + head.predict_macs(n, d, k)) + head.fit_macs(n, d, k)
-    return Cost(s * n * (g.forward + g.backward) + n * c.backbone + n * g.forward + head_part, g.forward + head.predict_macs(1, d, k),
-                g.params + head.n_params(d, k), head_part,
+    return Cost(e.fit(n, k, s) + n * (e.forward(k) + e.align) + head_part, e.forward(k) + e.align + head.predict_macs(1, d, k),
+                e.params(k) + head.n_params(d, k), head_part,
                 f"attentive-prototype pass + {s} steps x whole support, forward+backward, NCC loss + PR; 1 final pass",
                 "frozen ViT: input grads + prefix/DRA/vartheta grads")
 
@@ -65,4 +64,6 @@ KIND = register_adapter(AdapterKind(
     options={"lr": "AdamW learning rate of vartheta (the prefixes, control_trans and DRA use lr/2); official 1e-3, "
                    "5e-4 for ImageNet-like images"},
     why_missing="eTT's prefixes and domain residual adapters are defined for ViT backbones only",
+    default_steps=40,
+    steps_source="chmxu/eTT_TMLR2022 test_extractor_pa_vit_prefix.py:100",
 ))

@@ -29,8 +29,8 @@ def fit(backbone: Any, images: Any, labels: Any, *, steps: int, optimizer: str =
 
 
 LR_HELP = "learning rate instead of the recipe's (a deliberate deviation, e.g. where the recipe's rate diverges)"
-BN_HELP = ("BatchNorm while fitting: frozen (running statistics, eval mode) or batch (batch statistics, running ones "
-           "updated and stored with the task)")
+BN_HELP = ("BatchNorm while fitting: frozen (pretrained running statistics, eval mode: Chen et al.'s features) or batch "
+           "(batch statistics, MAML's; running statistics updated and stored with the task)")
 
 
 def _rate(lr: Any) -> float | None:
@@ -85,4 +85,7 @@ KIND = register_adapter(AdapterKind(
     options={"optimizer": "sgd (Chen et al.: lr 0.01, momentum 0.9, dampening 0.9, wd 1e-3) or olor (OLOR on the "
                           "backbone: Adam lr 1e-4 cosine, rollback towards the pretrained weights; head plain Adam)",
              "lr": LR_HELP, "bn": BN_HELP + "; default frozen"},
+    default_steps=100,
+    steps_unit="epochs",
+    steps_source="Chen et al. ICLR 2019, CloserLookFewShot methods/baselinefinetune.py:40",
 ))

@@ -6,8 +6,9 @@ paper's 10 test-time steps, `maml-100` the 100 steps of a fine-tuning baseline (
 inner loop runs longer"). There is no meta-trained initialisation here: the loop starts from the
 pretrained backbone and a zero head, so this measures MAML's adaptation rule, not meta-learned MAML.
 First-order or not is irrelevant at adaptation time (second-order terms belong to the outer loop).
-BatchNorm normalises with batch statistics while fitting, as in MAML; the deployed graph uses the running
-statistics accumulated on the way (stored with the task). Details: `fsdeploy.train.finetune`.
+BatchNorm normalises with batch statistics while fitting, as in MAML (cbfinn/maml `utils.py:41`); the deployed
+graph normalises with the running statistics accumulated on the way (stored with the task), where MAML
+would use the query batch's. `bn=frozen` is the other mode. Details: `fsdeploy.train.finetune`.
 """
 from __future__ import annotations
 
@@ -35,4 +36,6 @@ KIND = register_adapter(AdapterKind(
     cost=network_cost,
     methods={"maml-10": {}, "maml-100": {}},
     options={"lr": LR_HELP, "bn": BN_HELP + "; default batch (MAML's)"},
+    default_steps=10,
+    steps_source="Finn et al. 2017 Sec. 5.2 miniImageNet test time, cbfinn/maml main.py:228",
 ))

@@ -24,13 +24,14 @@ def plain_path(bundle: Any, backend: str, options: Any, **_: Any) -> Any:
 
 
 def count_plain(model: Any, size: int) -> Any:
-    """The plain backbone's counts, plus TSA's adapter network where the family has a TSA rule."""
+    """The plain backbone's counts, plus TSA's adapter network where the family has a TSA rule and eTT's
+    counts on a ViT."""
     from dataclasses import replace
 
-    from fsdeploy.bench.cost_inputs import measure_tsa
+    from fsdeploy.bench.cost_inputs import measure_ett, measure_tsa
     from fsdeploy.bench.costs import measure_backbone
 
-    return replace(measure_backbone(model, size), tsa=measure_tsa(model, size))
+    return replace(measure_backbone(model, size), tsa=measure_tsa(model, size), ett=measure_ett(model, size))
 
 
 KIND = register_adapter(AdapterKind(

@@ -62,4 +62,7 @@ KIND = register_adapter(AdapterKind(
     methods={"partial-ft": {}},
     options={"spec": "JSON layer spec from `python -m fsdeploy.train.partial_search` (default: last block + head)",
              "lr": LR_HELP, "bn": BN_HELP + "; default frozen"},
+    default_steps=100,
+    steps_unit="epochs",
+    steps_source="Chen et al.'s loop",
 ))

@@ -60,4 +60,6 @@ KIND = register_adapter(AdapterKind(
     methods={"tsa": {}, "tsa-seen": {"domain": "seen"}},
     options={"domain": "unseen (α 0.5, β 1.0: images unlike the backbone's training data) or seen (α 0.05, β 0.1)"},
     why_missing="TSA residual adapters are defined for ResNet backbones only",
+    default_steps=40,
+    steps_source="VICO-UoE/URL test_extractor_tsa.py max_iter",
 ))

@@ -31,7 +31,7 @@ class Method:
 
     Attributes:
         adapter: a per-task fine-tuner kind (tsa, bn-affine); it stores its own head, `head` is ignored.
-        steps: the fine-tuner's optimiser steps.
+        steps: the fine-tuner's optimiser steps (None: the kind's published `default_steps`).
     """
 
     label: str
@@ -39,7 +39,7 @@ class Method:
     transform: str = "none"
     opts: dict[str, Any] = field(default_factory=dict)
     adapter: str = ""
-    steps: int = 40
+    steps: int | None = None
 
 
 DEFAULT_METHODS = (

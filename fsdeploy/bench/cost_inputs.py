@@ -8,6 +8,7 @@ weights, so `fsdeploy bench macs` prints counts, never constants:
   fine-tuning (`measure_backbone`);
 - ResNet family: TSA's adapter network (Li et al., CVPR 2022; `fsdeploy.modules.adapters`) with its β
   alignment, α and β trained;
+- ViT family: eTT's prefix ViT (`fsdeploy.modules.ett.EttCounts`: per image, per prefix token, per task);
 - `case` bundles: the query graph per image (the context pass does the same arithmetic per image), the CaSE
   MLPs once per task (the `case_gamma` graph) and the γ length;
 - `toast` bundles: the tuned network's inference MACs (TOAST, Shi et al.; tuned per dataset, not per task).
@@ -39,6 +40,7 @@ from fsdeploy.bench.costs import (
 from fsdeploy.bench.macs import count_macs
 from fsdeploy.errors import UnknownName
 from fsdeploy.bundle import Bundle
+from fsdeploy.modules.ett import EttCounts
 
 def why_missing() -> dict[str, str]:
     """What a method lacks, in words a user can act on, keyed by the CountedMacs field it needs (from the
@@ -85,6 +87,16 @@ def measure_tsa(backbone: nn.Module, image_size: int) -> TrainedGraph | None:
     net = nn.Sequential(adapted, alignment_map(dim))  # parameter names: "0.<backbone>...", "1.weight" (β)
     x = torch.zeros(1, 3, image_size, image_size)
     return measure_trained(net, x, lambda name: name.endswith(".alpha.weight") or name == "1.weight")
+
+
+def measure_ett(backbone: nn.Module, image_size: int) -> EttCounts | None:
+    """eTT's counts of a plain timm ViT (Xu et al., TMLR 2023); None for other backbones (eTT is ViT-only)."""
+    from fsdeploy.errors import InvalidInput
+
+    try:
+        return EttCounts.of(backbone, image_size)
+    except InvalidInput:
+        return None
 
 
 def measure_case(net: Any, image_size: int) -> CaseCounts:

@@ -38,6 +38,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fsdeploy.modules.ett import EttCounts
+
 from fsdeploy.bench.macs import (
     Trainable,
     count_backward_macs,
@@ -130,7 +132,7 @@ class CountedMacs:
     tsa: TrainedGraph | None = None
     case: CaseCounts | None = None
     toast: int | None = None
-    ett: TrainedGraph | None = None  # eTT's prefix ViT; not filled by the counters yet (its size depends on the ways)
+    ett: EttCounts | None = None  # eTT's prefix ViT, per prefix token where the ways matter (ViT bundles)
 
 
 ADAPTER_FIELDS = ("case", "toast", "tsa", "ett")  # CountedMacs fields an adapter kind's counter fills

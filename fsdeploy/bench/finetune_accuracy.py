@@ -27,7 +27,7 @@ def finetune_accuracy(
     queries: int = 15,
     episodes: int = 100,
     seed: int = 0,
-    steps: int = 40,
+    steps: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> AccuracyRow:
     """Mean accuracy ± 95% CI of fine-tuner `method`: a cost-table key of a per-task fine-tuner (tsa, tsa-seen,

@@ -228,7 +228,7 @@ def adaptation_times(
     options: EngineOptions | None = None,
     repeats: int = 3,
     batch: int = 32,
-    steps: int = 40,
+    steps: int | None = None,
 ) -> list[AdaptRow]:
     """Adapt to the task in `support` with each method `repeats` times (interleaved); median of each part.
 

@@ -87,7 +87,7 @@ def accuracy_methods(keys: Sequence[str], adapter: str) -> list[AccuracyMethod]:
         m = BY_KEY[k]
         if k in tuners:
             kind, opts = tuners[k]
-            out.append(AccuracyMethod(m.label, adapter=kind, steps=m.steps or 40, opts=opts))
+            out.append(AccuracyMethod(m.label, adapter=kind, steps=m.steps, opts=opts))
         else:
             out.append(AccuracyMethod(method_label(k, adapter), m.head, m.transform, dict(m.head_opts)))
     return out

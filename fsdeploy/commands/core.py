@@ -35,6 +35,12 @@ def _adapter_help(exported: bool) -> str:
     return "; ".join(f"{k.name}: {k.summary}" for k in ADAPTERS.values() if k.exported == exported)
 
 
+def _steps_help() -> str:
+    from fsdeploy.adapters import steps_help
+
+    return steps_help()
+
+
 def _head_help() -> str:
     from fsdeploy.commands.head_options import METHOD_ALIASES
     from fsdeploy.heads import HEADS
@@ -250,7 +256,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Fit per task through the backbone, then fold into the weights (default: the bundle's own kind; "
                               "a fine-tuner fits its own head: --head/--head-opt do not apply). " + _adapter_help(False)),
         ] = None,
-        steps: Annotated[int, typer.Option(min=1, help="Optimiser steps of a per-task --adapter (TSA recipe: 40).")] = 40,
+        steps: Annotated[Optional[int], typer.Option(min=1, help="Length of a per-task --adapter's fit; default: each kind's published one (" + _steps_help() + ").")] = None,
         domain: Annotated[Optional[str], typer.Option(help="--adapter tsa learning rates (URL/TSA): unseen (default) = α 0.5, β 1.0 (images unlike the backbone's training data); seen = α 0.05, β 0.1.")] = None,
         optimizer: Annotated[Optional[str], typer.Option(help="--adapter bn-affine optimiser: adadelta (default, lr 0.5) or olor (OLOR: Adam lr 1e-3, rollback towards the pretrained BN weights, 0.01 on the first layer decaying linearly to 0).")] = None,
         head_opt: Annotated[
@@ -258,6 +264,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Head option KEY=VALUE, repeatable, e.g. --head-opt optimizer=rollback (linear) or --head-opt distance=cosine (ncc); keys per head are listed above."),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (task, classes, head, timings in ms) instead of the summary line.")] = False,
+        bn: Annotated[Optional[str], typer.Option(help="--adapter full-ft/partial-ft/maml BatchNorm while fitting: frozen (running statistics; the default of full-ft and partial-ft, as Chen et al.'s eval-mode features) or batch (batch statistics, MAML's default; running statistics updated and stored with the task).")] = None,
+        lr: Annotated[Optional[float], typer.Option(help="--adapter full-ft/partial-ft/maml/ett learning rate instead of the recipe's (e.g. where the recipe's rate diverges).")] = None,
         spec: Annotated[Optional[Path], typer.Option(help="--adapter partial-ft layer spec (JSON from `python -m fsdeploy.train.partial_search`; default: last block + head).")] = None,
     ) -> None:
         from fsdeploy.adapters import ADAPTERS
@@ -277,13 +285,17 @@ def register(app: typer.Typer) -> None:
         else:
             head, transform = resolve_method(head, transform)
             opts = check_head_options(head, parse_options(head_opt or []))
-        fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer), ("spec", spec and str(spec))) if v is not None}
+        fit_opts = {k: v for k, v in (("domain", domain), ("optimizer", optimizer), ("spec", spec and str(spec)), ("bn", bn),
+                                      ("lr", lr)) if v is not None}
         # a fine-tuner runs its own folded fp32 graph: a tuned choice does not apply to it
         tuner = bool(adapter) and ADAPTERS.get(adapter).finetuner
         choice = with_device(resolve_choice(b, backend or ("ort" if tuner else None), precision, threads=threads), device)
         if choice.note:
             err.print(choice.note)
-        what = f"adapting ({adapter}: {steps} steps on the support set, then fold and re-export)" if tuner else "adapting"
+        if tuner:
+            kind = ADAPTERS.get(adapter)
+            steps = kind.resolve_steps(steps)
+        what = f"adapting ({adapter}: {steps} {kind.steps_unit} on the support set, then fold and re-export)" if tuner else "adapting"
         with progress_steps(err if as_json else console, what):
             task, t = adapt_task(
                 b, support, out, adapter=adapter, head=head, transform=transform, backend=choice.backend, head_opts=opts,
@@ -299,7 +311,7 @@ def register(app: typer.Typer) -> None:
             return
         if "adapt_macs" in task.info:
             console.print(
-                f"{task.info['adapter']}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} steps x forward+backward), "
+                f"{task.info['adapter']}: adaptation MACs {task.info['adapt_macs']:.3e} ({task.info['steps']} {ADAPTERS.get(task.info['adapter']).steps_unit} x forward+backward), "
                 f"folded graph max |diff| {task.info['fold_max_abs']:.1e}; the task holds the folded graph and its weights"
             )
         console.print(

@@ -1,14 +1,29 @@
 """BD-CSPN: prototype rectification (Liu, Song, Qin, ECCV 2020, arXiv:1911.10713), a transductive head.
 
-Cosine-similarity prototypes of the support set are rectified with the *query batch*:
+Cosine-similarity prototypes of the support set are rectified with the *query batch* (the paper's bias diminishing module):
 
 1. cross-class bias diminishing: every query is shifted by xi = mean(support) - mean(queries), the
-   difference between the support and query feature means (easyfsl `easyfsl/methods/bd_cspn.py:28-31`);
+   difference between the support and query feature means (the paper's shifting term; easyfsl
+   `easyfsl/methods/bd_cspn.py:28-31` at 8023ff4, oveilleux/Realistic_Transductive_Few_Shot
+   `src/methods/bdcspn.py:78-79` at 1ae7845);
 2. intra-class bias diminishing: the shifted queries are pseudo-labelled by cosine similarity to the
-   support-mean prototypes P_n, and each class's rectified prototype is the weighted mean of its support
-   features and its pseudo-labelled queries, with weights w = exp(eps * cos(x, P_n)) normalised over that
-   union (easyfsl `bd_cspn.py:33-55`, which uses eps = 1 and every query under its arg-max label);
+   support-mean prototypes P_n, and each class's rectified prototype is P'_n = sum_i w_{i,n} X'_{i,n} over the
+   union of its support features and its pseudo-labelled queries, with
+   w_{i,n} = exp(eps * cos(X'_{i,n}, P_n)) / sum_j exp(eps * cos(X'_{j,n}, P_n)), normalised over that union
+   (easyfsl `bd_cspn.py:33-55` computes exactly this, with eps = 1);
 3. queries are classified by softmax(scale * cos(shifted query, rectified prototype)).
+
+The temperature eps (`RECIPES`): the default `recipe="paper"` is eps = 10, the value we attribute to the
+paper. Only the paper's abstract pages could be re-read here and no official code was found (searched: code,
+docs and pages corpora), so 10 rests on the one re-implementation that hard-codes a value,
+Realistic_Transductive_Few_Shot (Veilleux et al., NeurIPS 2021, `src/methods/bdcspn.py:90-91`: `10 * cos_sim`
+before its softmax; that softmax runs over classes, not over the union, so only its temperature is evidence).
+`recipe="easyfsl"` is eps = 1: easyfsl's BDCSPN weights by `exp(cos)` (`bd_cspn.py:33-34`: the unscaled
+cosines, then `.exp()`); it is kept so results line up with that widely used library. With features whose
+cosines to P_n are all close, eps = 1 makes the weights nearly uniform (the rectified prototype is then close to
+the plain mean of the union), while eps = 10 lets the members nearest P_n dominate.
+Pseudo-labelled queries: the paper adds the top-Z most confident queries of each class (`top_z`); the default
+0 keeps every query under its arg-max label, as both easyfsl and Realistic_Transductive_Few_Shot do.
 
 Deployment implication: predictions depend on the query batch. The same image can get another label when
 it is scored together with other images (the mean shift and the pseudo-labels are batch statistics), and a
@@ -30,13 +45,16 @@ from fsdeploy.heads.base import F32, I64, Head, check_fit_inputs, l2_normalise, 
 from fsdeploy.heads.common import StateMixin, check_positive, check_query
 
 
+RECIPES = {"paper": 10.0, "easyfsl": 1.0}  # recipe -> eps (module docstring)
+
+
 @register_head("bd-cspn")
 class BDCSPNHead(StateMixin, Head):
     """Transductive BD-CSPN prototype rectification: predictions depend on the query batch.
 
     Args:
-        epsilon: the weights' temperature, w = exp(epsilon * cos); default 10, the paper's value as we read
-            it (not re-checked against the paper's text here). epsilon=1 is easyfsl's BDCSPN (exp(cos)).
+        epsilon: the weights' temperature, w = exp(epsilon * cos); None: the recipe's (module docstring).
+        recipe: "paper" (eps 10, the default) or "easyfsl" (eps 1, easyfsl's BDCSPN: exp(cos)).
         top_z: pseudo-labelled queries kept per class, the most confident first (the paper adds the top-Z
             confident queries of each class; confidence here = softmax(epsilon * cos) of the arg-max class);
             0 keeps every query under its arg-max label, as easyfsl does (default).
@@ -46,11 +64,19 @@ class BDCSPNHead(StateMixin, Head):
     """
 
     transductive: ClassVar[bool] = True
-    _options = ("epsilon", "top_z", "scale", "shift", "seed")
+    _options = ("epsilon", "top_z", "scale", "shift", "recipe", "seed")
     _fitted = ("protos_", "support_sum_", "support_weight_", "support_mean_")
 
-    def __init__(self, epsilon: float = 10.0, top_z: int = 0, scale: float = 10.0, shift: bool = True, seed: int = 0):
-        self.epsilon = float(check_positive("bd-cspn epsilon", epsilon))
+    def __init__(self, epsilon: float | None = None, top_z: int = 0, scale: float = 10.0, shift: bool = True,
+                 recipe: str = "paper", seed: int = 0):
+        if recipe not in RECIPES:
+            raise InvalidInput(f"bd-cspn recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
+        self.recipe = recipe
+        try:
+            eps = RECIPES[recipe] if epsilon is None else float(epsilon)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"bd-cspn epsilon must be a number > 0; got {epsilon!r}") from None
+        self.epsilon = float(check_positive("bd-cspn epsilon", eps))
         if int(top_z) != top_z or top_z < 0:
             raise InvalidInput(f"bd-cspn top_z must be an integer >= 0 (0 keeps every query); got {top_z!r}")
         self.top_z = int(top_z)

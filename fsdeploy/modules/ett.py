@@ -22,6 +22,8 @@ Attention is written out (no fused SDPA) so the task graph exports to ONNX as pl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -236,3 +238,80 @@ def _linear(fan_in: int, fan_out: int, generator: torch.Generator | None) -> nn.
         lin.weight.uniform_(-bound, bound, generator=generator)
         lin.bias.uniform_(-bound, bound, generator=generator)
     return lin
+
+
+@dataclass(frozen=True)
+class EttCounts:
+    """eTT's multiply-accumulates, counted once per (ViT, image size); the prefix count K (the task's ways) and
+    the support size N enter only through the methods, so one count serves every task shape.
+
+    Convention (as `fsdeploy.train.tsa.tsa_adapt_macs`): frozen Linears cost their forward MACs again in the
+    backward (input gradients); a product of two activations (q.k^T, attention x values, prefixes included)
+    costs 2x in the backward (both operands' gradients); a trained Linear costs 3x (forward, input and weight
+    gradients); the patch projection has no backward (nothing before it trains).
+
+    Attributes:
+        patch: patch projection MACs per image.
+        linears: every block Linear (qkv, proj, fc1, fc2) per image.
+        attn: attention products (q.k^T and attention x values) per image without prefixes.
+        attn_per_prefix: what one prefix token adds to `attn` per image (its key and value in every block).
+        control: `control_trans` MACs per prefix token (Linear(D, D/2), Linear(D/2, depth x 2 x D)).
+        align: vartheta's MACs per feature row (D x D').
+        proj: the regulariser's projector MACs per prefix row (D x PR_DIM).
+        stored: numbers a task stores whatever K: the DRA-folded `attn.proj`/`mlp.fc2` biases and vartheta.
+        stored_per_prefix: numbers a task stores per prefix token: its key and value in every block.
+    """
+
+    patch: int
+    linears: int
+    attn: int
+    attn_per_prefix: int
+    control: int
+    align: int
+    proj: int
+    stored: int
+    stored_per_prefix: int
+
+    @classmethod
+    def of(cls, backbone: nn.Module, img_size: int) -> EttCounts:
+        """Count a timm ViT at `img_size` (square) from its layer shapes.
+
+        Raises:
+            InvalidInput: not a plain timm ViT with a class token.
+        """
+        check_vit(backbone)
+        dim, depth = int(backbone.embed_dim), len(backbone.blocks)
+        grid_h, grid_w = backbone.patch_embed.dynamic_feat_size((img_size, img_size))
+        patches = grid_h * grid_w
+        tokens = patches + backbone.num_prefix_tokens
+        linears = attn = per_prefix = 0
+        for blk in backbone.blocks:
+            linears += tokens * sum(m.in_features * m.out_features for m in blk.modules() if isinstance(m, nn.Linear))
+            width = blk.attn.num_heads * blk.attn.head_dim
+            attn += 2 * tokens * tokens * width
+            per_prefix += 2 * tokens * width
+        hidden = dim // 2
+        return cls(patch=patches * backbone.patch_embed.proj.weight.numel(), linears=linears, attn=attn,
+                   attn_per_prefix=per_prefix, control=dim * hidden + hidden * depth * 2 * dim,
+                   align=dim * int(backbone.num_features), proj=dim * PR_DIM,
+                   stored=depth * 2 * dim + dim * int(backbone.num_features), stored_per_prefix=depth * 2 * dim)
+
+    def forward(self, n_prefix: int = 0) -> int:
+        """One image through the ViT with `n_prefix` prefix tokens per block (vartheta not included)."""
+        return self.patch + self.linears + self.attn + n_prefix * self.attn_per_prefix
+
+    def fit(self, n_support: int, n_way: int, steps: int) -> int:
+        """MACs of eTT's per-task fit (`fsdeploy.train.ett.fit_ett`), the support loss's cosine products left out.
+
+        init: N forwards of the plain ViT (the attentive prototypes); per step: N x (prefix-ViT forward +
+        backward), control_trans 3x on K rows, vartheta 3x on N rows, the projector forward on 2K rows
+        (student and teacher) and its backward on the K student rows (2x).
+        """
+        n, k = int(n_support), int(n_way)
+        attn = self.attn + k * self.attn_per_prefix
+        step = n * (self.patch + 2 * self.linears + 3 * attn) + 3 * k * self.control + 3 * n * self.align + 4 * k * self.proj
+        return n * self.forward(0) + int(steps) * step
+
+    def params(self, n_way: int) -> int:
+        """Numbers a task stores: the folded biases, vartheta and K prefix keys/values."""
+        return self.stored + int(n_way) * self.stored_per_prefix

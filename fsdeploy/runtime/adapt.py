@@ -70,13 +70,13 @@ class TaskAdapter:
         adapter: a per-task fine-tuner kind (`tsa`, `bn-affine`), or None for the bundle's own kind.
         head, transform, head_opts: the numpy head of exported kinds (fine-tuners store their own head).
         backend, options: where the engines run (`options.precision` picks the graph variant).
-        steps, fit_opts: fine-tuners' optimiser steps and recipe options.
+        steps, fit_opts: fine-tuners' optimiser steps (None: the kind's published `default_steps`) and recipe options.
         batch: images per engine run.
     """
 
     def __init__(self, bundle: Bundle, *, adapter: str | None = None, head: str = "linear", transform: str = "none",
                  head_opts: dict[str, Any] | None = None, backend: str = "ort", options: EngineOptions | None = None,
-                 steps: int = 40, fit_opts: dict[str, Any] | None = None, batch: int = 32) -> None:
+                 steps: int | None = None, fit_opts: dict[str, Any] | None = None, batch: int = 32) -> None:
         if batch < 1:
             raise InvalidInput(f"--batch must be >= 1 image per engine run, got {batch}")
         self.bundle = bundle
@@ -92,7 +92,8 @@ class TaskAdapter:
             )
         self.head, self.transform, self.head_opts = head, transform, dict(head_opts or {})
         self.backend, self.options = backend, options or EngineOptions()
-        self.steps, self.fit_opts, self.batch = steps, dict(fit_opts or {}), batch
+        self.steps = self.kind.resolve_steps(steps) if self.kind.finetuner else steps
+        self.fit_opts, self.batch = dict(fit_opts or {}), batch
         self.kind.check_options(self.fit_opts)
         if not self.kind.finetuner:
             from fsdeploy.runtime.base_mean import transform_options
@@ -192,7 +193,7 @@ def adapt_task(
     options: EngineOptions | None = None,
     batch: int = 32,
     seed: int = 0,
-    steps: int = 40,
+    steps: int | None = None,
     fit_opts: dict[str, Any] | None = None,
 ) -> tuple[TaskArtefact, AdaptTimings]:
     """Adapt to the task in the ImageFolder `support` and write the artefact to `out` (if given).

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from fsdeploy.modules.ett import (
-    PR_DIM, PREFIX_KEY, ETTViT, PrefixRegulariser, PrefixTaskGraph, attentive_prototypes, check_vit, folded_state,
+    PREFIX_KEY, ETTViT, EttCounts, PrefixRegulariser, PrefixTaskGraph, attentive_prototypes, check_vit, folded_state,
 )
 from fsdeploy.modules.fold import TaskWeights
 from fsdeploy.train.tsa import _device, _support, ncc_cosine_loss
@@ -132,38 +132,6 @@ def fit_ett(backbone: nn.Module, images: torch.Tensor | np.ndarray, labels: torc
 
 
 def ett_adapt_macs(backbone: nn.Module, img_size: int, n_support: int, n_way: int, steps: int = ETT_STEPS) -> int:
-    """Multiply-accumulates to adapt one task (the support-set loss's own cosine products left out).
-
-    Convention: frozen Linears cost their forward MACs again in the backward (input gradients); a product
-    of two activations (q.k^T and attention x values, prefixes included) costs 2x (both operands' gradients);
-    a trained Linear costs 3x (forward, input and weight gradients). The patch projection has no backward.
-      init: N forwards of the plain ViT (the attentive prototypes);
-      per step: N x (prefix-ViT forward + backward), control_trans 3x, vartheta 3x on N rows, the
-        regulariser's projector forward on 2K rows (student and teacher) and backward on the K student rows.
-    """
-    check_vit(backbone)
-    dim, depth = backbone.embed_dim, len(backbone.blocks)
-    patch, linears, _ = ett_forward_parts(backbone, img_size, 0)
-    _, _, attn = ett_forward_parts(backbone, img_size, n_way)
-    _, _, attn0 = ett_forward_parts(backbone, img_size, 0)
-    control = n_way * (dim * (dim // 2) + (dim // 2) * depth * 2 * dim)
-    vartheta = n_support * dim * backbone.num_features
-    proj = 2 * n_way * dim * PR_DIM + 2 * n_way * dim * PR_DIM
-    per_step = n_support * (patch + linears + attn + linears + 2 * attn) + 3 * control + 3 * vartheta + proj
-    return n_support * (patch + linears + attn0) + int(steps) * per_step
-
-
-def ett_forward_parts(backbone: nn.Module, img_size: int, n_prefix: int) -> tuple[int, int, int]:
-    """One image through the ViT with `n_prefix` prefix tokens per block: (patch projection, block Linears,
-    attention products over tokens + prefixes) MACs."""
-    patches, tokens = _tokens(backbone, img_size)
-    linears = attn = 0
-    for blk in backbone.blocks:
-        linears += tokens * sum(m.in_features * m.out_features for m in blk.modules() if isinstance(m, nn.Linear))
-        attn += 2 * tokens * (tokens + n_prefix) * blk.attn.num_heads * blk.attn.head_dim
-    return patches * backbone.patch_embed.proj.weight.numel(), linears, attn
-
-
-def _tokens(backbone: nn.Module, img_size: int) -> tuple[int, int]:
-    grid_h, grid_w = backbone.patch_embed.dynamic_feat_size((img_size, img_size))
-    return grid_h * grid_w, grid_h * grid_w + backbone.num_prefix_tokens
+    """Multiply-accumulates to adapt one task (the support-set loss's own cosine products left out);
+    the count and its convention: `fsdeploy.modules.ett.EttCounts.fit`."""
+    return EttCounts.of(backbone, img_size).fit(n_support, n_way, steps)

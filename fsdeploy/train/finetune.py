@@ -1,11 +1,29 @@
 """Per-task fine-tuning of the backbone's own weights with a new linear classifier, on the support set, in PyTorch.
 
 One loop serves three adapter kinds (`full-ft`, `partial-ft`, `maml`); they differ only in the recipe below.
-The network stays in eval mode (dropout and drop-path off). BatchNorm is `bn="frozen"` for full-ft and
-partial-ft (normalise with the pretrained running statistics, never updated; batches of 4 give poor batch
-statistics; TSA and BN-affine do the same), and `bn="batch"` for maml (MAML normalises with the batch's
-statistics; the running statistics are updated on the way, PyTorch's train mode, and deploy with the
-task); each kind takes the other as a `bn` fit option. What trains are the parameters
+The network stays in eval mode (dropout and drop-path off). BatchNorm follows each recipe's official code,
+and each kind takes the other mode as its `bn` fit option (`adapt --bn`):
+
+- `bn="frozen"`, full-ft and partial-ft: normalise with the pretrained running statistics, never updated.
+  Chen et al.'s fine-tuning never runs the backbone in train mode: features are extracted once with
+  `model.eval()` (CloserLookFewShot `save_features.py:120`) and only the linear layer trains on them
+  (`methods/baselinefinetune.py:17-52`); TSA and BN-affine do the same (`fsdeploy.train.tsa`).
+- `bn="batch"`, maml: every BatchNorm normalises with the statistics of the batch it sees, in the inner
+  loop and on the queries: cbfinn/maml `utils.py:41` (`tf.contrib.layers.batch_norm`, `is_training` left at
+  its default True), CloserLookFewShot `backbone.py:88-102` (`BatchNorm2d_fw`: `F.batch_norm(...,
+  training=True)` on fresh zero/one buffers, so running statistics are neither used nor kept, whatever
+  `model.eval()` says at test time, `test.py:143`). Deliberate difference, for a deployable graph that
+  scores each query on its own (MAML's test-time query normalisation is transductive: it uses the query
+  batch's statistics): the running statistics are updated at every step (PyTorch's train mode, momentum
+  0.1) and the deployed graph normalises with them; they are task weights then. Not done: setting them to
+  the support set's own statistics under the fitted weights. Tried: at 2-way 1-shot (32 px resnet18,
+  1x1 maps in layer4) that z-scores each channel over 2 values, and the exported graph differed from the
+  torch network by 0.45 on features of size 4.5 (the fold check refused it); the running average keeps
+  some of the pretrained statistics and stays well conditioned.
+
+Why it matters: the pretrained running statistics can hold channels with running variance ~0, which
+eval-mode BatchNorm divides by sqrt(eps) = 0.003 (x316); a weight change feeding such a channel is amplified
+as much, which is how MAML at lr 0.01 diverged with frozen BatchNorm (below). What trains are the parameters
 (conv/linear weights, norm affine weights), so the fitted network has the plain graph with new values:
 the "fold" is writing them into the state dict, and a task stores every trained tensor in full
 (`TaskWeights.replaced`).
@@ -33,9 +51,8 @@ Recipes:
   initialisation here: the inner loop starts from the pretrained backbone and a zero-initialised head
   (so the first step moves only the head: with W = 0 no gradient reaches the backbone). First-order or
   not makes no difference at adaptation time (second-order terms only enter the outer, meta-training
-  update), so this is also first-order MAML's and Reptile's inner loop. BatchNorm uses batch statistics
-  while fitting, as MAML's; deliberate difference: the deployed graph normalises each query with the
-  running statistics those steps accumulated (momentum 0.1), not with a batch of queries (transductive).
+  update), so this is also first-order MAML's and Reptile's inner loop. BatchNorm uses batch statistics,
+  as MAML's; the deployed graph normalises with the running statistics those steps accumulated (above).
 
 A fit whose support loss turns non-finite stops with InvalidInput naming the step. With frozen BatchNorm
 it happens at the published rate 0.01 on the shipped 3-epoch efficientnet_b0 (measured, MAML: loss

@@ -10,11 +10,28 @@ with that strategy (`fsdeploy.adapters.partial_ft`), here on Chen et al.'s fine-
 linear head (`fsdeploy.train.finetune`, recipe `chen`; the unit's rate is multiplier x 0.01, the head
 always at 0.01).
 
-Search settings: population 50, top k = 10, 25 children by mutation (each gene redrawn with probability
-0.1) and 25 by uniform crossover per iteration, 20 iterations. These are the settings of the
-single-path one-shot (SPOS) evolutionary searcher the paper's algorithm follows; the paper's own numbers
-could not be re-read for this implementation (only its abstract was reachable), so they are defaults to
-check against its Section 4, not verified values. Likewise the multiplier choices (0, 0.01, 0.1, 1.0).
+Which settings are the paper's and which are ours. Checked against: the paper's abstract (arXiv 2102.03983:
+freeze or fine-tune particular layers, each fine-tuned layer at its own learning rate, the layers and their
+rates found by an evolutionary search; experiments on CUB and mini-ImageNet). Its Section 4 (the search's
+numbers) could not be read here (only the abstract pages are in the reachable corpora), and no official code
+for it was found (code index searched for the title, authors and "partial fine-tuning evolutionary search").
+So every number below is ours; none is claimed as the paper's:
+
+- the search loop and its budget are those of the official single-path one-shot (SPOS) evolutionary
+  searcher (Guo et al., ECCV 2020; megvii-model/SinglePathOneShot `src/Search/search.py:240-245` at
+  36eed6c): population 50, top k = 10 kept, 25 children by mutation (each gene redrawn with probability
+  0.1, `:147-171`), 25 by uniform crossover of two top-k parents (`:173-194`), the rest of the population
+  random (`:230`), 20 iterations. Reason: it is the evolutionary searcher of this kind (genomes of discrete
+  choices, top-k selection, mutation and crossover) whose settings we could read;
+- the candidate learning-rate multipliers (`MULTIPLIERS`): 0 (frozen), 0.01, 0.1, 1, times Chen et al.'s
+  base rate 0.01. Reason: frozen to the full rate on a log scale with four choices, so the space is 4^units;
+- the layers searched (`units_of`, below): one gene per block, not per tensor. Reason: 10-25 genes for
+  resnet18 (10) or efficientnet_b0 (20) keep the genome short enough for about 50 x 20 evaluations to make
+  progress;
+- the validation tasks (`sample_tasks`, `main`): 10 tasks, 5-way 1-shot, 15 queries each, from the corpus's
+  val split (base classes if chosen; never novel). Reason: each fitness evaluation fine-tunes every task for
+  `epochs` (100, the deployed recipe's, so the search scores what `partial-ft` runs), which bounds the budget on
+  a CPU; the fitness is their mean query accuracy.
 `SearchSettings.small()` is a tiny budget for tests.
 
 Layer units (`units_of`): the model's top-level children, with block sequences (nn.Sequential/ModuleList of
