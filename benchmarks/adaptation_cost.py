@@ -41,7 +41,7 @@ from fsdeploy.bench.measure import adaptation_times
 from fsdeploy.bench.methods import BY_KEY, HEAD_KEYS, accuracy_methods, adaptation_specs, join_accuracy
 from fsdeploy.bench.perf_measures import threads_for as torch_threads
 from fsdeploy.bench.plots import plot_adaptation_cost
-from fsdeploy.bench.render import accuracy_table, rows_table, write_rows
+from fsdeploy.bench.render import accuracy_table, read_rows, rows_table, write_rows
 from fsdeploy.bench.workspace import Weights, pick_weights, prepare_bundle, split_classes
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.engines import EngineOptions
@@ -104,7 +104,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="bundles are exported here once")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="DIR",
+                        help="only merge earlier runs' adaptation_cost.csv (later folders win per backbone, setting and "
+                             "method) into --out, and draw the figure: e.g. cheap heads at 600 episodes from one run, "
+                             "fine-tuners at fewer from another")
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine, args.out, ways=args.ways)
     console = Console(width=int(os.environ.get("COLUMNS", 120)))
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -164,19 +170,36 @@ def main() -> None:
                         times[key] = row.total_ms
         for t, tab in zip(tasks, tables):
             for r in join_accuracy(tab.rows, acc_rows, t):
+                a = next(a for a in acc_rows if a["method"] == r["label"] and a["shots"] == t.n_support // t.ways)
                 summary.append({"backbone": model, "setting": r["setting"], "method": r["method"], "label": r["label"],
                                 "regime": r["regime"], "accuracy": r["accuracy"], "ci95": r["ci95"],
                                 "adapt_macs": r["adapt_macs"], "adapt_ms": times.get(r["method"], float("nan")),
-                                "params_per_task": r["params_adapted"], "episodes": next(
-                                    a["episodes"] for a in acc_rows if a["method"] == r["label"] and a["shots"] == t.n_support // t.ways)})
+                                "params_per_task": r["params_adapted"], "episodes": a["episodes"],
+                                "diverged": a.get("diverged", 0)})
         console.print(rows_table([r for r in summary if r["backbone"] == model],
                                  title=f"{model}: accuracy, MACs and time to adapt one task"))
 
-    write_rows(args.out / "adaptation_cost.csv", summary)
-    png = plot_adaptation_cost(summary, args.out / "accuracy_vs_macs.png",
-                               title=f"{args.ways}-way accuracy on novel glyph classes vs MACs to adapt one task "
-                                     "(glyphs at each backbone's trained size)")
-    console.print(f"wrote {args.out / 'adaptation_cost.csv'} and {png}")
+    write_summary(summary, args.out, ways=args.ways, console=console)
+
+
+def write_summary(rows: list[dict[str, Any]], out: Path, *, ways: int, console: Console | None = None) -> None:
+    """adaptation_cost.csv and accuracy_vs_macs.png in `out`."""
+    write_rows(out / "adaptation_cost.csv", rows)
+    png = plot_adaptation_cost(rows, out / "accuracy_vs_macs.png",
+                               title=f"{ways}-way accuracy on novel glyph classes vs MACs to adapt one task "
+                                     "(each backbone at its trained size)")
+    (console or Console()).print(f"wrote {out / 'adaptation_cost.csv'} and {png}")
+
+
+def combine(folders: list[Path], out: Path, *, ways: int) -> None:
+    """Merge the adaptation_cost.csv of earlier runs; a later folder's row replaces an earlier one's."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for folder in folders:
+        for row in read_rows(folder / "adaptation_cost.csv"):
+            if row.get("accuracy") is not None:
+                merged[(row["backbone"], row["setting"], row["method"])] = row
+    out.mkdir(parents=True, exist_ok=True)
+    write_summary(list(merged.values()), out, ways=ways)
 
 
 if __name__ == "__main__":

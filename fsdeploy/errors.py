@@ -14,6 +14,10 @@ class InvalidInput(FsdeployError):
     """A user-supplied file, folder or option is unusable."""
 
 
+class FitDiverged(InvalidInput):
+    """A per-task fit's loss became NaN or inf: that task has no classifier (the message names the fix)."""
+
+
 class UnknownName(FsdeployError):
     """A registry lookup (model, head, engine, adapter) failed."""
 

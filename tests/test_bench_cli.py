@@ -171,3 +171,14 @@ def test_bad_arguments_say_what_to_pass(work, bundle) -> None:
     assert code == 1 and "unknown perf targets" in out
     code, out = invoke("macs", str(bundle.path), "--plot", str(work / "x.png"))
     assert code == 1 and "--plot needs --accuracy" in out and not (work / "x.png").exists()
+
+
+def test_a_diverging_fine_tuner_scores_its_episodes_at_chance_and_counts_them(work, bundle) -> None:
+    from dataclasses import replace
+
+    (full,) = accuracy_methods(["full-ft"], "none")  # frozen BatchNorm: nothing rescales the blown-up weights
+    blown = replace(full, label="full-ft, lr 1e9", opts={**dict(full.opts), "lr": 1e9})  # SGD at 1e9: the loss overflows
+    data = scan_image_folder(work / "glyphs")
+    (row,) = evaluate(bundle, data, [blown], ways=4, shots=1, queries=2, episodes=2, seed=3)
+    assert row.diverged == 2 and row.episodes == 2
+    assert row.accuracy == pytest.approx(100.0 / 4) and row.ci95 == pytest.approx(0.0)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fsdeploy.bench.stats import mean_ci95
+from fsdeploy.errors import FitDiverged
 from fsdeploy.data.episodes import Episode, sample_episode, sample_variable_episode
 from fsdeploy.data.folders import LabelledFiles
 from fsdeploy.data.cache import ImageCache
@@ -63,9 +64,14 @@ class AccuracyRow:
     features_ms: float  # support context pass per task (median)
     fit_ms: float  # head fit per task (median)
     query_ms_per_image: float  # query features + head, per image (median)
+    diverged: int = 0  # episodes whose per-task fit diverged (scored at chance, 100/ways %)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(np.median(values)) if len(values) else float("nan")
 
 
 def evaluate(
@@ -112,6 +118,7 @@ def evaluate(
     head_ms: dict[str, list[float]] = {m.label: [] for m in methods}
     feat_ms: dict[str, list[float]] = {m.label: [] for m in methods}
     query_ms: dict[str, list[float]] = {m.label: [] for m in methods}
+    diverged: dict[str, int] = {m.label: 0 for m in methods}
     try:
         for _ in range(episodes):
             ep: Episode = (
@@ -143,8 +150,13 @@ def evaluate(
                     head_ms[m.label].append((f - e) * 1e3 / len(qry))
                     acc[m.label].append(float(np.mean(pred == ep.query_labels)) * 100.0)
             for name, tuner in tuners.items():
-                adapted = tuner.adapt(sup, ep.support_labels, names, seed=head_rng_seed,
-                                      paths=[data.paths[i] for i in ep.support])
+                try:
+                    adapted = tuner.adapt(sup, ep.support_labels, names, seed=head_rng_seed,
+                                          paths=[data.paths[i] for i in ep.support])
+                except FitDiverged:  # a deployed adapt fails on this task: no classifier, so a guess
+                    diverged[name] += 1
+                    acc[name].append(100.0 / len(names))
+                    continue
                 s = time.perf_counter()
                 probs = tuner.predict_proba(adapted.task, qry)
                 e = time.perf_counter()
@@ -173,9 +185,10 @@ def evaluate(
                 episodes=episodes,
                 accuracy=mean,
                 ci95=half,
-                features_ms=float(np.median(feat_ms[m.label])),
-                fit_ms=float(np.median(fit_ms[m.label])),
-                query_ms_per_image=float(np.median(query_ms[m.label]) + np.median(head_ms[m.label])),
+                features_ms=_median(feat_ms[m.label]),
+                fit_ms=_median(fit_ms[m.label]),
+                query_ms_per_image=_median(query_ms[m.label]) + _median(head_ms[m.label]),
+                diverged=diverged[m.label],
             )
         )
     return rows

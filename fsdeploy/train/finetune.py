@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
-from fsdeploy.errors import InvalidInput
+from fsdeploy.errors import FitDiverged, InvalidInput
 from fsdeploy.modules.fold import TaskWeights, task_weights
 from fsdeploy.train.tsa import _device, _feature_dim, _freeze, _step_macs_per_image, _support
 
@@ -307,7 +307,7 @@ def fit_finetune(
         for m in norms if single else ():
             m.train()
         if not torch.isfinite(loss):
-            raise InvalidInput(
+            raise FitDiverged(
                 f"{rec.name} fine-tuning diverged at step {t + 1} of {len(schedule)} (support loss {float(loss.detach())}): learning "
                 f"rate {base_lr:g} is too high for this backbone (e.g. BatchNorm channels with running variance ~0 scale "
                 "weight changes by up to 1/sqrt(eps)); pass a lower lr fit option")
