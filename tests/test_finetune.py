@@ -500,3 +500,44 @@ def test_search_defaults_are_the_spos_searchers_as_documented() -> None:
     assert (s.iterations, s.select, s.population, s.mutation_prob, s.crossover, s.mutation) == (20, 10, 50, 0.1, 25, 25)
     assert s.epochs == 100 and MULTIPLIERS == (0.0, 0.01, 0.1, 1.0)
     assert [len(units_of(timm.create_model(n, num_classes=0))) for n in ("resnet18", "efficientnet_b0")] == [10, 20]
+
+
+def test_a_wrong_fold_is_refused_although_rounding_noise_widens_the_bound(work, bundle) -> None:
+    """The fold check allows NOISE_FACTOR x the network's own float32 rounding (float32 vs float64), which must stay
+    far below what a wrong fold does: here one BatchNorm folded with 4x its running variance."""
+    from dataclasses import replace
+
+    from fsdeploy.adapters.folded import NOISE_FACTOR, fit_folded, float32_noise
+    from fsdeploy.errors import ValidationFailed
+
+    kind = ADAPTERS.get("full-ft")
+    images, labels = _images(work, bundle)
+    support = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(4)])
+
+    class Tampered:
+        def __init__(self, res):
+            self._res = res
+
+        def __getattr__(self, name):
+            return getattr(self._res, name)
+
+        def folded_state(self):
+            state = dict(self._res.folded_state())
+            key = next(k for k in state if k.endswith("running_var"))
+            state[key] = state[key] * 4.0
+            return state
+
+    noise = {}
+
+    def wrong_fit(*args, **kw):
+        res = kind.fit(*args, **kw)
+        with torch.no_grad():
+            ref = res.model(torch.from_numpy(images[support])).numpy()
+        noise["f32"] = float32_noise(res.model, images[support], ref)
+        return Tampered(res)
+
+    with pytest.raises(ValidationFailed, match="differs from the adapter network"):
+        fit_folded(replace(kind, fit=wrong_fit), bundle, images[support], labels[support], steps=1)
+    assert 0 < NOISE_FACTOR * noise["f32"] < 1e-3  # the allowance is rounding-sized on a healthy network
+    task = fit_folded(kind, bundle, images[support], labels[support], steps=1)  # the untampered fold passes
+    assert task.info["fold_max_abs"] <= 1e-4 and task.info["fold_noise"] > 0

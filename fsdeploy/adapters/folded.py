@@ -29,10 +29,24 @@ from fsdeploy.runtime.open import torch_graphs
 from fsdeploy.runtime.task import name_bad_images
 
 # folded graph vs the unfolded adapter network: the bound `fsdeploy export` validates every graph with (1e-4 plus
-# 1e-4 of the largest feature). Conv+BN fusion rounds in float32 relative to the weights' scale, so a tighter bound
-# fails healthy folds (a fine-tuned efficientnet_b0 task differed by 1.56e-4 at features up to 3.42, cosine 1.00000),
-# while a wrong fold moves features by their own order of magnitude.
+# 1e-4 of the largest feature), widened by NOISE_FACTOR x the adapter network's own float32 rounding error (its
+# float32 features against the same network in float64). Fine-tuning can leave weights whose rounding is amplified
+# through the depth (BatchNorm channels with running variance ~0 scale by up to 1/sqrt(eps) = 316): a healthy
+# MAML/full fine-tuning fold then differs by more than a fixed bound while both graphs are equally far from the
+# exact result. A wrong fold moves features by their own order of magnitude and still fails.
 FOLD_TOL = Tolerance(atol=ExportSpec.atol, rtol=ExportSpec.rtol)
+NOISE_FACTOR = 10.0
+
+
+def float32_noise(model: Any, images: np.ndarray, ref32: np.ndarray) -> float:
+    """max |model(images) in float32 - the same in float64|: the rounding a float32 graph of `model` cannot avoid."""
+    torch = require("torch")
+    exact = copy.deepcopy(model).to(torch.float64)
+    with torch.no_grad():
+        ref64 = exact(torch.from_numpy(images).to(torch.float64)).numpy()
+    return float(np.max(np.abs(ref32.astype(np.float64) - ref64))) if ref64.size else 0.0
+
+
 CHECK_BATCH = 32
 
 
@@ -98,7 +112,9 @@ def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np
         feats = np.concatenate([engine.run({"images": images[i:i + CHECK_BATCH]})["features"] for i in range(0, len(images), CHECK_BATCH)])
     with torch.no_grad():
         ref = res.model(torch.from_numpy(images)).numpy()
-    report = CompareReport(tuple(compare("task", "support", {"features": feats}, {"features": ref})), FOLD_TOL,
+        noise = float32_noise(res.model, images, ref)
+    tol = Tolerance(FOLD_TOL.atol + NOISE_FACTOR * noise, FOLD_TOL.rtol)
+    report = CompareReport(tuple(compare("task", "support", {"features": feats}, {"features": ref})), tol,
                            what=f"folded {kind.name} graph vs the adapter network")
     if not report.passed:
         raise ValidationFailed(f"{report.describe_worst('the adapter network')}; nothing was written")
@@ -106,7 +122,7 @@ def fit_folded(kind: AdapterKind, bundle: Bundle, images: np.ndarray, labels: np
     with name_bad_images(paths, "support"):
         head.fit(feats, labels)
     recipe = {k: getattr(res, k) for k in ("lr_alpha", "lr_beta", "lr", "optimizer") if hasattr(res, k)}
-    info = {"adapter": kind.name, "steps": steps, **(fit_opts or {}), **recipe, "fold_max_abs": report.checks[0].max_abs,
+    info = {"adapter": kind.name, "steps": steps, **(fit_opts or {}), **recipe, "fold_max_abs": report.checks[0].max_abs, "fold_noise": noise,
             "task_weight_bytes": int(weights.nbytes), "losses": [float(v) for v in res.losses[:: max(1, len(res.losses) // 8)]]}
     if getattr(res, "adapt_macs", 0):  # counted by the fit itself (it depends on the task's ways: eTT)
         info["adapt_macs"] = int(res.adapt_macs)
