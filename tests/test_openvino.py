@@ -138,6 +138,24 @@ def test_case_query_and_stage_chain_follow_ort(tmp_path) -> None:
     _close(gamma[None], ref_gamma[None], "fp32")
     ref_q = _ort(b.graph_path("query"), {"images": x, "gamma": ref_gamma})["features"]
     _close(query_pass(on("openvino")("query"), x, gamma, b.manifest.extra), ref_q, "fp32")
+    if not _bf16_here():
+        return
+    # the deployed path at bf16: stage state crosses the cuts as bf16 bits (uint16); images, γ, pooled means
+    # and features stay f32 (`EngineOptions.public_io`), and the pass stays within bf16's tolerance
+    from fsdeploy.runtime.paths import CasePath
+
+    path = CasePath(b, "openvino", EngineOptions(precision="bf16"), chunked=True)
+    try:
+        specs = path.engines("stage_01").output_specs()
+        assert specs["pooled"].dtype == "float32" and path.engines("stage_01").input_specs()["gamma"].dtype == "float32"
+        state = [n for n in specs if n != "pooled"]
+        assert any(specs[n].dtype == "uint16" for n in state)  # feature maps as bf16 bits
+        assert all(specs[n].dtype == "float32" for n in state if specs[n].shape[2:] == (1, 1))  # per-image means stay f32
+        feats, st = path.support([x[:5], x[5:]])
+    finally:
+        path.close()
+    _close(feats, ref_feats, "bf16")
+    _close(st["gamma"][None], ref_gamma[None], "bf16")
 
 
 def test_folded_task_graph_runs_from_bytes(ws, tmp_path) -> None:

@@ -37,6 +37,11 @@ class EngineOptions:
     batch: int | None = None  # TensorRT: pick an engine whose profile holds this batch
     # OpenVINO's PERFORMANCE_HINT: latency | throughput (`fsdeploy.engines.openvino.hint_for_batch`); None: latency
     hint: str | None = None
+    # Inputs and outputs whose dtype and layout callers rely on; None: all of them. The others only pass between
+    # graphs of one chain opened with the same options (the CaSE stage state), so an engine may keep them in its
+    # own compute precision and layout (OpenVINO at bf16: bf16 NHWC; `fsdeploy.engines.openvino`). Callers treat
+    # such tensors as opaque: they allocate them from `output_specs()` and feed them to the next graph unchanged.
+    public_io: tuple[str, ...] | None = None
 
 
 Opener = Callable[[GraphSource, EngineOptions], Engine]
