@@ -138,12 +138,23 @@ def test_case_query_and_stage_chain_follow_ort(tmp_path) -> None:
     _close(gamma[None], ref_gamma[None], "fp32")
     ref_q = _ort(b.graph_path("query"), {"images": x, "gamma": ref_gamma})["features"]
     _close(query_pass(on("openvino")("query"), x, gamma, b.manifest.extra), ref_q, "fp32")
+    # one batch through the context graph under the THROUGHPUT hint (a tuned choice at --batch > 1): the batch
+    # is never split across requests, so γ is the whole set's (split halves would give each its own γ)
+    from fsdeploy.runtime.paths import CasePath
+
+    one_feats, one_gamma = context_pass(on("ort"), [x], b.manifest.extra)
+    path = CasePath(b, "openvino", EngineOptions(hint="throughput", threads=2))
+    try:
+        feats, st = path.support([x])
+        assert "context" in path.engines.opened
+    finally:
+        path.close()
+    _close(feats, one_feats, "fp32")
+    _close(st["gamma"][None], one_gamma[None], "fp32")
     if not _bf16_here():
         return
     # the deployed path at bf16: stage state crosses the cuts as bf16 bits (uint16); images, γ, pooled means
     # and features stay f32 (`EngineOptions.public_io`), and the pass stays within bf16's tolerance
-    from fsdeploy.runtime.paths import CasePath
-
     path = CasePath(b, "openvino", EngineOptions(precision="bf16"), chunked=True)
     try:
         specs = path.engines("stage_01").output_specs()

@@ -79,6 +79,10 @@ class CasePath:
         # keep the graphs' f32 NCHW.
         overrides = {name: replace(options, spinning=options.spinning or "always", public_io=STAGE_PUBLIC_IO)
                      for name in self.layout.stages}
+        # The one-batch context graph takes the mean over its whole batch: an engine must never split that batch
+        # across parallel requests (OpenVINO's THROUGHPUT hint does, e.g. after `fsdeploy tune --batch 16`), or
+        # each part gets its own γ. Stages and the query graph are per image and may be split.
+        overrides["context"] = replace(options, hint="latency")
         self.engines = GraphOpener(bundle, backend, options, overrides)
         self.chunked = chunked
         self.one_batch_up_to = one_batch_limit(backend, self.layout) if self.layout.chunked else 0
