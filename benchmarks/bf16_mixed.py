@@ -87,13 +87,44 @@ def diagnose(bundle: Any, corpus: Path, classes: list[str] | None, threads: int)
                 os.replace(xml.with_suffix(".bin"), base.with_suffix(".bin"))
             cc = centred_cosines(got, ref, mean)
             if worst is None:
+                plain_cc = cc
                 order = np.argsort(cc)[:8]
                 worst = [{"image": str(Path(files.paths[i]).relative_to(corpus)), "centred_cosine": float(cc[i])} for i in order]
             a1 = agreement_of_features(got, ref, files.labels, shots=1, queries=5, episodes=200, seed=1, mean=mean)
             rows.append({"kept_f32": label, "layers": count, "centred_cosine_mean": float(cc.mean()), "centred_cosine_min": float(cc.min()),
                          "worst_image_cosine": float(cc[order[0]]), "decisions_1shot": a1.decision_agreement})
             print(rows[-1], flush=True)
-    return {"images": len(x), "worst_under_bf16": worst, "regions": rows}
+    cc0 = next(r for r in rows if r["kept_f32"].startswith("none"))
+    order = [int(i) for i in np.argsort(plain_cc)]
+    probe = layer_probe(bundle, x, order[:4], order[400:440], threads)
+    return {"images": len(x), "worst_under_bf16": worst, "regions": rows, "plain": cc0, "layer_probe": probe}
+
+
+def layer_probe(bundle: Any, x: np.ndarray, worst: list[int], typical: list[int], threads: int) -> list[dict[str, Any]]:
+    """Relative L2 error of bf16 against f32 activations, layer by layer, for the worst and for typical images.
+
+    Every convolution / add / multiply output becomes a model output, compiled once at f32 and once at bf16.
+    Indicative only: the CPU plugin keeps the ops just before an output in f32, so with every layer an output
+    more of the graph runs f32 than in the deployed model; the region sweep of `diagnose` is the causal test.
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(bundle.graph_path("features")))
+    keep = [op for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution", "Add", "Multiply")]
+    model.add_outputs([op.output(0) for op in keep])
+    outs = {}
+    for prec in ("f32", "bf16"):
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": prec, "INFERENCE_NUM_THREADS": threads})
+        res = compiled.create_infer_request().infer({0: x[worst + typical]})
+        outs[prec] = [np.asarray(res[compiled.outputs[i + 1]], np.float64).reshape(len(worst) + len(typical), -1) for i in range(len(keep))]
+    rows = []
+    for i, op in enumerate(keep):
+        a, c = outs["f32"][i], outs["bf16"][i]
+        rel = np.linalg.norm(c - a, axis=1) / (np.linalg.norm(a, axis=1) + 1e-30)
+        rows.append({"layer": op.get_friendly_name(), "type": op.get_type_name(), "worst": [float(v) for v in rel[: len(worst)]],
+                     "typical_median": float(np.median(rel[len(worst):]))})
+    return rows
 
 
 def bn_gains(checkpoint: Path, top: int = 8) -> list[dict[str, Any]]:

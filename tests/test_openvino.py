@@ -167,6 +167,19 @@ def test_case_query_and_stage_chain_follow_ort(tmp_path) -> None:
         path.close()
     _close(feats, ref_feats, "bf16")
     _close(st["gamma"][None], ref_gamma[None], "bf16")
+    # bf16-mixed marks the same layers in the stage chain as in the query graph (stages past the first start
+    # mid-network, so the rule is relative to the bundle's image height, not the stage's input)
+    path = CasePath(b, "openvino", EngineOptions(precision="bf16-mixed"), chunked=True)
+    try:
+        per_stage = [path.engines(name).kernel_precisions() for name in b.manifest.case_layout().stages]
+        query = path.engines("query").kernel_precisions()
+        feats, st = path.support([x[:5], x[5:]])
+    finally:
+        path.close()
+    assert 0 < query["Convolution f32"] < query["Convolution f32"] + query["Convolution bf16"]
+    for kind in ("Convolution f32", "Convolution bf16"):
+        assert sum(c.get(kind, 0) for c in per_stage) == query[kind], (kind, per_stage, query)
+    _close(feats, ref_feats, "bf16")
 
 
 def test_folded_task_graph_runs_from_bytes(ws, tmp_path) -> None:

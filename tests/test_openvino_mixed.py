@@ -1,8 +1,8 @@
 """OpenVINO `bf16-mixed` and the bf16 CaSE stage state, against ONNX Runtime FP32 on real images.
 
-References are plain onnxruntime sessions (independent of fsdeploy's engines). The slow test runs the shipped
-glyph efficientnet_b0 on the glyph corpus's images that plain bf16 distorts most (`data/glyphs`, made by
-`fsdeploy data glyphs`; skipped without it).
+References are plain onnxruntime sessions (independent of fsdeploy's engines). The last test runs the shipped
+glyph efficientnet_b0 on the glyph corpus's images that plain bf16 distorts most (`data/glyphs` or
+`FSDEPLOY_GLYPHS`, made by `fsdeploy data glyphs`; skipped without it; a few seconds).
 """
 from __future__ import annotations
 
@@ -56,7 +56,6 @@ def test_bf16_mixed_keeps_high_resolution_convs_f32(ws) -> None:  # noqa: F811
 WORST = ("U+10D1_georgian/freeserif.png", "U+056C_armenian/dejavu-sans-mono.png", "U+0582_armenian/dejavu-sans.png")
 
 
-@pytest.mark.slow
 @needs_bf16
 def test_shipped_glyph_backbone_bf16_mixed_repairs_the_worst_images(tmp_path) -> None:
     """The images plain bf16 distorts most on the shipped backbone (centred cosine 0.13-0.45 against FP32 in

@@ -42,6 +42,9 @@ class EngineOptions:
     # own compute precision and layout (OpenVINO at bf16: bf16 NHWC; `fsdeploy.engines.openvino`). Callers treat
     # such tensors as opaque: they allocate them from `output_specs()` and feed them to the next graph unchanged.
     public_io: tuple[str, ...] | None = None
+    # The model's input image height, for graphs that do not take the images (CaSE stages k >= 1): rules
+    # relative to it (OpenVINO bf16-mixed keeps layers at >= 1/8 of it f32) then mark what the full graph marks.
+    image_height: int | None = None
 
 
 Opener = Callable[[GraphSource, EngineOptions], Engine]

@@ -77,7 +77,8 @@ class CasePath:
         # Their state passes only from stage to stage, so an engine may keep it in its compute precision and layout
         # (OpenVINO at bf16: bf16 NHWC, no reorder + conversion at each cut); images, γ, pooled means and features
         # keep the graphs' f32 NCHW.
-        overrides = {name: replace(options, spinning=options.spinning or "always", public_io=STAGE_PUBLIC_IO)
+        height = int(bundle.manifest.preprocess.input_size[-2])  # stages past the first start mid-network
+        overrides = {name: replace(options, spinning=options.spinning or "always", public_io=STAGE_PUBLIC_IO, image_height=height)
                      for name in self.layout.stages}
         # The one-batch context graph takes the mean over its whole batch: an engine must never split that batch
         # across parallel requests (OpenVINO's THROUGHPUT hint does, e.g. after `fsdeploy tune --batch 16`), or
