@@ -39,7 +39,7 @@ class EngineOptions:
     hint: str | None = None
     # Inputs and outputs whose dtype and layout callers rely on; None: all of them. The others only pass between
     # graphs of one chain opened with the same options (the CaSE stage state), so an engine may keep them in its
-    # own compute precision and layout (OpenVINO at bf16: bf16 NHWC; `fsdeploy.engines.openvino`). Callers treat
+    # own compute precision and layout (OpenVINO at bf16: bf16; `fsdeploy.engines.openvino`). Callers treat
     # such tensors as opaque: they allocate them from `output_specs()` and feed them to the next graph unchanged.
     public_io: tuple[str, ...] | None = None
     # The model's input image height, for graphs that do not take the images (CaSE stages k >= 1): rules

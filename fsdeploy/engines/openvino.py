@@ -83,7 +83,7 @@ class OpenVinoOptions:
     hint: str = "latency"  # latency | throughput
     cache_dir: Path | None = None  # None: compile at every open
     device: str = "CPU"
-    # ports callers rely on (None: all); the others may run as bf16 NHWC at bf16 (see `internal_ports`)
+    # ports callers rely on (None: all); at bf16 the others may pass as bf16 (see `internal_ports`, `bf16_state_model`)
     public_io: tuple[str, ...] | None = None
     image_height: int | None = None  # bf16-mixed's reference height (None: the graph's 4-D input's)
 
@@ -424,7 +424,6 @@ class OpenVinoEngine(Engine):
     def _run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """The plugin writes straight into the caller's buffers (tensors sharing their memory); an output
         the plugin had to reallocate is copied."""
-        ov = require("openvino")
         parts = self._parts(feeds)
         requests = self._requests(frozenset(outputs))
         whole = len(parts) == 1
