@@ -194,3 +194,21 @@ def test_plain_backbone_checkpoint_gives_identity_case(tmp_path: Path) -> None:
         feats, gamma = built.module(x)
         torch.testing.assert_close(feats, plain(x), rtol=0, atol=1e-6)
     assert torch.equal(gamma, torch.ones_like(gamma))
+
+
+def test_one_batch_limit_runs_small_sets_in_one_context_run(bundle) -> None:
+    """`one_batch_up_to`: several batches whose total fits run the `context` graph once; a larger set streams
+    through the stages with every batch it held back; both equal the one-batch result."""
+    _, b, _, _, open_graph = bundle
+    opened = open_graph.opened
+    x = _images(5, seed=6)
+    feats, gamma = context_pass(open_graph, [x], b.manifest.extra)
+    opened.clear()
+    got = context_pass(open_graph, batches_of(x, 2), b.manifest.extra, one_batch_up_to=5)
+    assert opened == ["context"]
+    opened.clear()
+    streamed = context_pass(open_graph, batches_of(x, 2), b.manifest.extra, one_batch_up_to=3)
+    assert "context" not in opened and "stage_00" in opened
+    for f, g in (got, streamed):
+        np.testing.assert_allclose(g, gamma, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(f, feats, rtol=0, atol=1e-5 * max(1.0, float(np.abs(feats).max())))

@@ -138,6 +138,48 @@ def test_case_query_and_stage_chain_follow_ort(tmp_path) -> None:
     _close(gamma[None], ref_gamma[None], "fp32")
     ref_q = _ort(b.graph_path("query"), {"images": x, "gamma": ref_gamma})["features"]
     _close(query_pass(on("openvino")("query"), x, gamma, b.manifest.extra), ref_q, "fp32")
+    # one batch through the context graph under the THROUGHPUT hint (a tuned choice at --batch > 1): the batch
+    # is never split across requests, so γ is the whole set's (split halves would give each its own γ)
+    from fsdeploy.runtime.paths import CasePath
+
+    one_feats, one_gamma = context_pass(on("ort"), [x], b.manifest.extra)
+    path = CasePath(b, "openvino", EngineOptions(hint="throughput", threads=2))
+    try:
+        feats, st = path.support([x])
+        assert "context" in path.engines.opened
+    finally:
+        path.close()
+    _close(feats, one_feats, "fp32")
+    _close(st["gamma"][None], one_gamma[None], "fp32")
+    if not _bf16_here():
+        return
+    # the deployed path at bf16: stage state crosses the cuts as bf16 bits (uint16); images, γ, pooled means
+    # and features stay f32 (`EngineOptions.public_io`), and the pass stays within bf16's tolerance
+    path = CasePath(b, "openvino", EngineOptions(precision="bf16"), chunked=True)
+    try:
+        specs = path.engines("stage_01").output_specs()
+        assert specs["pooled"].dtype == "float32" and path.engines("stage_01").input_specs()["gamma"].dtype == "float32"
+        state = [n for n in specs if n != "pooled"]
+        assert any(specs[n].dtype == "uint16" for n in state)  # feature maps as bf16 bits
+        assert all(specs[n].dtype == "float32" for n in state if specs[n].shape[2:] == (1, 1))  # per-image means stay f32
+        feats, st = path.support([x[:5], x[5:]])
+    finally:
+        path.close()
+    _close(feats, ref_feats, "bf16")
+    _close(st["gamma"][None], ref_gamma[None], "bf16")
+    # bf16-mixed marks the same layers in the stage chain as in the query graph (stages past the first start
+    # mid-network, so the rule is relative to the bundle's image height, not the stage's input)
+    path = CasePath(b, "openvino", EngineOptions(precision="bf16-mixed"), chunked=True)
+    try:
+        per_stage = [path.engines(name).kernel_precisions() for name in b.manifest.case_layout().stages]
+        query = path.engines("query").kernel_precisions()
+        feats, st = path.support([x[:5], x[5:]])
+    finally:
+        path.close()
+    assert 0 < query["Convolution f32"] < query["Convolution f32"] + query["Convolution bf16"]
+    for kind in ("Convolution f32", "Convolution bf16"):
+        assert sum(c.get(kind, 0) for c in per_stage) == query[kind], (kind, per_stage, query)
+    _close(feats, ref_feats, "bf16")
 
 
 def test_folded_task_graph_runs_from_bytes(ws, tmp_path) -> None:

@@ -163,3 +163,17 @@ def test_cli_tune_info_adapt(bundle, int8_resnet18, tmp_path) -> None:
     assert code == 0, out
     code, out = invoke("tune", str(bundle.path), "--calib", str(int8_resnet18.glyphs), "--min-agreement", "2")
     assert code == 1 and "--min-agreement is a share between 0 and 1" in out
+
+
+def test_openvino_candidates_include_bf16_mixed_where_the_cpu_has_bf16(bundle, monkeypatch) -> None:
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from fsdeploy.pipeline.tune import available_candidates
+
+    for caps, reason in ((["FP32", "BF16"], ""), (["FP32"], "no bf16")):
+        monkeypatch.setattr(ov.Core, "get_property", lambda self, device, name, caps=caps: caps)
+        listed = {(c.backend, c.precision): r for c, r in available_candidates(bundle, 16)}
+        assert ("openvino", "bf16-mixed") in listed and (reason in listed[("openvino", "bf16-mixed")]) and (
+            listed[("openvino", "bf16-mixed")] == listed[("openvino", "bf16")])
+        assert bool(listed[("openvino", "bf16-mixed")]) == bool(reason)

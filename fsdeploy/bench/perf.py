@@ -332,21 +332,26 @@ def _run_6(run: _Run) -> TargetResult:
     run.report.tables["6a: matmul peaks (GMAC/s, 1024^3, fastest seen at start and end)"] = [peak]
     run.report.tables["6: query throughput, fsdeploy engines vs PyTorch peers (decode + preprocess + features)"] = rows
     agree = _decision_agreement(run)
-    run.report.tables["6b: OpenVINO default (bf16 here) vs ORT FP32, NCC decisions on novel glyph episodes"] = agree
+    run.report.tables["6b: OpenVINO bf16 (its default here) and bf16-mixed vs ORT FP32, NCC decisions on novel glyph episodes"] = agree
     worst = min(rows, key=lambda r: r["vs_torch_fp32"])
     peer = min(rows, key=lambda r: r["vs_best_peer"])
-    least = min((r["decision_agreement"] for r in agree), default=1.0)
+    # per OpenVINO precision, its least agreement over models and shots; one precision >= 99% everywhere passes
+    by_precision: dict[str, float] = {}
+    for r in agree:
+        by_precision[r["precision"]] = min(by_precision.get(r["precision"], 1.0), r["decision_agreement"])
+    least = max(by_precision.values(), default=1.0)
     ok = worst["vs_torch_fp32"] >= TARGETS[6].threshold and peer["vs_best_peer"] >= 1.0 and least >= AGREEMENT
     measured = (f"vs torch FP32 min {worst['vs_torch_fp32']:.2f}x ({worst['model']}, batch {worst['batch']}); vs best peer min "
                 f"{peer['vs_best_peer']:.2f}x ({peer['model']}, batch {peer['batch']}); peaks fp32 {peak['fp32_gmacs_s']:.0f}, "
-                f"bf16 {peak['bf16_gmacs_s']:.0f}, int8 {peak['int8_gmacs_s']:.0f} GMAC/s; decisions "
-                f"{100 * least:.1f}% as FP32's" if agree else "")
+                f"bf16 {peak['bf16_gmacs_s']:.0f}, int8 {peak['int8_gmacs_s']:.0f} GMAC/s; least share of FP32's decisions: "
+                + ", ".join(f"openvino {p} {100 * v:.1f}%" for p, v in by_precision.items()) if agree else "")
     return _result(6, measured, worst["vs_torch_fp32"], _status(ok))
 
 
 def _decision_agreement(run: _Run) -> list[dict[str, Any]]:
-    """OpenVINO's default precision against ORT FP32 on the trained glyph bundles (random-init stand-ins have
-    near-tied decisions that say nothing about a precision), 5-way 1- and 5-shot NCC episodes on novel classes."""
+    """OpenVINO bf16 (its default here) and bf16-mixed (high-resolution layers f32) against ORT FP32 on the
+    trained glyph bundles (random-init stand-ins have near-tied decisions that say nothing about a precision),
+    5-way 1- and 5-shot NCC episodes on novel classes."""
     from fsdeploy.deps import available
     from fsdeploy.pipeline.tune import Candidate, tune_bundle
     from fsdeploy.weights import DEFAULT_IMG_SIZE, DEFAULT_MODEL
@@ -359,20 +364,23 @@ def _decision_agreement(run: _Run) -> list[dict[str, Any]]:
     classes = split_classes(corpus, cfg.split)
     bundles = {f"{DEFAULT_MODEL} (glyph)": run.bundle(DEFAULT_MODEL, size=DEFAULT_IMG_SIZE),
                f"CaSE {DEFAULT_MODEL} (glyph)": run.bundle(DEFAULT_MODEL, "case", size=DEFAULT_IMG_SIZE)}
+    precisions = ("bf16", "bf16-mixed")
     rows = []
     for label, b in bundles.items():
         for shots in cfg.accuracy_shots:
-            rec = tune_bundle(b, corpus, classes=classes, candidates=[Candidate("openvino", "bf16")], threads=cfg.threads,
-                              shots=shots, queries=cfg.accuracy_queries, episodes=max(50, cfg.episodes // 3),
+            rec = tune_bundle(b, corpus, classes=classes, candidates=[Candidate("openvino", p) for p in precisions],
+                              threads=cfg.threads, shots=shots, queries=cfg.accuracy_queries, episodes=max(50, cfg.episodes // 3),
                               max_images=1000, timer=_untimed, record=False, seed=cfg.seed + shots)
-            row = next(r for r in rec.rows if r["backend"] == "openvino")
-            if row["status"] != "ok":
-                run.report.notes.append(f"6b {label}: openvino bf16 n/a ({row['reason']})")
-                continue
-            a = row["agreement"]
-            rows.append({"model": label, "shots": shots, "episodes": a["episodes"], "decisions": a["decisions"],
-                         "decision_agreement": a["decision_agreement"], "centred_cosine_mean": a["centred_cosine_mean"],
-                         "centred_cosine_min": a["centred_cosine_min"]})
+            for row in rec.rows:
+                if row["backend"] != "openvino":
+                    continue
+                if row["status"] != "ok":
+                    run.report.notes.append(f"6b {label}: openvino {row['precision']} n/a ({row['reason']})")
+                    continue
+                a = row["agreement"]
+                rows.append({"model": label, "precision": row["precision"], "shots": shots, "episodes": a["episodes"],
+                             "decisions": a["decisions"], "decision_agreement": a["decision_agreement"],
+                             "centred_cosine_mean": a["centred_cosine_mean"], "centred_cosine_min": a["centred_cosine_min"]})
     return rows
 
 

@@ -16,8 +16,8 @@ err = err_console()
 OPSET_MIN, OPSET_MAX = 9, 20  # 9: lowest that exports these backbones (checked); 20: torch.onnx TorchScript exporter max
 
 PRECISION_HELP = (
-    "Engine precision: fp32; int8 on --backend ort or openvino (the graph from `fsdeploy quantize`); bf16 or default "
-    "on --backend openvino (CPUs with AVX512-BF16 / AMX); fp16 on --backend trt (engines from `fsdeploy build "
+    "Engine precision: fp32; int8 on --backend ort or openvino (the graph from `fsdeploy quantize`); bf16, bf16-mixed "
+    "(high-resolution layers kept f32) or default on --backend openvino (CPUs with AVX512-BF16 / AMX); fp16 on --backend trt (engines from `fsdeploy build "
     "--precision fp16`). Default: the bundle's `fsdeploy tune` choice on this CPU, else fp32."
 )
 

@@ -75,8 +75,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure every engine x precision available here on your images; record the fastest that agrees with FP32.
 
-        Candidates: ort fp32 (the reference) and int8 (after `fsdeploy quantize`), openvino fp32, bf16 (CPUs with
-        AVX512-BF16 or AMX) and int8, torch fp32. Each is timed on the query path at --batch (interleaved
+        Candidates: ort fp32 (the reference) and int8 (after `fsdeploy quantize`), openvino fp32, bf16 and bf16-mixed
+        (CPUs with AVX512-BF16 or AMX; bf16-mixed keeps the high-resolution layers f32) and int8, torch fp32. Each is timed on the query path at --batch (interleaved
         rounds) and compared with ort fp32: centred cosine of the features and the share of nearest-centroid
         decisions that match on few-shot episodes drawn from --calib. `adapt` and `predict` then run the
         choice unless --backend or --precision is given; `fsdeploy info` shows the table again.

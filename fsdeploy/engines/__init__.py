@@ -37,6 +37,14 @@ class EngineOptions:
     batch: int | None = None  # TensorRT: pick an engine whose profile holds this batch
     # OpenVINO's PERFORMANCE_HINT: latency | throughput (`fsdeploy.engines.openvino.hint_for_batch`); None: latency
     hint: str | None = None
+    # Inputs and outputs whose dtype and layout callers rely on; None: all of them. The others only pass between
+    # graphs of one chain opened with the same options (the CaSE stage state), so an engine may keep them in its
+    # own compute precision and layout (OpenVINO at bf16: bf16; `fsdeploy.engines.openvino`). Callers treat
+    # such tensors as opaque: they allocate them from `output_specs()` and feed them to the next graph unchanged.
+    public_io: tuple[str, ...] | None = None
+    # The model's input image height, for graphs that do not take the images (CaSE stages k >= 1): rules
+    # relative to it (OpenVINO bf16-mixed keeps layers at >= 1/8 of it f32) then mark what the full graph marks.
+    image_height: int | None = None
 
 
 Opener = Callable[[GraphSource, EngineOptions], Engine]

@@ -1,7 +1,7 @@
 """Choose the engine and precision for this machine from evidence: speed on the user's images, gated by agreement.
 
 `tune_bundle` runs every engine x precision available here (ONNX Runtime fp32 / int8, OpenVINO fp32 / bf16 /
-int8, PyTorch fp32) on a folder of the user's images: query latency at the requested batch (timed
+bf16-mixed / int8, PyTorch fp32) on a folder of the user's images: query latency at the requested batch (timed
 interleaved, so a busy machine slows every candidate alike), and agreement with ONNX Runtime FP32 (the
 reference the bundle was validated with) as centred cosine and few-shot decision agreement
 (`fsdeploy.agreement`). The fastest candidate that passes the gate is recorded in the bundle manifest
@@ -123,13 +123,16 @@ def available_candidates(bundle: Bundle, batch: int) -> list[tuple[Candidate, st
 
         hint = hint_for_batch(batch)
         caps = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        no_bf16 = "" if "BF16" in caps else "this CPU has no bf16 (AVX512-BF16 or AMX)"
         out += [
             (Candidate("openvino", "fp32", hint), ""),
-            (Candidate("openvino", "bf16", hint), "" if "BF16" in caps else "this CPU has no bf16 (AVX512-BF16 or AMX)"),
+            (Candidate("openvino", "bf16", hint), no_bf16),
+            (Candidate("openvino", "bf16-mixed", hint), no_bf16),  # high-resolution layers f32, the rest bf16
             (Candidate("openvino", "int8", hint), no_int8),
         ]
     else:
-        out += [(Candidate("openvino", p), "openvino is not installed: pip install fsdeploy[openvino]") for p in ("fp32", "bf16", "int8")]
+        out += [(Candidate("openvino", p), "openvino is not installed: pip install fsdeploy[openvino]")
+                for p in ("fp32", "bf16", "bf16-mixed", "int8")]
     out.append((Candidate("torch", "fp32"), ""))
     return out
 

@@ -92,6 +92,7 @@ def context_pass(
     chunked: bool | None = None,
     release: Callable[[str], None] | None = None,
     chunk: int | None = None,
+    one_batch_up_to: int = 0,
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Support features and the task's γ from all support batches, exactly as one batch would give them.
 
@@ -106,6 +107,10 @@ def context_pass(
             caches engines can free the stages as the pass moves on.
         chunk: most images per stage run in the chunked pass (default `STAGE_CHUNK`); bigger batches
             are split. Small chunks keep each run's activations in cache (see `STAGE_CHUNK`).
+        one_batch_up_to: with `chunked=None`, support sets of at most this many images (over all batches)
+            run the one-batch `context` graph even when they come in several batches; larger ones stream
+            through the chunked stages. The batches are held until the count passes the limit, so memory
+            stays bounded by it. 0: decide by the number of batches alone.
 
     Returns:
         features `(N, D)` float32 and γ `(G,)` float32.
@@ -120,6 +125,16 @@ def context_pass(
     if first is None:
         raise InvalidInput("the support set is empty; give at least one image per class")
     second = next(batches, None)
+    if chunked is None and second is not None and one_batch_up_to > 0:
+        held, count = [first, second], len(first) + len(second)
+        while count <= one_batch_up_to:
+            nxt = next(batches, None)
+            if nxt is None:
+                break
+            held.append(nxt)
+            count += len(nxt)
+        chunked = count > one_batch_up_to
+        first, second, batches = held[0], held[1], _chain_all(held[2:], batches)
     if chunked is None:
         chunked = second is not None
     rest = _chain(first, second, batches)
@@ -138,6 +153,11 @@ def _split(batches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
         arr = _check_images(batch)
         for start in range(0, arr.shape[0], size):
             yield arr[start : start + size]
+
+
+def _chain_all(held: list[np.ndarray], rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield from held
+    yield from rest
 
 
 def _chain(first: np.ndarray, second: np.ndarray | None, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -225,7 +245,7 @@ class StateStore:
         self.free: list[mmap.mmap] = []
         self.floats_per_image = int(floats_per_image)  # the largest cut's; every buffer fits any cut
         self.most_images = 0
-        self._layouts: dict[tuple[str, int], tuple[list[tuple[str, tuple[int, ...], int, int]], int]] = {}
+        self._layouts: dict[tuple[str, int], tuple[list[tuple[str, tuple[int, ...], np.dtype, int, int]], int]] = {}
 
     def take(self, nbytes: int, n_images: int = 0) -> mmap.mmap:
         fits = [b for b in self.free if len(b) >= nbytes]
@@ -264,13 +284,15 @@ class StateStore:
         if not layout:
             return outs, None
         buf = self.take(nbytes, n)
-        for name, shape, count, offset in layout:
-            outs[name] = np.frombuffer(buf, dtype=np.float32, count=count, offset=offset).reshape(shape)
+        for name, shape, dtype, count, offset in layout:
+            outs[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
         return outs, buf
 
-    def _layout(self, engine: Engine, n: int) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
-        """(name, shape, floats, byte offset) of each state output of `engine` for `n` images, and the bytes
-        they take; worked out once per graph and chunk size (the chunked pass asks 20 graphs x chunks times)."""
+    def _layout(self, engine: Engine, n: int) -> tuple[list[tuple[str, tuple[int, ...], np.dtype, int, int]], int]:
+        """(name, shape, dtype, elements, byte offset) of each state output of `engine` for `n` images, and the
+        bytes they take; worked out once per graph and chunk size (the chunked pass asks 20 graphs x chunks times).
+        The engine decides shape and dtype (f32 NCHW from the graph; OpenVINO at bf16 gives bf16 NHWC state as
+        uint16 bits, `fsdeploy.engines.EngineOptions.public_io`): the pass only carries them to the next stage."""
         key = (engine.name, n)
         if key not in self._layouts:
             layout, nbytes = [], 0
@@ -282,8 +304,9 @@ class StateStore:
                     raise BundleError(f"{engine.name}: state {name!r} has dynamic dims {spec.shape}; re-export the bundle")
                 shape = (n, *rest)
                 count = int(np.prod(shape))
-                layout.append((name, shape, count, nbytes))
-                nbytes += -(-count * 4 // self.ALIGN) * self.ALIGN
+                dtype = np.dtype(spec.dtype)
+                layout.append((name, shape, dtype, count, nbytes))
+                nbytes += -(-count * dtype.itemsize // self.ALIGN) * self.ALIGN
             self._layouts[key] = (layout, nbytes)
         return self._layouts[key]
 

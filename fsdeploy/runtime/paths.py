@@ -52,6 +52,21 @@ class PlainPath:
         self.engines.close()
 
 
+STAGE_PUBLIC_IO = ("images", "gamma", "pooled", "features")
+# Backends on which the one-batch `context` graph beats the chunked stages for support sets that fit, and the
+# memory it may take, as the f32 state of the largest cut over the whole set (`state_floats_per_image`):
+# OpenVINO bf16, efficientnet_b0 at 224 px, 100 images, 1 thread: 0.9 s one batch against 1.3 s chunked
+# (ONNX Runtime FP32: 1.9 s against 1.4 s, so it stays chunked). 288 MiB is 143 images at 224 px.
+ONE_BATCH_STATE_MIB = {"openvino": 288}
+
+
+def one_batch_limit(backend: str, layout: Any) -> int:
+    """Most support images the `context` graph runs in one batch on `backend` (0: always chunk several batches)."""
+    budget = ONE_BATCH_STATE_MIB.get(backend, 0)
+    per_image = max(layout.state_floats_per_image or (0,)) * 4
+    return int(budget * 2**20 // per_image) if budget and per_image else 0
+
+
 class CasePath:
     """UpperCaSE: the context pass over all support batches gives γ; queries feed γ to the query graph."""
 
@@ -59,14 +74,25 @@ class CasePath:
         self.layout = bundle.manifest.case_layout()
         # The stage graphs run back to back and are released when the pass ends, so their ORT workers may
         # busy-wait between runs without stealing the cores from later work (10-15% faster, 100 images).
-        overrides = {name: replace(options, spinning=options.spinning or "always") for name in self.layout.stages}
+        # Their state passes only from stage to stage, so an engine may keep it in its compute precision and layout
+        # (OpenVINO at bf16: bf16 NHWC, no reorder + conversion at each cut); images, γ, pooled means and features
+        # keep the graphs' f32 NCHW.
+        height = int(bundle.manifest.preprocess.input_size[-2])  # stages past the first start mid-network
+        overrides = {name: replace(options, spinning=options.spinning or "always", public_io=STAGE_PUBLIC_IO, image_height=height)
+                     for name in self.layout.stages}
+        # The one-batch context graph takes the mean over its whole batch: an engine must never split that batch
+        # across parallel requests (OpenVINO's THROUGHPUT hint does, e.g. after `fsdeploy tune --batch 16`), or
+        # each part gets its own γ. Stages and the query graph are per image and may be split.
+        overrides["context"] = replace(options, hint="latency")
         self.engines = GraphOpener(bundle, backend, options, overrides)
         self.chunked = chunked
+        self.one_batch_up_to = one_batch_limit(backend, self.layout) if self.layout.chunked else 0
 
     def support(self, batches: Iterable[np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         from fsdeploy.runtime.case_pass import context_pass
 
-        feats, gamma = context_pass(self.engines, batches, self.layout, chunked=self.chunked, release=self.engines.release)
+        feats, gamma = context_pass(self.engines, batches, self.layout, chunked=self.chunked, release=self.engines.release,
+                                    one_batch_up_to=self.one_batch_up_to)
         return feats, {"gamma": gamma}
 
     def query(self, images: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
