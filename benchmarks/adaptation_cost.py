@@ -41,7 +41,8 @@ from fsdeploy.bench.measure import adaptation_times
 from fsdeploy.bench.methods import BY_KEY, HEAD_KEYS, accuracy_methods, adaptation_specs, join_accuracy
 from fsdeploy.bench.perf_measures import threads_for as torch_threads
 from fsdeploy.bench.plots import plot_adaptation_cost
-from fsdeploy.bench.render import accuracy_table, read_rows, rows_table, write_rows
+from fsdeploy.atomic import write_text
+from fsdeploy.bench.render import accuracy_table, format_macs, read_rows, rows_table, write_rows
 from fsdeploy.bench.workspace import Weights, pick_weights, prepare_bundle, split_classes
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.engines import EngineOptions
@@ -182,9 +183,31 @@ def main() -> None:
     write_summary(summary, args.out, ways=args.ways, console=console)
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The README table: per backbone and method, accuracy at each shot count, then the costs of the largest one."""
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    last = settings[-1]
+    head = ["backbone", "method", "regime", *settings, f"adapt MACs ({last})", f"adapt s ({last})",
+            "params per task", "episodes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    keyed = {(r["backbone"], r["method"], r["setting"]): r for r in rows}
+    for backbone, method in dict.fromkeys((r["backbone"], r["method"]) for r in rows):
+        per = [keyed.get((backbone, method, s)) for s in settings]
+        ref = per[-1] or next(r for r in per if r)
+        acc = [f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" + (f" ({r['diverged']} diverged)" if r.get("diverged") else "")
+               if r else "—" for r in per]
+        secs = ref.get("adapt_ms")
+        secs = "—" if secs is None or secs != secs else f"{secs / 1e3:.2f}"
+        episodes = "/".join(str(r["episodes"]) for r in per if r)
+        lines.append("| " + " | ".join([backbone, ref["label"], ref.get("regime", ""), *acc, format_macs(ref["adapt_macs"]),
+                                         secs, f"{ref['params_per_task']:,}", episodes]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(rows: list[dict[str, Any]], out: Path, *, ways: int, console: Console | None = None) -> None:
-    """adaptation_cost.csv and accuracy_vs_macs.png in `out`."""
+    """adaptation_cost.csv, its README table (adaptation_cost.md) and accuracy_vs_macs.png in `out`."""
     write_rows(out / "adaptation_cost.csv", rows)
+    write_text(out / "adaptation_cost.md", markdown_table(rows))
     png = plot_adaptation_cost(rows, out / "accuracy_vs_macs.png",
                                title=f"{ways}-way accuracy on novel glyph classes vs MACs to adapt one task "
                                      "(each backbone at its trained size)")
