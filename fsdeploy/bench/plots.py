@@ -8,6 +8,7 @@ at fewer or equal MACs.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def plot_adaptation_cost(rows: Iterable[dict[str, Any]], path: str | Path, *, ti
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
 
     pts = [dict(r) for r in rows if (r.get("adapt_macs") or 0) > 0 and r.get("accuracy") is not None]
     if not pts:
@@ -85,6 +87,7 @@ def plot_adaptation_cost(rows: Iterable[dict[str, Any]], path: str | Path, *, ti
                 ax.step([r["adapt_macs"] for r in front], [r["accuracy"] for r in front], where="post",
                         color="black", linestyle="--", linewidth=0.9, zorder=0)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled decades only: minor labels collide at 7 pt
             ax.grid(True, which="major", alpha=0.35)
             ax.grid(True, which="minor", axis="x", alpha=0.1)
             ax.margins(x=0.08, y=0.1)
@@ -101,7 +104,7 @@ def plot_adaptation_cost(rows: Iterable[dict[str, Any]], path: str | Path, *, ti
                 for name, c in REGIME_COLOURS.items() if name in regime.values()]
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 13)), fontsize=10)  # ~13 chars per inch at 10 pt
     fig.tight_layout(rect=(0, legend_in / height, 1, 1))
     path = Path(path)
     with atomic_path(path, ".png") as tmp:
