@@ -199,7 +199,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         secs = ref.get("adapt_ms")
         secs = "—" if secs is None or secs != secs else f"{secs / 1e3:.2f}"
         episodes = "/".join(str(r["episodes"]) for r in per if r)
-        lines.append("| " + " | ".join([backbone, ref["label"], ref.get("regime", ""), *acc, format_macs(ref["adapt_macs"]),
+        macs = format_macs(ref["adapt_macs"]) + ("" if ref is per[-1] else f" ({ref['setting']})")
+        lines.append("| " + " | ".join([backbone, ref["label"], ref.get("regime", ""), *acc, macs,
                                          secs, f"{ref['params_per_task']:,}", episodes]) + " |")
     return "\n".join(lines) + "\n"
 
