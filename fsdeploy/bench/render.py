@@ -158,7 +158,8 @@ def accuracy_table(rows: Iterable[Any], title: str = "Accuracy over episodes (me
     """Table of accuracy rows {method, accuracy, ci95, episodes, ...} (see stats.accuracy_row)."""
     t = Table(title=title)
     rows = [_as_dict(r) for r in rows]
-    extra = [k for k in (rows[0] if rows else {}) if k not in ("method", "accuracy", "ci95", "episodes")]
+    extra = [k for k in (rows[0] if rows else {}) if k not in ("method", "accuracy", "ci95", "episodes")
+             and (k != "diverged" or any(r.get(k) for r in rows))]  # a diverged column only where a fit diverged
     for c in ("method", *extra):
         t.add_column(c)
     t.add_column("accuracy (%)", justify="right")
