@@ -235,7 +235,10 @@ def adaptation_times(
     Args:
         methods: (key, head, transform, head options) per method; keys of per-task fine-tuners (tsa,
             bn-affine) adapt through their kind (PyTorch fit, fold, re-export) instead of a head.
+
+    A fine-tuner whose fit diverges on this task (`FitDiverged`) has no time: it gets no row.
     """
+    from fsdeploy.errors import FitDiverged
     from fsdeploy.adapters import finetuner_methods
     from fsdeploy.runtime import adapt_task
 
@@ -248,13 +251,18 @@ def adaptation_times(
         out = Path(tmp) / "task.npz"
         for _ in range(repeats):
             for key, head, transform, opts in methods:
-                task, t = adapt_task(bundle, support, out, adapter=tuners.get(key), head=head, transform=transform,
-                                     head_opts=opts, backend=backend, options=options, batch=batch, steps=steps,
-                                     fit_opts=fit_opts.get(key))
+                try:
+                    task, t = adapt_task(bundle, support, out, adapter=tuners.get(key), head=head, transform=transform,
+                                         head_opts=opts, backend=backend, options=options, batch=batch, steps=steps,
+                                         fit_opts=fit_opts.get(key))
+                except FitDiverged:
+                    continue
                 n = int(task.info["support"])
                 parts[key].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
     rows = []
     for key, _, _, _ in methods:
+        if not parts[key]:
+            continue
         med = np.median(np.asarray(parts[key]), axis=0)
         rows.append(AdaptRow(key, backend, n, repeats,
                              *map(float, med), float(med.sum())))
