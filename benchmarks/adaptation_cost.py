@@ -193,7 +193,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             "params per task", "episodes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     keyed = {(r["backbone"], r["method"], r["setting"]): r for r in rows}
-    for backbone, method in dict.fromkeys((r["backbone"], r["method"]) for r in rows):
+    order = {b: i for i, b in enumerate(dict.fromkeys(r["backbone"] for r in rows))}
+    for backbone, method in sorted(dict.fromkeys((r["backbone"], r["method"]) for r in rows), key=lambda k: order[k[0]]):
         per = [keyed.get((backbone, method, s)) for s in settings]
         ref = per[-1] or next(r for r in per if r)
         acc = [f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" + (f" ({r['diverged']} diverged)" if r.get("diverged") else "")
