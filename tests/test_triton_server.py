@@ -258,28 +258,19 @@ def test_faults_and_live_task_changes(kits: dict, work: Path) -> None:
     repo = _write("plain", kits, work, name="repo_faults")
     files = sorted((work / "query" / "t_abcd").rglob("*.png"))
     ref = _local(bundle, tasks["t_abcd"], files)
-    # The steady client runs in a forked process, not a thread: tritonclient's HTTP client is gevent-based, and two
-    # of them in two threads of one process once sent a request whose binary part the server could not parse.
-    ctx = multiprocessing.get_context("fork")
-    stop = ctx.Event()
-    bad = ctx.Manager().list()
-    served = ctx.Value("i", 0)
-
-    def steady(url: str) -> None:  # requests for an untouched task go on through every fault
-        with Client(url) as c:
-            while not stop.is_set():
-                i = served.value % len(files)
-                try:
-                    a = c.classify([files[i].read_bytes()], "t_abcd")[0]
-                    if a.labels[0] != ref[i].labels[0] or abs(a.scores[0] - ref[i].probs[0]) > 1e-5:
-                        bad.append(f"changed answer {a} vs {ref[i]}")
-                except Exception as exc:  # collected and asserted below
-                    bad.append(str(exc))
-                served.value += 1
+    # The steady client runs in a spawned process, not a thread: tritonclient's HTTP client is gevent-based, and with
+    # a second client looping in another thread of the same process, a request of the main thread once reached the
+    # server with an unparseable binary part. (A forked child inherits the parent's gevent hub and hangs.)
+    ctx = multiprocessing.get_context("spawn")
+    stop, served, bad = ctx.Event(), ctx.Value("i", 0), ctx.Manager().list()
+    expected = [(r.labels[0], float(r.probs[0])) for r in ref]
 
     for server in _serve(repo):
-        t = ctx.Process(target=steady, args=(server.url,))
+        t = ctx.Process(target=_steady, args=(server.url, files, expected, stop, served, bad))
         t.start()
+        deadline = time.monotonic() + 120  # a spawned interpreter imports fsdeploy and tritonclient first
+        while served.value < 3 and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
         try:
             with Client(server.url) as c:
                 image = files[0].read_bytes()
@@ -316,6 +307,22 @@ def test_faults_and_live_task_changes(kits: dict, work: Path) -> None:
             t.join()
         assert server.ready()
     assert served.value > 5 and not bad, list(bad)[:5]
+
+
+def _steady(url: str, files: list[Path], expected: list[tuple[str, float]], stop, served, bad) -> None:
+    """Classify `files` for task t_abcd in a loop until `stop`, recording any answer that differs from `expected`."""
+    from fsdeploy.serving import Client
+
+    with Client(url) as c:
+        while not stop.is_set():
+            i = served.value % len(files)
+            try:
+                a = c.classify([files[i].read_bytes()], "t_abcd")[0]
+                if a.labels[0] != expected[i][0] or abs(a.scores[0] - expected[i][1]) > 1e-5:
+                    bad.append(f"changed answer {a} vs {expected[i]}")
+            except Exception as exc:  # collected and asserted by the test
+                bad.append(str(exc))
+            served.value += 1
 
 
 def _stub_pid(model_dir: Path) -> int:
