@@ -111,6 +111,9 @@ def main() -> None:
                              "fine-tuners at fewer from another")
     args = parser.parse_args()
     if args.combine:
+        missing = [str(d) for d in args.combine if not (d / "adaptation_cost.csv").is_file()]
+        if missing:
+            parser.error(f"--combine: no adaptation_cost.csv in {', '.join(missing)} (each folder is an earlier run's --out)")
         return combine(args.combine, args.out, ways=args.ways)
     console = Console(width=int(os.environ.get("COLUMNS", 120)))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,6 @@ SHIPPED: dict[str, Shipped] = {s.model: s for s in (
 
 DEFAULT_MODEL = "efficientnet_b0"
 DEFAULT_IMG_SIZE = SHIPPED[DEFAULT_MODEL].img_size
-DEFAULT_CHECKPOINT_NAME = SHIPPED[DEFAULT_MODEL].file
-REPRODUCE = SHIPPED[DEFAULT_MODEL].reproduce
 
 
 def shipped(model: str) -> Shipped | None:
