@@ -51,6 +51,7 @@ from fsdeploy.weights import DEFAULT_IMG_SIZE, shipped
 
 RESULTS = Path(__file__).parent / "results"
 CASE_HEADS = ("linear",)  # CaSE + linear is UpperCaSE; other heads on CaSE features are not in the seeds' figure
+TOAST_HEADS = ("linear",)  # the cost table's TOAST row: TOAST features + the linear head
 
 
 def plain_heads() -> list[str]:
@@ -91,6 +92,9 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,efficientnet_b0")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
                         help="weights for one backbone (repeatable); CaSE bundles of it use identity blocks")
+    parser.add_argument("--toast-checkpoint", action="append", default=[], metavar="MODEL=PATH",
+                        help="TOAST-tuned weights of a ViT backbone (`fsdeploy toast-tune`, repeatable): adds the "
+                             "'TOAST + linear' row (top-down tuning is per dataset, so its MACs are not per task)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="bundle input size (accuracy and its MACs); default: the size each shipped checkpoint "
                              f"was trained at, else {DEFAULT_IMG_SIZE}")
@@ -121,6 +125,11 @@ def main() -> None:
     shots = tuple(int(s) for s in args.shots.split(","))
     wanted = {k.strip() for k in args.methods.split(",") if k.strip()}
     given = dict(c.split("=", 1) for c in args.checkpoint)
+    toast_given = dict(c.split("=", 1) for c in args.toast_checkpoint)
+    unknown = sorted(set(toast_given) - set(args.models.split(",")))
+    if unknown or any(not Path(p).is_file() for p in toast_given.values()):
+        parser.error(f"--toast-checkpoint: each is MODEL=PATH with MODEL in --models and PATH a file "
+                     f"(got {', '.join(args.toast_checkpoint)})")
     data = scan_image_folder(args.data, classes=split_classes(args.data, args.split))
     options = EngineOptions(threads=args.threads)
     summary: list[dict[str, Any]] = []
@@ -140,10 +149,15 @@ def main() -> None:
                       + (f"; CaSE: {case_weights.description}" if has_case else "; no CaSE placement for this family"))
         case = prepare_bundle(args.workdir, model, adapter="case", img_size=size, weights=case_weights,
                               say=console.print) if has_case else None
+        toast = None
+        if model in toast_given and (not wanted or "toast" in wanted):
+            toast = prepare_bundle(args.workdir, model, adapter="toast", img_size=size, say=console.print,
+                                   weights=Weights(Path(toast_given[model]), Path(toast_given[model]).name),
+                                   options={"backbone_checkpoint": str(weights.path)} if weights.path else None)
         heads = [k for k in plain_heads() if not wanted or k in wanted]
         tuners = [k for k in tuners_for(family, plain) if not wanted or k in wanted] if args.finetune_episodes else []
         with_case = has_case and (not wanted or "case-linear" in wanted)
-        costed = case or plain  # the CaSE bundle's backbone is the plain one: every row from one count
+        costed = case or toast or plain  # an adapter bundle's backbone is the plain one: every row from one count
         counts = count_bundle(costed)
         tasks = [TaskShape.from_shots(args.ways, k) for k in shots]
         tables: list[CostTable] = [bundle_costs(costed, t, counts=counts) for t in tasks]
@@ -155,6 +169,8 @@ def main() -> None:
             acc += evaluate(plain, data, accuracy_methods(heads, "none"), episodes=args.episodes, **common)
             if with_case:
                 acc += evaluate(case, data, accuracy_methods(CASE_HEADS, "case"), episodes=args.episodes, **common)
+            if toast is not None:
+                acc += evaluate(toast, data, accuracy_methods(TOAST_HEADS, "toast"), episodes=args.episodes, **common)
             if tuners:
                 with torch_threads(args.threads or 1):  # see fsdeploy.bench.perf_measures on threads
                     acc += evaluate(plain, data, accuracy_methods(tuners, "none"), episodes=args.finetune_episodes, **common)
@@ -167,11 +183,12 @@ def main() -> None:
         if args.time_repeats:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = task_folder(data, args.ways, max(shots), Path(tmp))
-                for bundle, keys in [(plain, heads + tuners)] + ([(case, ["linear"])] if with_case else []):
+                timed = [(plain, heads + tuners, None)] + ([(case, ["linear"], "case-linear")] if with_case else []) \
+                    + ([(toast, ["linear"], "toast")] if toast is not None else [])
+                for bundle, keys, name in timed:
                     for row in adaptation_times(bundle, folder, adaptation_specs(keys), options=options,
                                                 repeats=args.time_repeats):
-                        key = row.method if bundle is plain else "case-linear"
-                        times[key] = row.total_ms
+                        times[name or row.method] = row.total_ms
         for t, tab in zip(tasks, tables):
             for r in join_accuracy(tab.rows, acc_rows, t):
                 a = next(a for a in acc_rows if a["method"] == r["label"] and a["shots"] == t.n_support // t.ways)

@@ -53,6 +53,7 @@ def test_checkpoint_loads_as_a_backbone_with_its_preprocessing(trained: Path, co
     assert 0.0 <= meta["heldout_accuracy"] <= 1.0
     assert meta["corpus_images_sha256"] == load_splits(corpus).meta["images_sha256"]
     assert "pretrain resnet18" in meta["train_command"]
+    assert "--warmup-epochs 0.5" in meta["train_command"]  # every schedule option is in the recorded command
     with torch.random.fork_rng():  # pretrain's own initialisation: seed 0, same constructor
         torch.manual_seed(0)
         init, _ = create_backbone(MODEL, img_size=32)
@@ -162,3 +163,25 @@ def test_batchnorm_recalibration_equals_the_average_of_batch_statistics() -> Non
             assert m.momentum == 0.1  # restored
             checked += 1
     assert checked == 20  # resnet18's BatchNorms
+
+
+def test_init_starts_from_the_given_weights(trained: Path, corpus: Path, tmp_path: Path) -> None:
+    """--init loads the backbone weights (at lr 0 the learned ones stay exactly as given; BatchNorm's running
+    statistics still move in train mode), records the start in the command and the resume fingerprint, and a missing
+    file is refused before any training."""
+    out = tmp_path / "from_init.safetensors"
+    res = pretrain(_config(corpus, out, epochs=1, lr=0.0, recalibrate_bn=False, init=trained))
+    got, meta = read_checkpoint(res.checkpoint)
+    start, _ = read_checkpoint(trained)
+    assert got.keys() == start.keys()
+    learned = [k for k in start if k.endswith((".weight", ".bias"))]
+    assert len(learned) > 40
+    for k in learned:
+        torch.testing.assert_close(got[k], start[k], rtol=0, atol=0, msg=k)
+    assert f"--init {trained}" in meta["train_command"] and len(meta["pretrain"]["init_sha256"]) == 64
+    fresh, _ = read_checkpoint(pretrain(_config(corpus, tmp_path / "fresh.safetensors", epochs=1, lr=0.0,
+                                                recalibrate_bn=False)).checkpoint)
+    assert not torch.equal(fresh["conv1.weight"], start["conv1.weight"])  # without --init: timm's init, not `trained`
+    with pytest.raises(InvalidInput, match="--init"):
+        pretrain(_config(corpus, tmp_path / "y.safetensors", init=tmp_path / "missing.safetensors"))
+    assert not (tmp_path / "y.safetensors").exists()

@@ -97,12 +97,13 @@ def pick_weights(
 
 def prepare_bundle(
     workdir: Path, model: str, *, adapter: str = "none", img_size: int, weights: Weights, say: Say = print,
-    base_data: Path | None = None,
+    base_data: Path | None = None, options: dict[str, Any] | None = None,
 ) -> Bundle:
     """The bundle `workdir/<model>-<adapter>-<img_size>px`, exported (and validated) only when missing or stale.
 
     With `base_data` (a glyph corpus: its base split, else every class), a plain bundle also gets the base-class
-    mean feature SimpleShot centres on, computed once per bundle.
+    mean feature SimpleShot centres on, computed once per bundle. `options` go to the adapter's builder (e.g. a
+    TOAST bundle's `backbone_checkpoint`).
     """
     from fsdeploy.pipeline.export import export_bundle
 
@@ -126,7 +127,8 @@ def prepare_bundle(
     except BundleError:
         pass
     say(f"exporting {model} (adapter {adapter}, {img_size} px, {weights.description}) to {folder}")
-    bundle, _ = export_bundle(model, folder, adapter=adapter, checkpoint=weights.path, img_size=img_size, overwrite=True)
+    bundle, _ = export_bundle(model, folder, adapter=adapter, checkpoint=weights.path, img_size=img_size, overwrite=True,
+                              options=options)
     return with_mean(bundle)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fsdeploy.atomic import atomic_path
+from fsdeploy.atomic import atomic_path, sha256_file
 from fsdeploy.backbones import Preprocess, create_backbone, save_checkpoint
 from fsdeploy.data.folders import scan_image_folder
 from fsdeploy.data.glyphs import load_splits
@@ -65,12 +65,13 @@ class PretrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads during the run (restored afterwards)
     resume: bool = False  # continue from `<out>.resume.pt` when it exists
+    init: Path | None = None  # start the backbone from this checkpoint of `model` (the classifier head starts fresh)
 
     def as_command(self) -> str:
         """The equivalent `fsdeploy pretrain` command line, with every training option spelled out."""
         parts = ["fsdeploy", "pretrain", self.model, "--data", str(self.data), "--out", str(self.out), "--split", self.split,
                  "--img-size", str(self.img_size), "--epochs", str(self.epochs), "--batch", str(self.batch_size),
-                 "--lr", f"{self.lr:g}", "--weight-decay", f"{self.weight_decay:g}", "--label-smoothing",
+                 "--lr", f"{self.lr:g}", "--warmup-epochs", f"{self.warmup_epochs:g}", "--weight-decay", f"{self.weight_decay:g}", "--label-smoothing",
                  f"{self.label_smoothing:g}", "--aug-scale", f"{self.max_scale_loss:g}", "--aug-rotation",
                  f"{self.max_rotation_deg:g}", "--holdout", str(self.holdout_per_class), "--seed", str(self.seed)]
         parts += [] if self.threads is None else ["--threads", str(self.threads)]
@@ -79,13 +80,17 @@ class PretrainConfig:
         parts += [] if self.precision == "fp32" else ["--precision", self.precision]
         parts += [] if self.channels_last else ["--no-channels-last"]
         parts += [] if self.recalibrate_bn else ["--no-recalibrate-bn"]
+        parts += [] if self.init is None else ["--init", str(self.init)]
         return shlex.join(parts)
 
     def fingerprint(self) -> dict[str, Any]:
         """Fields a resumed run must share with the run that wrote the resume file."""
         keep = ("model", "split", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                 "label_smoothing", "max_scale_loss", "max_rotation_deg", "holdout_per_class", "seed", "precision")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        out = {k: v for k, v in asdict(self).items() if k in keep}
+        if self.init is not None:  # the starting weights are part of the run: a resume must start from the same ones
+            out["init_sha256"] = sha256_file(self.init)
+        return out
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,9 @@ def pretrain(
         raise InvalidInput(f"--out {cfg.out} must end in .safetensors")
     if cfg.precision not in PRECISIONS:
         raise InvalidInput(f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.init is not None and not Path(cfg.init).is_file():
+        raise InvalidInput(f"--init {cfg.init}: no such checkpoint; pass a backbone checkpoint of {cfg.model} "
+                           "(e.g. an earlier `fsdeploy pretrain` output)")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.img_size < 16:
         raise InvalidInput(f"need epochs >= 1, batch size >= 1 and img size >= 16; got {cfg.epochs}, {cfg.batch_size}, {cfg.img_size}")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -230,7 +238,8 @@ def pretrain(
 
 def _train(cfg: PretrainConfig, data: _Data, device: Any, start: float, on_step: Any, on_epoch: Any) -> PretrainResult:
     torch = require("torch")
-    model, _ = create_backbone(cfg.model, img_size=cfg.img_size)  # the same construction rule as every loader
+    # the same construction rule as every loader; --init weights load through it (model name and shapes checked)
+    model, _ = create_backbone(cfg.model, checkpoint=cfg.init, img_size=cfg.img_size)
     model.reset_classifier(len(data.classes))
     for p in model.parameters():
         p.requires_grad_(True)
