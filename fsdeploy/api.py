@@ -99,11 +99,11 @@ class Adapter:
         bundle, head, transform, head_opts, adapter, steps, backend, precision, device, threads, batch,
             fit_opts: as `fsdeploy.adapt`; fixed for the session.
         keep_warm: True keeps every engine of the support pass open with its activation memory between tasks
-            (CaSE: the context graph, or the stage chain, the γ graph and the stage state buffers). It holds
-            about the memory one adapt of the largest support set so far peaks at (CaSE efficientnet_b0 at 224 px,
-            OpenVINO, 100 images: about 0.5 GiB), and saves about a fifth of each later adapt's time (README,
-            "Warm sessions"). False releases them after each task, as `fsdeploy adapt` does; only the query
-            graph stays open.
+            (CaSE: the context graph, or the stage chain, the γ graph and the stage state buffers). That memory
+            stays held between tasks and grows with the largest support set seen (CaSE efficientnet_b0 at 224 px,
+            100 images: about 540 MiB on ORT, 550 MiB on OpenVINO); it saves 11% (ORT) to 20% (OpenVINO) of each
+            later adapt's time (README, "Warm sessions"). False releases them after each task, as `fsdeploy
+            adapt` does; only the query graph stays open. `close()` frees everything.
 
     Raises:
         InvalidInput: bad options (as `fsdeploy.adapt`), or keep_warm not a bool.

@@ -76,8 +76,8 @@ class TaskAdapter:
         keep_warm: keep every engine of the bundle's feature path open, with its activation memory, from one task
             to the next (CaSE: the context graph, or the stage chain, the γ graph and the stage state buffers), so
             the second and later tasks skip opening them and page-faulting that memory in. It holds that memory
-            between tasks: for CaSE efficientnet_b0 at 224 px about the peak of one adapt of the largest support
-            set seen (see the README, "Warm sessions"). False (the one-shot `adapt_task` / `fsdeploy adapt`):
+            between tasks, growing with the largest support set seen (CaSE efficientnet_b0 at 224 px, 100 images:
+            about 540-550 MiB; README, "Warm sessions"). False (the one-shot `adapt_task` / `fsdeploy adapt`):
             each support-pass engine is released as soon as the pass no longer needs it.
     """
 
