@@ -2,7 +2,8 @@
 
 The Python API is three functions, the CLI's three steps (see `fsdeploy.api`):
 `fsdeploy.export(model, out, ...)` -> Bundle, `fsdeploy.adapt(bundle, support, out, ...)` -> TaskArtefact,
-`fsdeploy.predict(bundle, task, images, ...)` -> list of Prediction. They are imported on first use, so
+`fsdeploy.predict(bundle, task, images, ...)` -> list of Prediction; `fsdeploy.Adapter(bundle, ...)` is a session
+that adapts many tasks in one process with its engines kept warm. They are imported on first use, so
 `import fsdeploy` stays light (no torch, no onnxruntime).
 """
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "adapt", "export", "predict"]
+__all__ = ["Adapter", "__version__", "adapt", "export", "predict"]
 
-_API = ("export", "adapt", "predict")
+_API = ("export", "adapt", "predict", "Adapter")
 
 
 def __getattr__(name: str) -> Any:

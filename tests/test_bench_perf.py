@@ -199,14 +199,16 @@ def test_adapt_and_memory_targets_run_on_every_installed_engine(case_bundle, tmp
     queries = glyph_folder(tmp_path / "queries", classes="ABCDE", per_class=2, seed=3)
     engines = pm.engine_sides()
     rows, agreement = pm.adapt_ratio(case_bundle, support, queries, tmp_path, threads={"ort": 1, "torch": 1}, repeats=1)
-    assert set(agreement) == set(engines)
-    assert agreement["ort"] == 1.0
+    assert agreement["ort"] == 1.0 and agreement["ort warm"] == 1.0
     assert all(0.0 <= v <= 1.0 for v in agreement.values())
     sides = [r["side"] for r in rows]
-    assert sides[-1] == pm.EAGER and len(sides) == len(engines) + 2
+    assert sides[-1] == pm.EAGER and len(sides) == 2 * len(engines) + 2
+    assert [r["side"] for r in rows if r["session"] == "warm"] == [pm.warm_side(n) for n in engines] + [pm.EAGER]
+    assert agreement.keys() == set(engines) | {f"{n} warm" for n in engines}
+    assert all(r["equals_cold_task"] for r in rows if "equals_cold_task" in r)  # a warm session's task is the cold one
     assert rows[-1]["ratio"] == 1.0 and all(r["total_median_ms"] > 0 for r in rows)
     mem, _ = pm.memory_and_linearity(case_bundle, [support, queries], tmp_path, threads=1)
-    assert sorted({r["backend"] for r in mem}) == sorted(engines)
+    assert sorted({r["backend"] for r in mem}) == sorted([*engines, *(f"{n} (warm session, 2 tasks)" for n in engines)])
     assert all(r["max_rss_mib"] > 0 for r in mem)
     assert all("adapt_ms" in r for r in mem if r["backend"] == "ort")
 

@@ -143,7 +143,7 @@ def test_case_query_and_stage_chain_follow_ort(tmp_path) -> None:
     from fsdeploy.runtime.paths import CasePath
 
     one_feats, one_gamma = context_pass(on("ort"), [x], b.manifest.extra)
-    path = CasePath(b, "openvino", EngineOptions(hint="throughput", threads=2))
+    path = CasePath(b, "openvino", EngineOptions(hint="throughput", threads=2), keep_warm=True)
     try:
         feats, st = path.support([x])
         assert "context" in path.engines.opened

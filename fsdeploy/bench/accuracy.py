@@ -112,7 +112,7 @@ def evaluate(
     heads = [m for m in methods if not m.adapter]
     tuners = {m.label: TaskAdapter(bundle, adapter=m.adapter, backend=backend, options=options, steps=m.steps,
                                    fit_opts=dict(m.opts), batch=batch) for m in methods if m.adapter}
-    shared = TaskAdapter(bundle, backend=backend, options=options, batch=batch)
+    shared = TaskAdapter(bundle, backend=backend, options=options, batch=batch, keep_warm=True)  # one task per episode
     acc: dict[str, list[float]] = {m.label: [] for m in methods}
     fit_ms: dict[str, list[float]] = {m.label: [] for m in methods}
     head_ms: dict[str, list[float]] = {m.label: [] for m in methods}

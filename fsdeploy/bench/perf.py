@@ -7,8 +7,9 @@ Targets (2-core CPU, the embedded default):
 2. UpperCaSE head fit: numpy `linear` >= 10x a plain PyTorch loop of the same recipe fed the same batch
    draws, weights within 1e-5;
 3. one task end to end (CaSE efficientnet_b0, 224 px, 100 support images, 10 ways: load, context pass +
-   γ, head fit, artefact write): `fsdeploy.runtime.task.adapt_task` >= 4x the same recipe in PyTorch eager, with
-   >= 99% prediction agreement on held-out queries;
+   γ, head fit, artefact write): `fsdeploy.runtime.adapt_task` >= 4x the same recipe in PyTorch eager (issue #8),
+   and a warm session (`fsdeploy.Adapter(keep_warm=True)`, its 2nd+ task) on the fastest engine >= 6x (issue #21),
+   with >= 99% prediction agreement on held-out queries;
 4. memory: peak RSS of the `fsdeploy adapt` command on 500 support images at 224 px <= 2 GiB, and
    adaptation time linear in the support size (50 / 100 / 200 / 500);
 5. `linear-newton` reaches the 500-step Adam head's accuracy (within its 95% CI) with >= 10x fewer head MACs.
@@ -50,8 +51,10 @@ TARGETS: dict[int, Target] = {t.number: t for t in (
     Target(1, "query inference", "ORT >= 2.5x PyTorch eager img/s, batch 1 and 16, preprocessing included", 2.5),
     Target(2, "head fit", "numpy linear head >= 10x a PyTorch loop, same draws, weights within 1e-5", 10.0),
     Target(3, "adapt one task", "adapt_task >= 4x PyTorch eager UpperCaSE on ORT (issue #8), >= 6x on the fastest "
-                                "engine (issue #21), >= 99% same predictions", 4.0),
-    Target(4, "memory", "fsdeploy adapt peak RSS <= 2 GiB at 500 images on every engine; time linear in N", 2048.0),
+                                "engine in a warm session (issue #21; eager's model built and warm too), >= 99% same "
+                                "predictions", 4.0),
+    Target(4, "memory", "fsdeploy adapt peak RSS <= 2 GiB at 500 images on every engine, one-shot and warm session; "
+                        "time linear in N", 2048.0),
     Target(5, "fast head solver", "linear-newton within linear's 95% CI with >= 10x fewer head MACs", 10.0),
     Target(6, "engine peers", "best fsdeploy engine (ORT FP32, OpenVINO default) >= 4x PyTorch eager FP32 and >= the best "
                               "peer (+ bf16 autocast channels_last), img/s, preprocessing included; >= 99% of FP32's "
@@ -264,18 +267,29 @@ def _run_3(run: _Run) -> TargetResult:
     per_query = max(1, cfg.queries // cfg.ways)
     queries = photo_folder(cfg.workdir, f"queries-{cfg.ways}x{per_query}", classes=cfg.ways, per_class=per_query,
                            seed=cfg.seed + 11)
+    per = max(1, cfg.support // cfg.ways)
+    warmup = photo_folder(cfg.workdir, f"warmup-{cfg.ways}x{per}", classes=cfg.ways, per_class=per, seed=cfg.seed + 13)
     rows, agreement = pm.adapt_ratio(b, run.support_folder(cfg.support), queries, cfg.workdir, threads=run.threads(b),
-                                     repeats=cfg.adapt_repeats, seed=cfg.seed)
-    run.report.tables["3: adapt one task (CaSE + linear head), fsdeploy vs PyTorch eager"] = rows
-    run.report.tables["3b: same predictions as the PyTorch eager task, per engine"] = [
+                                     repeats=cfg.adapt_repeats, seed=cfg.seed, warmup=warmup)
+    run.report.tables["3: adapt one task (CaSE + linear head), fsdeploy cold (fresh engines per task) and warm "
+                      "(2nd+ task of a session) vs PyTorch eager (model built once, warmed by one task)"] = rows
+    run.report.tables["3b: same predictions as the PyTorch eager task, per engine and session"] = [
         {"engine": k, "same_predictions": v} for k, v in agreement.items()]
     ratio, one = rows[0]["ratio"], rows[1]["ratio"]
-    engines = rows[:-1]
-    best = max(engines, key=lambda r: r["ratio"])
-    ok = ratio >= TARGETS[3].threshold and best["ratio"] >= FASTEST_ADAPT and min(agreement.values()) >= AGREEMENT
+    cold = [r for r in rows[:-1] if r["session"] == "cold"]
+    warm = [r for r in rows[:-1] if r["session"] == "warm"]
+    best_cold = max(cold, key=lambda r: r["ratio"])
+    best = max(warm, key=lambda r: r["ratio"])
+    # issue #21's 6x compares like with like: a warm session against the eager recipe whose model is already built
+    # and warmed (both sides adapted one task before the timed ones); issue #8's 4x is the one-shot ORT adapt
+    same_tasks = all(r.get("equals_cold_task", True) for r in warm)
+    ok = (ratio >= TARGETS[3].threshold and best["ratio"] >= FASTEST_ADAPT and min(agreement.values()) >= AGREEMENT
+          and same_tasks)
     same = ", ".join(f"{k} {100 * v:.1f}%" for k, v in agreement.items())
-    return _result(3, f"ORT {ratio:.2f}x (one context run: {one:.2f}x); fastest {best['ratio']:.2f}x ({best['side']}); "
-                      f"same predictions {same}", best["ratio"], _status(ok))
+    each_warm = ", ".join(f"{r['side'].split('--backend ')[1].split(' ')[0]} {r['ratio']:.2f}x" for r in warm)
+    return _result(3, f"ORT one-shot {ratio:.2f}x (one context run: {one:.2f}x); cold fastest {best_cold['ratio']:.2f}x "
+                      f"({best_cold['side']}); warm session (2nd+ task, decides the 6x): {each_warm}; warm tasks equal cold: "
+                      f"{same_tasks}; same predictions {same}", best["ratio"], _status(ok))
 
 
 def _run_4(run: _Run) -> TargetResult:
@@ -283,7 +297,8 @@ def _run_4(run: _Run) -> TargetResult:
     b = run.bundle(cfg.case_model, "case")
     folders = [run.support_folder(n) for n in cfg.memory_sizes]
     rows, r2 = pm.memory_and_linearity(b, folders, cfg.workdir, threads=run.threads(b)["ort"], repeats=cfg.adapt_repeats)
-    run.report.tables["4: `fsdeploy adapt` (CaSE, batch 32): peak RSS of the command per engine, in-process time vs support size"] = rows
+    run.report.tables["4: `fsdeploy adapt` (CaSE, batch 32): peak RSS of the command per engine (and of a warm "
+                      "fsdeploy.Adapter session adapting the largest set twice), in-process time vs support size"] = rows
     largest = max(r["support"] for r in rows)
     at_largest = [r for r in rows if r["support"] == largest]
     peak = max(at_largest, key=lambda r: r["max_rss_mib"])

@@ -258,6 +258,11 @@ ONE_BATCH = "fsdeploy adapt --batch N (one context run)"
 EAGER = "PyTorch eager"
 
 
+def warm_side(name: str) -> str:
+    """The row label of a warm session's tasks on engine `name`."""
+    return f"fsdeploy.Adapter(keep_warm=True) --backend {name} (2nd+ task)"
+
+
 def engine_sides() -> dict[str, tuple[str, str]]:
     """Engines the adapt and memory targets run on here: side label -> (backend, precision)."""
     from fsdeploy.deps import available
@@ -270,62 +275,116 @@ def engine_sides() -> dict[str, tuple[str, str]]:
 
 def adapt_ratio(
     bundle: Any, support: Path, queries: Path, workdir: Path, *, threads: dict[str, int], repeats: int, seed: int = 0,
+    warmup: Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """adapt_task on ORT (the CLI's default batch 32, and one batch of every support image) and on every other
-    engine installed here (batch 32) vs the PyTorch eager recipe, interleaved `repeats` times; plus, per engine,
-    the share of `queries` its task and the eager task label the same."""
+    engine installed here (batch 32): a fresh engine per task ("cold"); and per engine a warm session
+    (`TaskAdapter(keep_warm=True)`, what `fsdeploy.Adapter` runs) that adapted the `warmup` folder (another task,
+    default `support`) before the timed ones ("warm"). Against the PyTorch eager recipe, whose model is built
+    once and which also adapts `warmup` untimed first. All sides interleaved, `repeats` times. Plus, per engine
+    and session, the share of `queries` its task and the eager task label the same, and whether each warm
+    task equals the cold one (γ and head within 1e-6)."""
     from fsdeploy.bench.reference import timm_transform, torch_adapt, torch_predict
     from fsdeploy.data.folders import list_images, scan_image_folder
     from fsdeploy.exporters.rebuild import torch_graphs
-    from fsdeploy.runtime import adapt_task, predict_images
+    from fsdeploy.runtime import TaskAdapter, adapt_task, predict_images
 
     files = scan_image_folder(support)
+    first = scan_image_folder(warmup or support)
     graphs, transform = torch_graphs(bundle), timm_transform(bundle.manifest.preprocess)
     engines = engine_sides()
     runs = [(DEPLOYED, "ort", 32), (ONE_BATCH, "ort", len(files))]
     runs += [(f"fsdeploy adapt --backend {name} (batch 32)", name, 32) for name in engines if name != "ort"]
-    parts: dict[str, list[tuple[float, float, float, float]]] = {**{side: [] for side, _, _ in runs}, EAGER: []}
+    options = {name: EngineOptions(threads=threads["ort"], precision=precision) for name, (_, precision) in engines.items()}
+    sessions = {name: TaskAdapter(bundle, head="linear", backend=backend, options=options[name], batch=32, keep_warm=True)
+                for name, (backend, _) in engines.items()}
+    parts: dict[str, list[tuple[float, float, float, float]]] = {
+        **{side: [] for side, _, _ in runs}, **{warm_side(name): [] for name in engines}, EAGER: []}
     tasks: dict[str, Any] = {}
-    for _ in range(repeats):
-        for side, name, batch in runs:
-            backend, precision = engines[name]
-            options = EngineOptions(threads=threads["ort"], precision=precision)
-            task, t = adapt_task(bundle, support, workdir / f"task-{name}.npz", head="linear", backend=backend,
-                                 options=options, batch=batch, seed=seed)
-            tasks[name] = (task, backend, options)
-            parts[side].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
+    try:
+        for name, session in sessions.items():  # each session's first task: opens its engines, pages their memory in
+            session.adapt_folder(warmup or support, None, seed=seed)
         with threads_for(threads["torch"]):
-            ref = torch_adapt(graphs, list(files.paths), files.labels, transform, workdir / "task.pt", seed=seed, head_threads=1)
-        parts[EAGER].append((ref.load_ms, ref.features_ms, ref.fit_ms, ref.write_ms))
+            torch_adapt(graphs, list(first.paths), first.labels, transform, workdir / "task-warmup.pt", seed=seed, head_threads=1)
+        for _ in range(repeats):
+            for side, name, batch in runs:
+                backend, _ = engines[name]
+                task, t = adapt_task(bundle, support, workdir / f"task-{name}.npz", head="linear", backend=backend,
+                                     options=options[name], batch=batch, seed=seed)
+                if batch == 32:
+                    tasks[name] = (task, backend, options[name])
+                parts[side].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
+            for name, session in sessions.items():
+                task, t = session.adapt_folder(support, workdir / f"task-{name}-warm.npz", seed=seed)
+                tasks[f"{name} warm"] = (task, engines[name][0], options[name])
+                parts[warm_side(name)].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
+            with threads_for(threads["torch"]):
+                ref = torch_adapt(graphs, list(files.paths), files.labels, transform, workdir / "task.pt", seed=seed, head_threads=1)
+            parts[EAGER].append((ref.load_ms, ref.features_ms, ref.fit_ms, ref.write_ms))
+    finally:
+        for session in sessions.values():
+            session.close()
     query_paths = list_images([queries])
     with threads_for(threads["torch"]):
         eager = torch_predict(graphs, ref, query_paths, transform)
     agreement: dict[str, float] = {}
-    for name, (task, backend, options) in tasks.items():
+    for name, (task, backend, opts) in tasks.items():
         index = {c: i for i, c in enumerate(task.classes)}
-        got = np.asarray([index[p.labels[0]] for p in predict_images(bundle, task, query_paths, backend=backend, options=options)])
+        got = np.asarray([index[p.labels[0]] for p in predict_images(bundle, task, query_paths, backend=backend, options=opts)])
         agreement[name] = float(np.mean(got == eager))
+    same_task = {name: _same_task(tasks[name][0], tasks[f"{name} warm"][0]) for name in engines}
     rows = []
     for side, values in parts.items():
         arr = np.asarray(values)
         med, total = np.median(arr, axis=0), arr.sum(axis=1)
-        rows.append({"side": side, "threads": threads["torch" if side == EAGER else "ort"], "load_ms": med[0],
-                     "context_ms": med[1], "fit_ms": med[2], "write_ms": med[3],
-                     "total_median_ms": float(np.median(total)), "total_std_ms": float(np.std(total))})
+        warm = side == EAGER or side in {warm_side(n) for n in engines}
+        row = {"side": side, "session": "warm" if warm else "cold", "threads": threads["torch" if side == EAGER else "ort"],
+               "load_ms": med[0], "context_ms": med[1], "fit_ms": med[2], "write_ms": med[3],
+               "total_median_ms": float(np.median(total)), "total_std_ms": float(np.std(total))}
+        for name in engines:
+            if side == warm_side(name):
+                row["equals_cold_task"] = same_task[name]
+        rows.append(row)
     for r in rows:
         r["ratio"] = rows[-1]["total_median_ms"] / r["total_median_ms"]
     return rows, agreement
 
 
+def _same_task(a: Any, b: Any, atol: float = 1e-6) -> bool:
+    """Two tasks with the same classes, γ and head state (within `atol`)."""
+    def close(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> bool:
+        def equal(u: Any, v: Any) -> bool:
+            u, v = np.asarray(u), np.asarray(v)
+            if u.dtype.kind == "f" and v.dtype.kind == "f":
+                return u.shape == v.shape and bool(np.allclose(u, v, rtol=0, atol=atol))
+            return bool(np.array_equal(u, v))
+
+        return x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x)
+
+    return a.classes == b.classes and close(a.task_state, b.task_state) and close(a.model_state, b.model_state)
+
+
 # ---- 4: memory and linearity
 
 
+# A child process: one warm `fsdeploy.Adapter` session adapting the same folder twice (argv: bundle, folder,
+# backend, precision, threads); its peak RSS is what a device that keeps its engines warm needs.
+WARM_CHILD = """
+import sys, fsdeploy
+bundle, folder, backend, precision, threads = sys.argv[1:6]
+with fsdeploy.Adapter(bundle, backend=backend, precision=precision, threads=int(threads), keep_warm=True) as session:
+    for _ in range(2):
+        session.adapt(folder)
+"""
+
+
 def memory_and_linearity(
-    bundle: Any, folders: Sequence[Path], workdir: Path, *, threads: int, repeats: int = 1
+    bundle: Any, folders: Sequence[Path], workdir: Path, *, threads: int, repeats: int = 1, warm: bool = True,
 ) -> tuple[list[dict[str, Any]], float]:
     """Per support folder and engine installed here: peak RSS (VmHWM) and wall time of the `fsdeploy adapt`
-    command; for ORT also the in-process time of `adapt_task` (median of `repeats`, interleaved over folders;
-    process start-up excluded).
+    command; with `warm`, per engine also the peak RSS of a warm `fsdeploy.Adapter` session adapting the last
+    (largest) folder twice; for ORT also the in-process time of `adapt_task` (median of `repeats`, interleaved
+    over folders; process start-up excluded).
 
     Returns the rows and the R^2 of a straight line through (support size, in-process ORT adaptation time).
     """
@@ -343,6 +402,15 @@ def memory_and_linearity(
             if run.returncode != 0:
                 raise InvalidInput(f"`fsdeploy adapt --backend {backend}` failed on {n} images (exit {run.returncode}): {run.output[-400:]}")
             rows.append({"backend": name, "support": n, "max_rss_mib": run.max_rss_mib, "cli_wall_s": run.wall_s})
+        if warm:  # a warm session holds its engines' memory between tasks: its peak over two tasks of the largest set
+            largest = folders[-1]
+            n = len(scan_image_folder(largest))
+            run = run_child([sys.executable, "-c", WARM_CHILD, str(bundle.path), str(largest), backend, precision, str(threads)])
+            if run.returncode != 0:
+                raise InvalidInput(f"a warm fsdeploy.Adapter session on {backend} failed on {n} images (exit {run.returncode}): "
+                                   f"{run.output[-400:]}")
+            rows.append({"backend": f"{name} (warm session, 2 tasks)", "support": n, "max_rss_mib": run.max_rss_mib,
+                         "cli_wall_s": run.wall_s})
     folders_rows = [r for r in rows if r["backend"] == "ort"]
     times: dict[Path, list[float]] = {f: [] for f in folders}
     for _ in range(repeats):

@@ -335,8 +335,9 @@ def perf(
 
     1 query throughput ORT vs PyTorch eager (resnet18, efficientnet_b0, CaSE efficientnet_b0; 224 px; batch 1
     and 16; decoding and preprocessing real image files inside the timed call); 2 numpy linear head vs a
-    PyTorch loop (same draws, weights within 1e-5); 3 adapting one task end to end vs PyTorch eager (+ prediction
-    agreement); 4 peak memory of `fsdeploy adapt` on 500 images and time vs support size; 5 linear-newton vs
+    PyTorch loop (same draws, weights within 1e-5); 3 adapting one task end to end vs PyTorch eager, cold (fresh
+    engines per task) and in a warm `fsdeploy.Adapter` session (+ prediction agreement); 4 peak memory of
+    `fsdeploy adapt` (and of a warm session) on 500 images and time vs support size; 5 linear-newton vs
     the Adam linear head (accuracy and MACs). Both sides of each ratio run interleaved in this process.
 
     Targets 1 and 2 also print a ceiling: the ratio an FP32 engine doing the model's MACs at this machine's

@@ -149,7 +149,7 @@ def _measure(bundle: Bundle, cand: Candidate, images: np.ndarray, episodes: list
     """Features of every calibration image, episode decisions, and a query call at the tuning batch."""
     from fsdeploy.runtime import feature_path
 
-    path = feature_path(bundle, cand.backend, cand.options(threads))
+    path = feature_path(bundle, cand.backend, cand.options(threads), keep_warm=True)  # one support pass per episode
     try:
         feats, state = path.support([images[i : i + SUPPORT_BATCH] for i in range(0, len(images), SUPPORT_BATCH)])
         if state:  # task state (CaSE γ) depends on the support set: each episode adapts on its own support

@@ -11,6 +11,7 @@ with the task's state (γ), or the task's own folded graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -72,13 +73,23 @@ class TaskAdapter:
         backend, options: where the engines run (`options.precision` picks the graph variant).
         steps, fit_opts: fine-tuners' optimiser steps (None: the kind's published `default_steps`) and recipe options.
         batch: images per engine run.
+        keep_warm: keep every engine of the bundle's feature path open, with its activation memory, from one task
+            to the next (CaSE: the context graph, or the stage chain, the γ graph and the stage state buffers), so
+            the second and later tasks skip opening them and page-faulting that memory in. It holds that memory
+            between tasks, growing with the largest support set seen (CaSE efficientnet_b0 at 224 px, 100 images:
+            about 540-550 MiB; README, "Warm sessions"). False (the one-shot `adapt_task` / `fsdeploy adapt`):
+            each support-pass engine is released as soon as the pass no longer needs it.
     """
 
     def __init__(self, bundle: Bundle, *, adapter: str | None = None, head: str = "linear", transform: str = "none",
                  head_opts: dict[str, Any] | None = None, backend: str = "ort", options: EngineOptions | None = None,
-                 steps: int | None = None, fit_opts: dict[str, Any] | None = None, batch: int = 32) -> None:
-        if batch < 1:
-            raise InvalidInput(f"--batch must be >= 1 image per engine run, got {batch}")
+                 steps: int | None = None, fit_opts: dict[str, Any] | None = None, batch: int = 32,
+                 keep_warm: bool = False) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise InvalidInput(f"--batch must be >= 1 image per engine run, got {batch!r}")
+        if not isinstance(keep_warm, bool):
+            raise InvalidInput(f"keep_warm must be True or False, got {keep_warm!r}")
+        self.keep_warm = keep_warm
         self.bundle = bundle
         self.kind: AdapterKind = ADAPTERS.get(adapter or bundle.manifest.adapter)
         if self.kind.finetuner:
@@ -106,7 +117,7 @@ class TaskAdapter:
     def support_path(self) -> FeaturePath:
         """The bundle's feature path, opened once and shared by every task of this adapter."""
         if self._path is None:
-            self._path = feature_path(self.bundle, self.backend, self.options)
+            self._path = feature_path(self.bundle, self.backend, self.options, keep_warm=self.keep_warm)
         return self._path
 
     def adapt(self, support: np.ndarray | Iterable[np.ndarray], labels: np.ndarray, classes: Sequence[str], *,
@@ -146,6 +157,33 @@ class TaskAdapter:
                             {"head": self.head, "transform": self.transform, **meta})
         return Adapted(task, feats, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
+    def adapt_folder(self, support: str | Path, out: str | Path | None = None, *, seed: int = 0) -> tuple[TaskArtefact, AdaptTimings]:
+        """Adapt to the task in the ImageFolder `support` and write the artefact to `out` (if given).
+
+        Exported kinds stream the support images in batches of `batch` (decoded on `options.threads` threads);
+        fine-tuners load the set once (their PyTorch fit needs every image at each step).
+
+        Raises:
+            InvalidInput: missing/empty support folder, a class without images, one class, unreadable files.
+        """
+        t0 = time.perf_counter()
+        files = scan_image_folder(support)
+        workers = self.options.threads or os.cpu_count() or 1
+        pre = self.bundle.manifest.preprocess
+        if self.kind.finetuner:
+            images: np.ndarray | Iterable[np.ndarray] = load_checked(files.paths, pre, workers=workers)
+        else:
+            images = iter_batches(files.paths, pre, self.batch, workers=workers)
+        t1 = time.perf_counter()
+        adapted = self.adapt(images, files.labels, files.classes, seed=seed, paths=files.paths)
+        t3 = time.perf_counter()
+        if out is not None:
+            adapted.task.save(out)
+        t4 = time.perf_counter()
+        load_ms = (t1 - t0) * 1e3
+        features_ms = (t3 - t1) * 1e3 - adapted.fit_ms  # streamed decoding is inside the pass for exported kinds
+        return adapted.task, AdaptTimings(load_ms, features_ms, adapted.fit_ms, (t4 - t3) * 1e3)
+
     def query_path(self, task: TaskArtefact) -> FeaturePath:
         """The feature path queries of `task` run through (the caller closes it unless it is the shared one)."""
         task.check_bundle(self.bundle)
@@ -167,6 +205,16 @@ class TaskAdapter:
         feats = self.features(task, images)
         with name_bad_images(paths, "query"):
             return TaskModel.from_state(task.model_state).predict_proba(feats)
+
+    def predict_files(self, task: TaskArtefact, images: Sequence[str | Path], *, topk: int = 1,
+                      bad: list[tuple[str, str]] | None = None) -> list[Prediction]:
+        """Classify image files (or folders of them) with `task` on this adapter's open engines (`predict_images`)."""
+        path = self.query_path(task)
+        try:
+            return _classify(self.bundle, task, path, images, topk=topk, threads=self.options.threads, batch=self.batch, bad=bad)
+        finally:
+            if path is not self._path:
+                path.close()
 
     def close(self) -> None:
         if self._path is not None:
@@ -196,34 +244,21 @@ def adapt_task(
     steps: int | None = None,
     fit_opts: dict[str, Any] | None = None,
 ) -> tuple[TaskArtefact, AdaptTimings]:
-    """Adapt to the task in the ImageFolder `support` and write the artefact to `out` (if given).
-
-    Exported kinds stream the support images in batches of `batch` (decoded on `options.threads` threads);
-    fine-tuners load the set once (their PyTorch fit needs every image at each step).
+    """Adapt to the task in the ImageFolder `support` and write the artefact to `out` (if given): a one-shot
+    `TaskAdapter.adapt_folder` whose engines are released as soon as the task no longer needs them.
 
     Raises:
         InvalidInput: missing/empty support folder, a class without images, one class, unreadable files.
     """
     t0 = time.perf_counter()
-    files = scan_image_folder(support)
-    options = options or EngineOptions()
-    workers = options.threads or os.cpu_count() or 1
     with TaskAdapter(bundle, adapter=adapter, head=head, transform=transform, head_opts=head_opts, backend=backend,
                      options=options, steps=steps, fit_opts=fit_opts, batch=batch) as adapter_:
-        pre = bundle.manifest.preprocess
-        if adapter_.kind.finetuner:
-            images: np.ndarray | Iterable[np.ndarray] = load_checked(files.paths, pre, workers=workers)
-        else:
-            images = iter_batches(files.paths, pre, batch, workers=workers)
         t1 = time.perf_counter()
-        adapted = adapter_.adapt(images, files.labels, files.classes, seed=seed, paths=files.paths)
+        task, t = adapter_.adapt_folder(support, out, seed=seed)
+        t2 = time.perf_counter()
     t3 = time.perf_counter()
-    if out is not None:
-        adapted.task.save(out)
-    t4 = time.perf_counter()
-    load_ms = (t1 - t0) * 1e3
-    features_ms = (t3 - t1) * 1e3 - adapted.fit_ms  # streamed decoding is inside the pass for exported kinds
-    return adapted.task, AdaptTimings(load_ms, features_ms, adapted.fit_ms, (t4 - t3) * 1e3)
+    # a one-shot adapt pays for setting up and closing its engines: counted in load and features, as before
+    return task, dataclasses.replace(t, load_ms=t.load_ms + (t1 - t0) * 1e3, features_ms=t.features_ms + (t3 - t2) * 1e3)
 
 
 @dataclass(frozen=True)
@@ -253,41 +288,47 @@ def predict_images(
             classified; without it, one unreadable image refuses the run (one error naming them all).
     """
     task.check_bundle(bundle)
+    options = options or EngineOptions()
+    path = feature_path(bundle, backend, options, task_state=task.task_state)
+    try:
+        return _classify(bundle, task, path, images, topk=topk, threads=options.threads, batch=batch, bad=bad)
+    finally:
+        path.close()
+
+
+def _classify(bundle: Bundle, task: TaskArtefact, path: FeaturePath, images: Sequence[str | Path], *, topk: int,
+              threads: int | None, batch: int, bad: list[tuple[str, str]] | None) -> list[Prediction]:
+    """`predict_images` on an open feature path (the caller closes it)."""
     paths = list_images(list(images))
     model = TaskModel.from_state(task.model_state)
-    options = options or EngineOptions()
-    workers = options.threads or os.cpu_count() or 1
-    path = feature_path(bundle, backend, options, task_state=task.task_state)
+    workers = threads or os.cpu_count() or 1
     out: list[Prediction] = []
     k = max(1, min(topk, len(task.classes)))
     # a transductive head (bd-cspn) uses the query batch's statistics: score every image of this call at once
     pending: list[tuple[list[str | Path], np.ndarray]] | None = [] if model.head.transductive else None
-    try:
-        for i in range(0, len(paths), batch):
-            chunk = paths[i : i + batch]
-            if bad is None:
-                pixels = load_checked(chunk, bundle.manifest.preprocess, workers=workers)
-            else:  # each file decoded once; the unreadable ones reported, the rest classified
-                loaded = load_each(chunk, bundle.manifest.preprocess, workers=workers)
-                bad += [(str(p), str(a)) for p, a in zip(chunk, loaded) if isinstance(a, InvalidInput)]
-                chunk = [p for p, a in zip(chunk, loaded) if not isinstance(a, InvalidInput)]
-                if not chunk:
-                    continue
-                pixels = np.stack([a for a in loaded if not isinstance(a, InvalidInput)])
-            feats = path.query(pixels, task.task_state)
-            if pending is not None:
-                pending.append((list(chunk), feats))
+    for i in range(0, len(paths), batch):
+        chunk = paths[i : i + batch]
+        if bad is None:
+            pixels = load_checked(chunk, bundle.manifest.preprocess, workers=workers)
+        else:  # each file decoded once; the unreadable ones reported, the rest classified
+            loaded = load_each(chunk, bundle.manifest.preprocess, workers=workers)
+            bad += [(str(p), str(a)) for p, a in zip(chunk, loaded) if isinstance(a, InvalidInput)]
+            chunk = [p for p, a in zip(chunk, loaded) if not isinstance(a, InvalidInput)]
+            if not chunk:
                 continue
-            with name_bad_images(chunk, "query"):
-                probs = model.predict_proba(feats)
-            out += _top_k(task, chunk, probs, k)
-        if pending:
-            chunk = [p for c, _ in pending for p in c]
-            with name_bad_images(chunk, "query"):
-                probs = model.predict_proba(np.concatenate([f for _, f in pending]))
-            out += _top_k(task, chunk, probs, k)
-    finally:
-        path.close()
+            pixels = np.stack([a for a in loaded if not isinstance(a, InvalidInput)])
+        feats = path.query(pixels, task.task_state)
+        if pending is not None:
+            pending.append((list(chunk), feats))
+            continue
+        with name_bad_images(chunk, "query"):
+            probs = model.predict_proba(feats)
+        out += _top_k(task, chunk, probs, k)
+    if pending:
+        chunk = [p for c, _ in pending for p in c]
+        with name_bad_images(chunk, "query"):
+            probs = model.predict_proba(np.concatenate([f for _, f in pending]))
+        out += _top_k(task, chunk, probs, k)
     return out
 
 

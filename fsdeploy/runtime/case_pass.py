@@ -93,6 +93,7 @@ def context_pass(
     release: Callable[[str], None] | None = None,
     chunk: int | None = None,
     one_batch_up_to: int = 0,
+    store: StateStore | None = None,
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Support features and the task's γ from all support batches, exactly as one batch would give them.
 
@@ -103,14 +104,17 @@ def context_pass(
         manifest_extra: the bundle's `CaseLayout` (or its manifest `extra`, read as one).
         chunked: None = the one-batch `context` graph when there is a single batch, the chunked stages
             otherwise; True = always chunked; False = concatenate every batch into one `context` run.
-        release: called with a graph name once the chunked pass no longer needs it, so a caller that
-            caches engines can free the stages as the pass moves on.
+        release: called with a graph name once the pass no longer needs it (each stage as the chunked pass
+            moves on, then the γ graph; the `context` graph after its one run), so a caller that caches
+            engines frees them and their activation memory. None keeps every engine open (a warm session).
         chunk: most images per stage run in the chunked pass (default `STAGE_CHUNK`); bigger batches
             are split. Small chunks keep each run's activations in cache (see `STAGE_CHUNK`).
         one_batch_up_to: with `chunked=None`, support sets of at most this many images (over all batches)
             run the one-batch `context` graph even when they come in several batches; larger ones stream
             through the chunked stages. The batches are held until the count passes the limit, so memory
             stays bounded by it. 0: decide by the number of batches alone.
+        store: the buffers of the chunks' states; a caller that adapts many tasks passes the same store each
+            time so its pages are faulted in once (a warm session), None: a new store freed with the pass.
 
     Returns:
         features `(N, D)` float32 and γ `(G,)` float32.
@@ -141,11 +145,13 @@ def context_pass(
     if not chunked:
         images = np.concatenate([_check_images(b) for b in rest])
         out = open_graph("context").run({"images": images})
+        if release is not None:
+            release("context")
         return out["features"], out["gamma"]
     size = STAGE_CHUNK if chunk is None else int(chunk)
     if size < 1:
         raise InvalidInput(f"chunk must be >= 1 image, got {chunk}")
-    return _chunked_context(open_graph, _split(rest, size), manifest_extra, release)
+    return _chunked_context(open_graph, _split(rest, size), manifest_extra, release, store)
 
 
 def _split(batches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -172,6 +178,7 @@ def _chunked_context(
     batches: Iterable[np.ndarray],
     extra: Mapping[str, Any],
     release: Callable[[str], None] | None,
+    store: StateStore | None = None,
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     layout = _case_layout(extra)
     stages, gamma_graph = _chunked_info(layout)
@@ -179,7 +186,7 @@ def _chunked_context(
     size = slots[-1][1]
     means = np.zeros(size, dtype=np.float32)
     gamma = np.ones(size, dtype=np.float32)  # slices become final one site at a time
-    store = StateStore(max(layout.state_floats_per_image or (0,)))
+    store = store if store is not None else StateStore(max(layout.state_floats_per_image or (0,)))
     chunks: list[tuple[int, dict[str, np.ndarray], mmap.mmap | None]] = []  # (images, state, its buffer)
     feats: NDArray[np.float32] | None = None
     n_images = 0
