@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--split", default="novel")
     parser.add_argument("--models", default="resnet18,efficientnet_b0")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
-                        help="weights for one backbone (repeatable); CaSE bundles of it use identity blocks")
+                        help="weights for one backbone (repeatable); a `fsdeploy metatrain` checkpoint also gives its CaSE bundle the meta-trained blocks, a plain one identity blocks")
     parser.add_argument("--toast-checkpoint", action="append", default=[], metavar="MODEL=PATH",
                         help="TOAST-tuned weights of a ViT backbone (`fsdeploy toast-tune`, repeatable): adds the "
                              "'TOAST + linear' row (top-down tuning is per dataset, so its MACs are not per task)")

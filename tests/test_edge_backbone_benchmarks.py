@@ -44,3 +44,13 @@ def test_idmm_vit_benchmark_runs(corpus: Path, tmp_path: Path) -> None:
                   "--sup-epochs", "1", "--batch-size", "16", "--episodes", "10", "--workdir", str(tmp_path / "w"),
                   "--out", str(tmp_path / "i.json"))
     assert [r["backbone"].split()[0] for r in report["rows"]] == ["random", "IDMM", "supervised"]
+
+
+def test_idmm_vit_refuses_a_missing_supervised_checkpoint(tmp_path: Path) -> None:
+    """Checked before any training starts: one line, exit 2, nothing written."""
+    out = tmp_path / "i.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "idmm_vit.py"), "--data", str(tmp_path),
+                           "--supervised-checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 2 and "--supervised-checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -5,6 +5,7 @@ was made (command, corpus hash, time, accuracy) is in MODEL_CARD.md beside them.
 
 - `efficientnet_b0` (32 px): the demo default, plus its meta-trained CaSE blocks (UpperCaSE).
 - `resnet18` (32 px): the ResNet that TSA's residual adapters need.
+- `vit_tiny_patch16_224` (64 px): the ViT that TOAST and eTT need.
 """
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ SHIPPED: dict[str, Shipped] = {s.model: s for s in (
     Shipped("resnet18", "resnet18_glyphs.safetensors", 32,
             _DATA + "fsdeploy pretrain resnet18 --data data/glyphs --out fsdeploy/weights/resnet18_glyphs.safetensors "
             "--img-size 32 --epochs 20 --batch 128 --lr 0.002 --threads 1"),
+    Shipped("vit_tiny_patch16_224", "vit_tiny_patch16_224_glyphs.safetensors", 64,
+            # two stages: a ViT from scratch stays at chance on all 1,334 classes for epochs, so it first learns
+            # 120 of them from a smaller corpus render (base classes only), then all of them
+            _DATA + "fsdeploy data glyphs --out runs/glyphs300 --classes 300 && fsdeploy pretrain "
+            "vit_tiny_patch16_224 --data runs/glyphs300 --out vit300.safetensors --img-size 64 --epochs 40 --batch 64 "
+            "--lr 0.0005 --warmup-epochs 3 --threads 1 && fsdeploy pretrain vit_tiny_patch16_224 --data data/glyphs "
+            "--init vit300.safetensors --out fsdeploy/weights/vit_tiny_patch16_224_glyphs.safetensors --img-size 64 "
+            "--epochs 15 --batch 128 --lr 0.0005 --warmup-epochs 1 --precision bf16 --threads 1"),
 )}
 
 DEFAULT_MODEL = "efficientnet_b0"
