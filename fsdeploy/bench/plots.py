@@ -57,7 +57,9 @@ def plot_adaptation_cost(rows: Iterable[dict[str, Any]], path: str | Path, *, ti
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from fsdeploy.bench.render import format_macs
 
     pts = [dict(r) for r in rows if (r.get("adapt_macs") or 0) > 0 and r.get("accuracy") is not None]
     if not pts:
@@ -88,6 +90,13 @@ def plot_adaptation_cost(rows: Iterable[dict[str, Any]], path: str | Path, *, ti
                         color="black", linestyle="--", linewidth=0.9, zorder=0)
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # labelled decades only: minor labels collide at 7 pt
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_macs(v)))
+            xs = [r["adapt_macs"] for r in panel]
+            if xs and max(xs) / min(xs) < 10:  # no decade to label inside: label 1-2-5 steps over at least 4x
+                if max(xs) / min(xs) < 4:
+                    g = math.sqrt(max(xs) * min(xs))
+                    ax.set_xlim(g / 2, g * 2)
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.grid(True, which="major", alpha=0.35)
             ax.grid(True, which="minor", axis="x", alpha=0.1)
             ax.margins(x=0.08, y=0.1)
