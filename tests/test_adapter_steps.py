@@ -110,3 +110,30 @@ def test_cli_bn_and_lr_reach_the_fit_of_the_kinds_that_take_them(bundle_and_supp
     res = runner.invoke(app, [*base, "--adapter", "tsa", "--bn", "batch"])
     assert isinstance(res.exception, InvalidInput)  # the CLI's entry point prints it as one `error:` line
     assert "--bn does not apply to --adapter tsa; it is for --adapter full-ft, maml, partial-ft" in str(res.exception)
+
+
+def test_timed_adaptation_uses_each_cost_table_methods_own_steps(bundle_and_support, monkeypatch) -> None:
+    """`bench.measure.adaptation_times` times maml-100 at 100 steps (its cost-table row), not MAML's default 10, the
+    same steps the accuracy loop fits with; an explicit `steps` still applies to every method."""
+    from fsdeploy.bench.costs import DEFAULT_METHODS
+    from fsdeploy.bench.measure import adaptation_times
+    from fsdeploy.bench.methods import adaptation_specs
+
+    bundle, support, _, _ = bundle_and_support
+    monkeypatch.setitem(ADAPTERS._entries, "maml", _spy(ADAPTERS.get("maml")))
+    seen: list[int] = []
+
+    def record(*args, **kw):
+        seen.append(kw["steps"])
+        raise Reached(kw["steps"])
+
+    monkeypatch.setattr("fsdeploy.runtime.adapt_task", record)
+    with pytest.raises(Reached):
+        adaptation_times(bundle, support, adaptation_specs(["maml-100"]), repeats=1)
+    with pytest.raises(Reached):
+        adaptation_times(bundle, support, adaptation_specs(["maml-10"]), repeats=1)
+    with pytest.raises(Reached):
+        adaptation_times(bundle, support, adaptation_specs(["maml-100"]), repeats=1, steps=7)
+    own = {m.key: m.steps for m in DEFAULT_METHODS}
+    assert (own["maml-100"], own["maml-10"]) == (100, 10)
+    assert seen == [100, 10, 7]

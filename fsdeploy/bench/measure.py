@@ -235,6 +235,8 @@ def adaptation_times(
     Args:
         methods: (key, head, transform, head options) per method; keys of per-task fine-tuners (tsa,
             bn-affine) adapt through their kind (PyTorch fit, fold, re-export) instead of a head.
+        steps: fine-tuning steps for every fine-tuner; None: each cost-table method's own (`maml-100` runs 100
+            steps, not its kind's default 10), as the accuracy loop does.
 
     A fine-tuner whose fit diverges on this task (`FitDiverged`) has no time: it gets no row.
     """
@@ -242,8 +244,11 @@ def adaptation_times(
     from fsdeploy.adapters import finetuner_methods
     from fsdeploy.runtime import adapt_task
 
+    from fsdeploy.bench.costs import DEFAULT_METHODS
+
     tuners = {key: kind for key, (kind, _) in finetuner_methods().items()}
     fit_opts = {key: opts for key, (_, opts) in finetuner_methods().items()}
+    own_steps = {m.key: m.steps for m in DEFAULT_METHODS if m.key in tuners}
 
     parts: dict[str, list[tuple[float, float, float, float]]] = {m[0]: [] for m in methods}
     n = 0
@@ -253,7 +258,8 @@ def adaptation_times(
             for key, head, transform, opts in methods:
                 try:
                     task, t = adapt_task(bundle, support, out, adapter=tuners.get(key), head=head, transform=transform,
-                                         head_opts=opts, backend=backend, options=options, batch=batch, steps=steps,
+                                         head_opts=opts, backend=backend, options=options, batch=batch,
+                                         steps=steps if steps is not None else own_steps.get(key),
                                          fit_opts=fit_opts.get(key))
                 except FitDiverged:
                     continue
