@@ -144,3 +144,30 @@ def test_adaptation_cost_figure_has_a_panel_per_backbone_and_setting(tmp_path) -
     big = plot_adaptation_cost(rows, tmp_path / "grid.png", title="t")
     with Image.open(small) as a, Image.open(big) as b:
         assert b.width > 1.4 * a.width and b.height > 1.4 * a.height  # 2 x 2 panels vs 1
+
+
+def test_figure_markers_are_unique_within_a_regime(tmp_path, monkeypatch) -> None:
+    """Colour is the regime, so two methods of one regime must differ in marker (they shared circles before)."""
+    import fsdeploy.bench.plots as plots
+
+    drawn: dict[str, tuple[str, str]] = {}
+    real = plots.plot_adaptation_cost
+
+    rows = [{"method": f"m{i}", "label": f"method {i}", "backbone": "b", "setting": "5-shot", "adapt_macs": 1e8 * (i + 1),
+             "accuracy": 50.0 + i, "ci95": 1.0, "regime": "meta-learner" if i % 2 else "fine-tuner"} for i in range(24)]
+    from matplotlib.axes import Axes
+
+    orig = Axes.errorbar
+
+    def spy(self, x, y, *a, fmt="", color=None, **kw):
+        drawn[f"{x[0]}"] = (fmt, color)
+        return orig(self, x, y, *a, fmt=fmt, color=color, **kw)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    real(rows, tmp_path / "f.png")
+    by_regime: dict[str, list[str]] = {}
+    for r in rows:
+        fmt, _ = drawn[f"{r['adapt_macs']}"]
+        by_regime.setdefault(r["regime"], []).append(fmt)
+    for fmts in by_regime.values():
+        assert len(fmts) == 12 and len(set(fmts)) == 12

@@ -67,8 +67,9 @@ def plot_adaptation_cost(rows: Iterable[dict[str, Any]], path: str | Path, *, ti
     backbones = list(dict.fromkeys(str(r.get("backbone", "")) for r in pts))
     settings = list(dict.fromkeys(str(r.get("setting", "")) for r in pts))
     methods = list(dict.fromkeys(_name(r) for r in pts))
-    marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(methods)}
     regime = {_name(r): str(r.get("regime", "")) for r in pts}
+    # markers count within each regime (the colour): two methods of one colour never share a marker (up to 14)
+    marker = {m: MARKERS[[x for x in methods if regime[x] == regime[m]].index(m) % len(MARKERS)] for m in methods}
     colour = {m: REGIME_COLOURS.get(regime[m], OTHER_COLOUR) for m in methods}
     ncol = 3 if len(backbones) > 1 else 2
     legend_in = 0.17 * math.ceil((len(methods) + 4) / ncol) + 0.25  # legend rows below the panels, in inches
