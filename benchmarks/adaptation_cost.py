@@ -119,17 +119,17 @@ def main() -> None:
         if missing:
             parser.error(f"--combine: no adaptation_cost.csv in {', '.join(missing)} (each folder is an earlier run's --out)")
         return combine(args.combine, args.out, ways=args.ways)
+    bad = [c for c in args.toast_checkpoint if "=" not in c or c.split("=", 1)[0] not in args.models.split(",")
+           or not Path(c.split("=", 1)[1]).is_file()]
+    if bad:  # checked before anything is written
+        parser.error(f"--toast-checkpoint: each is MODEL=PATH with MODEL in --models and PATH a file (got {', '.join(bad)})")
+    toast_given = dict(c.split("=", 1) for c in args.toast_checkpoint)
     console = Console(width=int(os.environ.get("COLUMNS", 120)))
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     shots = tuple(int(s) for s in args.shots.split(","))
     wanted = {k.strip() for k in args.methods.split(",") if k.strip()}
     given = dict(c.split("=", 1) for c in args.checkpoint)
-    toast_given = dict(c.split("=", 1) for c in args.toast_checkpoint)
-    unknown = sorted(set(toast_given) - set(args.models.split(",")))
-    if unknown or any(not Path(p).is_file() for p in toast_given.values()):
-        parser.error(f"--toast-checkpoint: each is MODEL=PATH with MODEL in --models and PATH a file "
-                     f"(got {', '.join(args.toast_checkpoint)})")
     data = scan_image_folder(args.data, classes=split_classes(args.data, args.split))
     options = EngineOptions(threads=args.threads)
     summary: list[dict[str, Any]] = []
