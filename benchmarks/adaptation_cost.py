@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from rich.console import Console
 from fsdeploy.adapters import ADAPTERS, finetuner_methods
 from fsdeploy.bench.accuracy import evaluate
 from fsdeploy.bench.cost_inputs import CostTable, bundle_costs, count_bundle, torch_model
-from fsdeploy.bench.costs import TaskShape
+from fsdeploy.bench.costs import DEFAULT_METHODS, TaskShape
 from fsdeploy.bench.measure import adaptation_times
 from fsdeploy.bench.methods import BY_KEY, HEAD_KEYS, accuracy_methods, adaptation_specs, join_accuracy
 from fsdeploy.bench.perf_measures import threads_for as torch_threads
@@ -75,6 +76,27 @@ def _has_batchnorm(bundle: Any) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in torch_model(bundle).modules())
 
 
+SEARCHED = "Partial fine-tuning (searched layers + head)"
+
+
+def searched_partial(bundle: Any, counts: Any, spec: Path) -> tuple[Any, list[Any]]:
+    """`counts` with the partial-ft graph re-counted for the units `spec` trains (per image: the same forward, the
+    backward of those units; `fsdeploy.train.finetune.finetune_adapt_macs`' convention, which equals the cost
+    table's for the default last block), and the cost methods with that row relabelled."""
+    from fsdeploy.adapters.partial_ft import multipliers
+    from fsdeploy.bench.costs import TrainedGraph
+    from fsdeploy.train.finetune import finetune_adapt_macs, trained_parameters
+
+    net = torch_model(bundle)
+    size = int(bundle.manifest.preprocess.input_size[-1])
+    mults = multipliers(net, str(spec))
+    backward = finetune_adapt_macs(net, size, 1, 1, multipliers=mults) - finetune_adapt_macs(net, size, 1, 1, multipliers={})
+    params = sum(p.numel() for _, p, _ in trained_parameters(net, mults))
+    graph = TrainedGraph(counts.partial.forward, backward, params)
+    methods = [replace(m, label=SEARCHED) if m.key == "partial-ft" else m for m in DEFAULT_METHODS]
+    return replace(counts, partial=graph), methods
+
+
 def task_folder(data: Any, ways: int, shots: int, root: Path) -> Path:
     """An ImageFolder of links to `shots` images of the first `ways` classes: the task wall time is taken on."""
     for c in range(ways):
@@ -95,6 +117,10 @@ def main() -> None:
     parser.add_argument("--toast-checkpoint", action="append", default=[], metavar="MODEL=PATH",
                         help="TOAST-tuned weights of a ViT backbone (`fsdeploy toast-tune`, repeatable): adds the "
                              "'TOAST + linear' row (top-down tuning is per dataset, so its MACs are not per task)")
+    parser.add_argument("--partial-spec", action="append", default=[], metavar="MODEL=PATH",
+                        help="layer spec from `python -m fsdeploy.train.partial_search` for a backbone (repeatable): its "
+                             "partial-ft row fine-tunes the searched units at their rates (Shen et al.) instead of the "
+                             "last block, and is costed for them")
     parser.add_argument("--img-size", type=int, default=None,
                         help="bundle input size (accuracy and its MACs); default: the size each shipped checkpoint "
                              f"was trained at, else {DEFAULT_IMG_SIZE}")
@@ -124,6 +150,11 @@ def main() -> None:
     if bad:  # checked before anything is written
         parser.error(f"--toast-checkpoint: each is MODEL=PATH with MODEL in --models and PATH a file (got {', '.join(bad)})")
     toast_given = dict(c.split("=", 1) for c in args.toast_checkpoint)
+    bad = [c for c in args.partial_spec if "=" not in c or c.split("=", 1)[0] not in args.models.split(",")
+           or not Path(c.split("=", 1)[1]).is_file()]
+    if bad:
+        parser.error(f"--partial-spec: each is MODEL=PATH with MODEL in --models and PATH a spec file (got {', '.join(bad)})")
+    specs = {m: Path(f) for m, f in (c.split("=", 1) for c in args.partial_spec)}
     console = Console(width=int(os.environ.get("COLUMNS", 120)))
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +190,11 @@ def main() -> None:
         with_case = has_case and (not wanted or "case-linear" in wanted)
         costed = case or toast or plain  # an adapter bundle's backbone is the plain one: every row from one count
         counts = count_bundle(costed)
+        cost_methods = DEFAULT_METHODS
+        if model in specs:  # the searched layer set replaces the last block in the partial-ft row, counted for it
+            counts, cost_methods = searched_partial(plain, counts, specs[model])
         tasks = [TaskShape.from_shots(args.ways, k) for k in shots]
-        tables: list[CostTable] = [bundle_costs(costed, t, counts=counts) for t in tasks]
+        tables: list[CostTable] = [bundle_costs(costed, t, cost_methods, counts=counts) for t in tasks]
         write_rows(args.out / f"costs_{model}_{size}px.csv", [r for t in tables for r in t.rows])
 
         acc = []
@@ -173,7 +207,11 @@ def main() -> None:
                 acc += evaluate(toast, data, accuracy_methods(TOAST_HEADS, "toast"), episodes=args.episodes, **common)
             if tuners:
                 with torch_threads(args.threads or 1):  # see fsdeploy.bench.perf_measures on threads
-                    acc += evaluate(plain, data, accuracy_methods(tuners, "none"), episodes=args.finetune_episodes, **common)
+                    tuned = accuracy_methods(tuners, "none")
+                    if model in specs:
+                        tuned = [replace(m, label=SEARCHED, opts={**m.opts, "spec": str(specs[model])})
+                                 if m.adapter == "partial-ft" else m for m in tuned]
+                    acc += evaluate(plain, data, tuned, episodes=args.finetune_episodes, **common)
         acc_rows = [r.to_dict() for r in acc]
         console.print(accuracy_table(acc_rows, title=f"{model}: {args.ways}-way accuracy on {len(data.classes)} "
                                                       f"{args.split} classes"))
@@ -183,7 +221,8 @@ def main() -> None:
         if args.time_repeats:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = task_folder(data, args.ways, max(shots), Path(tmp))
-                timed = [(plain, heads + tuners, None)] + ([(case, ["linear"], "case-linear")] if with_case else []) \
+                # a searched partial-ft row keeps the episode loop's time: the timed run fits the registry's options
+                timed = [(plain, [k for k in heads + tuners if not (model in specs and k == "partial-ft")], None)] + ([(case, ["linear"], "case-linear")] if with_case else []) \
                     + ([(toast, ["linear"], "toast")] if toast is not None else [])
                 for bundle, keys, name in timed:
                     for row in adaptation_times(bundle, folder, adaptation_specs(keys), options=options,
@@ -192,7 +231,8 @@ def main() -> None:
         for t, tab in zip(tasks, tables):
             for r in join_accuracy(tab.rows, acc_rows, t):
                 a = next(a for a in acc_rows if a["method"] == r["label"] and a["shots"] == t.n_support // t.ways)
-                summary.append({"backbone": model, "setting": r["setting"], "method": r["method"], "label": r["label"],
+                key = "partial-ft-search" if r["label"] == SEARCHED else r["method"]  # beside the last-block row when merged
+                summary.append({"backbone": model, "setting": r["setting"], "method": key, "label": r["label"],
                                 "regime": r["regime"], "accuracy": r["accuracy"], "ci95": r["ci95"],
                                 "adapt_macs": r["adapt_macs"],
                                 # the timed task's wall time, else the episode loop's median features + fit
