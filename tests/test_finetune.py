@@ -432,6 +432,19 @@ def test_searched_spec_drives_partial_ft_at_adapt_time(work, bundle) -> None:
     assert info["adapt_macs"] == ADAPTERS.get("partial-ft").fit_macs(backbone, SIZE, 8, 1, spec=str(out))
 
 
+def test_search_names_the_queries_that_fit_the_split(work, bundle, tmp_path) -> None:
+    """4 images per class: 1-shot tasks with 15 queries cannot be drawn; the error names the largest count that
+    fits (3), from the module's command line as one line with exit 1, and nothing is written."""
+    from fsdeploy.train.partial_search import SearchSettings, main, search_bundle
+
+    with pytest.raises(InvalidInput, match=r"pass --queries 3 or fewer"):
+        search_bundle(bundle.path, work / "glyphs", tmp_path / "s.json", split="all", settings=SearchSettings.small(),
+                      n_tasks=1, ways=2, shots=1, queries=15)
+    with pytest.raises(SystemExit) as stop:
+        main([str(bundle.path), str(work / "glyphs"), "--out", str(tmp_path / "s.json"), "--split", "all", "--small"])
+    assert stop.value.code == 1 and not (tmp_path / "s.json").exists()
+
+
 def test_adapt_cli_takes_the_spec_and_refuses_a_bad_one(work, bundle) -> None:
     from typer.testing import CliRunner
 

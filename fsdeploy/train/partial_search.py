@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from fsdeploy.atomic import write_text
-from fsdeploy.errors import InvalidInput
+from fsdeploy.errors import FsdeployError, InvalidInput
 from fsdeploy.train.finetune import CHEN_EPOCHS, fit_finetune
 
 MULTIPLIERS = (0.0, 0.01, 0.1, 1.0)
@@ -292,6 +292,14 @@ def sample_tasks(folder: str | Path, preprocess: Any, *, split: str = "val", n_t
     if split == "novel":
         raise InvalidInput("--split novel: the partial-ft search must not see the novel classes; use val or base")
     files = scan_image_folder(folder, classes=split_classes(folder, split))
+    sizes = np.bincount(np.asarray(files.labels))
+    fits = int((sizes >= shots + queries).sum())
+    if fits < ways:  # say which numbers fit this split, before any image is read
+        most = int(np.sort(sizes)[-ways]) if sizes.size >= ways else 0
+        raise InvalidInput(
+            f"--split {split} of {folder}: {ways}-way {shots}-shot tasks with {queries} queries need {ways} classes with "
+            f">= {shots + queries} images, and {fits} have that many; pass --queries {max(1, most - shots)} or fewer"
+            + ("" if most > shots else " (or fewer --shots)"))
     rng = np.random.default_rng(seed)
     images = ImageCache(files.paths, preprocess)
     out = []
@@ -340,10 +348,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     base = SearchSettings.small() if a.small else SearchSettings()
     over = {k: v for k, v in {"iterations": a.iterations, "epochs": a.epochs, "seed": a.seed}.items() if v is not None}
-    settings = SearchSettings(**{**asdict(base), **over})
-    spec = search_bundle(a.bundle, a.data, a.out, split=a.split, settings=settings, n_tasks=a.tasks, ways=a.ways,
-                         shots=a.shots, queries=a.queries, device=a.device,
-                         progress=lambda it, best: print(f"iteration {it}: best {best:.2f}%", flush=True))
+    try:
+        settings = SearchSettings(**{**asdict(base), **over})
+        spec = search_bundle(a.bundle, a.data, a.out, split=a.split, settings=settings, n_tasks=a.tasks, ways=a.ways,
+                             shots=a.shots, queries=a.queries, device=a.device,
+                             progress=lambda it, best: print(f"iteration {it}: best {best:.2f}%", flush=True))
+    except FsdeployError as exc:  # one line, as the fsdeploy CLI prints it
+        p.exit(1, f"error: {exc}\n")
     print(f"wrote {a.out}: fitness {spec.fitness:.2f}%, trains {', '.join(spec.trained_units()) or 'the head only'}")
 
 
