@@ -1,12 +1,17 @@
 """Shared test settings: keep torch to few threads so the 2-core CI box stays responsive; a private ORT cache."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# ONNX Runtime's optimised-graph cache (fsdeploy.engines.ort_cache) goes to a throw-away folder, not ~/.cache
-os.environ.setdefault("FSDEPLOY_ORT_CACHE", tempfile.mkdtemp(prefix="fsdeploy-ort-cache-"))
+# ONNX Runtime's optimised-graph cache (fsdeploy.engines.ort_cache) goes to a throw-away folder, not ~/.cache, and
+# the folder goes when the run ends (0.4-3 GB per full run; they used to pile up in /tmp until the disk was full)
+if "FSDEPLOY_ORT_CACHE" not in os.environ:
+    os.environ["FSDEPLOY_ORT_CACHE"] = _cache = tempfile.mkdtemp(prefix="fsdeploy-ort-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 
