@@ -97,6 +97,16 @@ def searched_partial(bundle: Any, counts: Any, spec: Path) -> tuple[Any, list[An
     return replace(counts, partial=graph), methods
 
 
+def model_files(parser: argparse.ArgumentParser, flag: str, values: list[str], models: str, what: str) -> dict[str, Path]:
+    """MODEL=PATH values of a repeatable option, by model; a malformed one, a model outside --models or a missing
+    file ends the run with one usage line before anything is written."""
+    bad = [v for v in values if "=" not in v or v.split("=", 1)[0] not in models.split(",")
+           or not Path(v.split("=", 1)[1]).is_file()]
+    if bad:
+        parser.error(f"{flag}: each is MODEL=PATH with MODEL in --models and PATH {what} (got {', '.join(bad)})")
+    return {m: Path(f) for m, f in (v.split("=", 1) for v in values)}
+
+
 def task_folder(data: Any, ways: int, shots: int, root: Path) -> Path:
     """An ImageFolder of links to `shots` images of the first `ways` classes: the task wall time is taken on."""
     for c in range(ways):
@@ -145,16 +155,8 @@ def main() -> None:
         if missing:
             parser.error(f"--combine: no adaptation_cost.csv in {', '.join(missing)} (each folder is an earlier run's --out)")
         return combine(args.combine, args.out, ways=args.ways)
-    bad = [c for c in args.toast_checkpoint if "=" not in c or c.split("=", 1)[0] not in args.models.split(",")
-           or not Path(c.split("=", 1)[1]).is_file()]
-    if bad:  # checked before anything is written
-        parser.error(f"--toast-checkpoint: each is MODEL=PATH with MODEL in --models and PATH a file (got {', '.join(bad)})")
-    toast_given = dict(c.split("=", 1) for c in args.toast_checkpoint)
-    bad = [c for c in args.partial_spec if "=" not in c or c.split("=", 1)[0] not in args.models.split(",")
-           or not Path(c.split("=", 1)[1]).is_file()]
-    if bad:
-        parser.error(f"--partial-spec: each is MODEL=PATH with MODEL in --models and PATH a spec file (got {', '.join(bad)})")
-    specs = {m: Path(f) for m, f in (c.split("=", 1) for c in args.partial_spec)}
+    toast_given = model_files(parser, "--toast-checkpoint", args.toast_checkpoint, args.models, "a file")
+    specs = model_files(parser, "--partial-spec", args.partial_spec, args.models, "a spec file")
     console = Console(width=int(os.environ.get("COLUMNS", 120)))
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +185,7 @@ def main() -> None:
         toast = None
         if model in toast_given and (not wanted or "toast" in wanted):
             toast = prepare_bundle(args.workdir, model, adapter="toast", img_size=size, say=console.print,
-                                   weights=Weights(Path(toast_given[model]), Path(toast_given[model]).name),
+                                   weights=Weights(toast_given[model], toast_given[model].name),
                                    options={"backbone_checkpoint": str(weights.path)} if weights.path else None)
         heads = [k for k in plain_heads() if not wanted or k in wanted]
         tuners = [k for k in tuners_for(family, plain) if not wanted or k in wanted] if args.finetune_episodes else []
