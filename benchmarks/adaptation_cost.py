@@ -292,4 +292,9 @@ def combine(folders: list[Path], out: Path, *, ways: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fsdeploy.errors import FsdeployError
+
+    try:
+        main()
+    except FsdeployError as exc:  # bad weights, bundles or data: one line, as the fsdeploy CLI prints it
+        raise SystemExit(f"error: {exc}") from None
