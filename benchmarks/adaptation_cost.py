@@ -158,7 +158,6 @@ def main() -> None:
     toast_given = model_files(parser, "--toast-checkpoint", args.toast_checkpoint, args.models, "a file")
     specs = model_files(parser, "--partial-spec", args.partial_spec, args.models, "a spec file")
     console = Console(width=int(os.environ.get("COLUMNS", 120)))
-    args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     shots = tuple(int(s) for s in args.shots.split(","))
     wanted = {k.strip() for k in args.methods.split(",") if k.strip()}
@@ -197,6 +196,7 @@ def main() -> None:
             counts, cost_methods = searched_partial(plain, counts, specs[model])
         tasks = [TaskShape.from_shots(args.ways, k) for k in shots]
         tables: list[CostTable] = [bundle_costs(costed, t, cost_methods, counts=counts) for t in tasks]
+        args.out.mkdir(parents=True, exist_ok=True)  # made once there is something to write, not before the exports
         write_rows(args.out / f"costs_{model}_{size}px.csv", [r for t in tables for r in t.rows])
 
         acc = []
