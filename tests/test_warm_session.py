@@ -150,3 +150,27 @@ def test_adapter_refuses_bad_options_in_one_line(ws) -> None:
             session.adapt(Path(ws.tmp / "no-such-folder"))
     session.close()  # twice is fine
     assert "Adapter" in dir(fsdeploy)
+
+
+@pytest.mark.parametrize("keep_warm", [False, True], ids=["cold", "warm"])
+def test_warm_stage_engines_stop_spinning_after_their_run(ws, keep_warm: bool) -> None:
+    """A one-shot pass releases each stage right after it, so its ORT workers may spin between runs; a warm session
+    keeps all of them open, where a stage still spinning would take a core from the next one (measured: warm 1.20 s
+    per task against 0.92 s cold at 2 threads before this rule)."""
+    from fsdeploy.runtime.paths import CasePath
+
+    path = CasePath(ws.bundle, "ort", EngineOptions(threads=2), keep_warm=keep_warm)
+    try:
+        stages = ws.bundle.manifest.case_layout().stages
+        modes = {_options(path, name).spinning for name in stages}
+        assert modes == {"run" if keep_warm else "always"}
+        assert _options(path, "query").spinning is None  # the query graph keeps the session's rule ("run")
+    finally:
+        path.close()
+    explicit = CasePath(ws.bundle, "ort", EngineOptions(threads=2, spinning="off"), keep_warm=keep_warm)
+    assert {_options(explicit, n).spinning for n in stages} == {"off"}  # a caller's choice wins
+    explicit.close()
+
+
+def _options(path, graph: str) -> EngineOptions:
+    return path.engines.overrides.get(graph, path.engines.options)
