@@ -203,7 +203,7 @@ def test_adapt_and_memory_targets_run_on_every_installed_engine(case_bundle, tmp
     assert all(0.0 <= v <= 1.0 for v in agreement.values())
     sides = [r["side"] for r in rows]
     assert sides[-1] == pm.EAGER and len(sides) == 2 * len(engines) + 2
-    assert [r["side"] for r in rows if r["session"] == "warm"] == [pm.warm_side(n) for n in engines] + [pm.EAGER]
+    assert [r["side"] for r in rows if r["session"] == "warm"] == [pm.warm_side(n, 20) for n in engines] + [pm.EAGER]
     assert agreement.keys() == set(engines) | {f"{n} warm" for n in engines}
     assert all(r["equals_cold_task"] for r in rows if "equals_cold_task" in r)  # a warm session's task is the cold one
     assert rows[-1]["ratio"] == 1.0 and all(r["total_median_ms"] > 0 for r in rows)

@@ -20,7 +20,7 @@ from fsdeploy.data.images import load_checked
 from fsdeploy.engines import EngineOptions
 from fsdeploy.runtime import open_graph
 from fsdeploy.engines.openvino import OpenVinoEngine, OpenVinoOptions, cache_dir, compile_config, hint_for_batch
-from fsdeploy.errors import BundleError, EngineError, UnknownName
+from fsdeploy.errors import BundleError, EngineError, InvalidInput, UnknownName
 from fsdeploy.bundle import load_bundle
 from fsdeploy.pipeline.export import export_bundle
 from fsdeploy.runtime.case_pass import context_pass, query_pass
@@ -111,6 +111,36 @@ def test_run_into_writes_the_callers_buffer_and_run_does_not_alias_it(ws) -> Non
     assert not np.array_equal(other, kept)
     with pytest.raises(EngineError, match="buffer for output 'features'"):
         eng.run_into({"images": x}, {"features": np.zeros((4, 511), np.float32)})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_static_batch_model_runs_that_batch_only_and_equals_the_dynamic_one(ws, tmp_path, precision: str) -> None:
+    """`static_batch` compiles a second, fixed-shape model: used for batches of exactly that size (run and
+    run_into), never for others, and with the dynamic model's results (same kernels, same precision)."""
+    if precision == "bf16" and not _bf16_here():
+        return
+    path = ws.plain.graph_path("features")
+    n = 6
+    for cache in (None, tmp_path / "ov"):  # compiled directly, and through the cache (its own entry)
+        dynamic = OpenVinoEngine(path, OpenVinoOptions(precision=precision, cache_dir=cache))
+        static = OpenVinoEngine(path, OpenVinoOptions(precision=precision, cache_dir=cache, static_batch=n))
+        assert static.input_specs() == dynamic.input_specs()  # callers still see the dynamic batch axis
+        shapes = {str(static._static.inputs[0].get_partial_shape()), str(static.compiled.inputs[0].get_partial_shape())}
+        assert shapes == {"[6,3,32,32]", "[?,3,32,32]"}
+        used: list[bool] = []
+        real = static._requests
+        static._requests = lambda key, is_static=False: (used.append(is_static), real(key, is_static))[1]  # type: ignore[method-assign]
+        for x in (ws.images[:n], ws.images[: n - 1], ws.images[:n]):
+            ref = dynamic.run({"images": x})["features"]
+            np.testing.assert_allclose(static.run({"images": x})["features"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+            out = np.full_like(ref, np.nan)
+            static.run_into({"images": x}, {"features": out})
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        assert used == [True, True, False, False, True, True]
+        if cache is not None:
+            assert len(list(cache.glob("features-*"))) == 2  # the fixed-shape model has an entry of its own
+    with pytest.raises(InvalidInput, match="static batch must be a whole number of images >= 1, got 0"):
+        OpenVinoOptions(static_batch=0)
 
 
 def test_case_query_and_stage_chain_follow_ort(tmp_path) -> None:

@@ -58,18 +58,23 @@ def test_warm_session_tasks_equal_cold_adapts_and_do_not_leak(ws, backend: str, 
     cold = [fsdeploy.adapt(ws.bundle, folder, **kw) for folder in ws.tasks]
     gammas = [t.task_state["gamma"] for t in cold]
     assert not np.allclose(gammas[0], gammas[1], atol=1e-4)  # the tasks really differ: a leak would show
-    with fsdeploy.Adapter(ws.bundle, keep_warm=True, **kw) as session:
-        order = [0, 1, 2, 0, 2]  # bigger then smaller sets, and a task again after others
-        warm = [session.adapt(ws.tasks[i]) for i in order]
-        for i, task in zip(order, warm):
-            _assert_same_task(task, cold[i])
-        for i in (1, 2):
-            got = [p.labels for p in session.predict(warm[order.index(i)], ws.queries, topk=2)]
-            want = [p.labels for p in fsdeploy.predict(ws.bundle, cold[i], ws.queries, topk=2, backend=backend,
-                                                        precision="fp32", threads=1)]
-            assert got == want
-    with pytest.raises(InvalidInput, match="closed"):
-        session.adapt(ws.tasks[0])
+    # support_size=12 (task 1's size): on OpenVINO the one-batch context graph also runs compiled for 12 images
+    for support_size in (None, 12):
+        with fsdeploy.Adapter(ws.bundle, keep_warm=True, support_size=support_size, **kw) as session:
+            order = [0, 1, 2, 0, 2]  # bigger then smaller sets, and a task again after others
+            warm = [session.adapt(ws.tasks[i]) for i in order]
+            for i, task in zip(order, warm):
+                _assert_same_task(task, cold[i])
+            for i in (1, 2):
+                got = [p.labels for p in session.predict(warm[order.index(i)], ws.queries, topk=2)]
+                want = [p.labels for p in fsdeploy.predict(ws.bundle, cold[i], ws.queries, topk=2, backend=backend,
+                                                            precision="fp32", threads=1)]
+                assert got == want
+            context = session._session._path.engines.opened.get("context")  # type: ignore[union-attr]
+            if backend == "openvino" and support_size:
+                assert context is not None and context._static is not None  # the fixed-shape model is there
+        with pytest.raises(InvalidInput, match="closed"):
+            session.adapt(ws.tasks[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,6 +146,9 @@ def test_adapter_refuses_bad_options_in_one_line(ws) -> None:
         fsdeploy.Adapter(ws.bundle, keep_warm="yes")  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="batch"):
         fsdeploy.Adapter(ws.bundle, batch=0)
+    for bad in (0, "100", 2.5, True):
+        with pytest.raises(InvalidInput, match=r"support_size=.*: pass the number of support images per task"):
+            fsdeploy.Adapter(ws.bundle, support_size=bad)  # type: ignore[arg-type]
     with fsdeploy.Adapter(ws.bundle, threads=1) as session:
         task = session.adapt(ws.tasks[0], ws.tmp / "task.npz")
         assert (ws.tmp / "task.npz").is_file()
@@ -174,3 +182,20 @@ def test_warm_stage_engines_stop_spinning_after_their_run(ws, keep_warm: bool) -
 
 def _options(path, graph: str) -> EngineOptions:
     return path.engines.overrides.get(graph, path.engines.options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_support_batch_is_the_whole_set_where_the_context_graph_takes_it_in_one_run(ws, backend: str) -> None:
+    from fsdeploy.runtime.paths import CasePath, one_batch_limit
+
+    path = CasePath(ws.bundle, backend, EngineOptions(threads=1))
+    limit = one_batch_limit(backend, ws.bundle.manifest.case_layout())
+    try:
+        assert path.support_batch(20, 32) == 20  # fits one engine batch anyway
+        # larger than a batch: one run only where the backend has a one-batch budget (OpenVINO), else streamed
+        assert path.support_batch(40, 32) == (40 if limit >= 40 else 32)
+        assert path.support_batch(limit + 1, 32) == 32 if limit else True
+        assert CasePath(ws.bundle, backend, EngineOptions(threads=1), chunked=True).support_batch(20, 4) == 4
+        assert CasePath(ws.bundle, backend, EngineOptions(threads=1), chunked=False).support_batch(500, 4) == 500
+    finally:
+        path.close()

@@ -258,9 +258,9 @@ ONE_BATCH = "fsdeploy adapt --batch N (one context run)"
 EAGER = "PyTorch eager"
 
 
-def warm_side(name: str) -> str:
-    """The row label of a warm session's tasks on engine `name`."""
-    return f"fsdeploy.Adapter(keep_warm=True) --backend {name} (2nd+ task)"
+def warm_side(name: str, support: int) -> str:
+    """The row label of a warm session's tasks on engine `name`, set up for `support` images per task."""
+    return f"fsdeploy.Adapter(keep_warm=True, support_size={support}) --backend {name} (2nd+ task)"
 
 
 def engine_sides() -> dict[str, tuple[str, str]]:
@@ -279,7 +279,8 @@ def adapt_ratio(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """adapt_task on ORT (the CLI's default batch 32, and one batch of every support image) and on every other
     engine installed here (batch 32): a fresh engine per task ("cold"); and per engine a warm session
-    (`TaskAdapter(keep_warm=True)`, what `fsdeploy.Adapter` runs) that adapted the `warmup` folder (another task,
+    (`TaskAdapter(keep_warm=True, support_size=N)`, what `fsdeploy.Adapter` runs for a device whose tasks have N
+    support images: OpenVINO also compiles the context graph for N) that adapted the `warmup` folder (another task,
     default `support`) before the timed ones ("warm"). Against the PyTorch eager recipe, whose model is built
     once and which also adapts `warmup` untimed first. All sides interleaved, `repeats` times. Plus, per engine
     and session, the share of `queries` its task and the eager task label the same, and whether each warm
@@ -296,10 +297,11 @@ def adapt_ratio(
     runs = [(DEPLOYED, "ort", 32), (ONE_BATCH, "ort", len(files))]
     runs += [(f"fsdeploy adapt --backend {name} (batch 32)", name, 32) for name in engines if name != "ort"]
     options = {name: EngineOptions(threads=threads["ort"], precision=precision) for name, (_, precision) in engines.items()}
-    sessions = {name: TaskAdapter(bundle, head="linear", backend=backend, options=options[name], batch=32, keep_warm=True)
+    sessions = {name: TaskAdapter(bundle, head="linear", backend=backend, options=options[name], batch=32, keep_warm=True,
+                                  support_size=len(files))
                 for name, (backend, _) in engines.items()}
     parts: dict[str, list[tuple[float, float, float, float]]] = {
-        **{side: [] for side, _, _ in runs}, **{warm_side(name): [] for name in engines}, EAGER: []}
+        **{side: [] for side, _, _ in runs}, **{warm_side(name, len(files)): [] for name in engines}, EAGER: []}
     tasks: dict[str, Any] = {}
     try:
         for name, session in sessions.items():  # each session's first task: opens its engines, pages their memory in
@@ -317,7 +319,7 @@ def adapt_ratio(
             for name, session in sessions.items():
                 task, t = session.adapt_folder(support, workdir / f"task-{name}-warm.npz", seed=seed)
                 tasks[f"{name} warm"] = (task, engines[name][0], options[name])
-                parts[warm_side(name)].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
+                parts[warm_side(name, len(files))].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
             with threads_for(threads["torch"]):
                 ref = torch_adapt(graphs, list(files.paths), files.labels, transform, workdir / "task.pt", seed=seed, head_threads=1)
             parts[EAGER].append((ref.load_ms, ref.features_ms, ref.fit_ms, ref.write_ms))
@@ -337,12 +339,12 @@ def adapt_ratio(
     for side, values in parts.items():
         arr = np.asarray(values)
         med, total = np.median(arr, axis=0), arr.sum(axis=1)
-        warm = side == EAGER or side in {warm_side(n) for n in engines}
+        warm = side == EAGER or side in {warm_side(n, len(files)) for n in engines}
         row = {"side": side, "session": "warm" if warm else "cold", "threads": threads["torch" if side == EAGER else "ort"],
                "load_ms": med[0], "context_ms": med[1], "fit_ms": med[2], "write_ms": med[3],
                "total_median_ms": float(np.median(total)), "total_std_ms": float(np.std(total))}
         for name in engines:
-            if side == warm_side(name):
+            if side == warm_side(name, len(files)):
                 row["equals_cold_task"] = same_task[name]
         rows.append(row)
     for r in rows:

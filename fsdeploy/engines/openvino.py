@@ -39,7 +39,7 @@ from fsdeploy.bundle.sources import GraphSource
 from fsdeploy.engines import EngineOptions, register_backend
 from fsdeploy.engines.base import Engine
 from fsdeploy.engines.cache_files import cache_limit_bytes, cpu_signature, evict_entries, mark_used, remove_entry
-from fsdeploy.errors import EngineError, UnknownName
+from fsdeploy.errors import EngineError, InvalidInput, UnknownName
 
 PRECISIONS = ("fp32", "bf16", "bf16-mixed", "int8", "default")
 HINTS = ("latency", "throughput")
@@ -86,12 +86,17 @@ class OpenVinoOptions:
     # ports callers rely on (None: all); at bf16 the others may pass as bf16 (see `internal_ports`, `bf16_state_model`)
     public_io: tuple[str, ...] | None = None
     image_height: int | None = None  # bf16-mixed's reference height (None: the graph's 4-D input's)
+    static_batch: int | None = None  # also compile for exactly this batch and use it for batches of that size
+
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UnknownName(f"OpenVINO runs precision {', '.join(PRECISIONS)}; got {self.precision!r} (fp16 runs on --backend trt)")
         if self.hint not in HINTS:
             raise UnknownName(f"OpenVINO performance hint must be latency or throughput; got {self.hint!r}")
+        if self.static_batch is not None and (isinstance(self.static_batch, bool) or not isinstance(self.static_batch, int)
+                                              or self.static_batch < 1):
+            raise InvalidInput(f"static batch must be a whole number of images >= 1, got {self.static_batch!r}")
 
 
 def compile_config(options: OpenVinoOptions, capabilities: list[str]) -> dict[str, Any]:
@@ -164,6 +169,19 @@ def bf16_state_model(ov: Any, model: Any, public: tuple[str, ...]) -> tuple[Any,
         info = ppp.input(name) if name in inputs else ppp.output(name)
         info.tensor().set_element_type(ov.Type.bf16)
     return ppp.build(), len(ports)
+
+
+def static_batch_model(ov: Any, model: Any, batch: int) -> Any:
+    """`model` with the first axis of every input where it is dynamic (the batch) fixed to `batch`."""
+    shapes = {}
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        if shape.rank.is_static and shape.rank.get_length() > 0 and not shape[0].is_static:
+            shape[0] = ov.Dimension(batch)
+            shapes[port.get_any_name()] = shape
+    if shapes:
+        model.reshape(shapes)
+    return model
 
 
 def _runs_bf16(options: OpenVinoOptions, capabilities: list[str]) -> bool:
@@ -296,7 +314,8 @@ class OpenVinoEngine(Engine):
         config = compile_config(options, caps)
         source = model if isinstance(model, bytes) else Path(model)
         state = options.public_io is not None and _runs_bf16(options, caps)
-        self.compiled = self._compile(core, source, config, state, mixed=options.precision == "bf16-mixed")
+        mixed = options.precision == "bf16-mixed"
+        self.compiled = self._compile(core, source, config, state, mixed=mixed)
         label = "in-memory graph" if isinstance(model, bytes) else Path(model).name
         self.name = f"openvino[{options.device} {options.precision} {options.hint}]:{label}"
         self._in_ports = {p.get_any_name(): p for p in self.compiled.inputs}
@@ -309,20 +328,29 @@ class OpenVinoEngine(Engine):
         if options.hint == "throughput":
             n_requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._n_requests = n_requests
-        self._pools: dict[frozenset[str], list[Any]] = {}
+        self._pools: dict[tuple[frozenset[str], bool], list[Any]] = {}
         self._bf16 = {n for n, p in [*self._in_ports.items(), *self._out_ports.items()] if _is_bf16(p)}
+        # the same graph compiled for exactly `static_batch` images (None: no such batch, or no batched input)
+        self._static = None
+        if options.static_batch is not None and self._batched:
+            self._static = self._compile(core, source, config, state, mixed=mixed, batch=options.static_batch)
 
-    def _compile(self, core: Any, source: Path | bytes, config: dict[str, Any], state: bool = False, mixed: bool = False) -> Any:
+    def _compile(self, core: Any, source: Path | bytes, config: dict[str, Any], state: bool = False, mixed: bool = False,
+                 batch: int | None = None) -> Any:
+        """`source` compiled with `config` (through the cache when there is one); `state`: bf16 stage state
+        ports; `mixed`: bf16-mixed's f32 marks; `batch`: every input with a dynamic first axis fixed to it."""
         ov = require("openvino")
         public = self.options.public_io or ()
-        rewrite = state or mixed
+        rewrite = state or mixed or batch is not None
         height = self.options.image_height
         variant = "|".join(([f"bf16-state:{','.join(sorted(public))}"] if state else [])
-                           + ([f"mixed-f32/{MIXED_F32_STRIDE}@{height}"] if mixed else []))
+                           + ([f"mixed-f32/{MIXED_F32_STRIDE}@{height}"] if mixed else [])
+                           + ([f"batch:{batch}"] if batch is not None else []))
 
         def model() -> Any:
             m = core.read_model(source if isinstance(source, bytes) else str(source))
-            return bf16_state_model(ov, m, public)[0] if state else m
+            m = bf16_state_model(ov, m, public)[0] if state else m
+            return static_batch_model(ov, m, batch) if batch is not None else m
 
         def read() -> Any:
             if not rewrite:
@@ -377,17 +405,26 @@ class OpenVinoEngine(Engine):
     def output_specs(self) -> dict[str, TensorSpec]:
         return dict(self._outputs)
 
-    def _requests(self, key: frozenset[str]) -> list[Any]:
-        """One pool of infer requests per set of caller-bound outputs: a request that once wrote into a
-        caller's buffer keeps it, so runs binding other outputs (or none) must not reuse that request."""
-        if key not in self._pools:
-            self._pools[key] = [self.compiled.create_infer_request() for _ in range(self._n_requests)]
-        return self._pools[key]
+    def _requests(self, key: frozenset[str], static: bool = False) -> list[Any]:
+        """One pool of infer requests per set of caller-bound outputs (and per compiled model: the dynamic
+        one, or the `static_batch` one): a request that once wrote into a caller's buffer keeps it, so runs
+        binding other outputs (or none) must not reuse that request."""
+        if (key, static) not in self._pools:
+            compiled = self._static if static else self.compiled
+            self._pools[key, static] = [compiled.create_infer_request() for _ in range(1 if static else self._n_requests)]
+        return self._pools[key, static]
 
-    def _parts(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[int, int]]:
-        """Row ranges of the batch, one per request (one range under LATENCY or for small batches)."""
+    def _is_static(self, feeds: Mapping[str, np.ndarray]) -> bool:
+        """Whether this call runs the `static_batch` model: one with a batch of exactly that size, run whole."""
+        if self._static is None:
+            return False
+        return next((feeds[n].shape[0] for n in self._batched), None) == self.options.static_batch
+
+    def _parts(self, feeds: Mapping[str, np.ndarray], static: bool = False) -> list[tuple[int, int]]:
+        """Row ranges of the batch, one per request (one range under LATENCY, for small batches, or on the
+        static-batch model, which takes its batch whole)."""
         batch = next((feeds[n].shape[0] for n in self._batched), 1)
-        k = min(self._n_requests, batch)
+        k = 1 if static else min(self._n_requests, batch)
         edges = np.linspace(0, batch, k + 1).round().astype(int)
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
@@ -403,18 +440,19 @@ class OpenVinoEngine(Engine):
         return ov.Tensor(arr, shared_memory=True)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        parts = self._parts(feeds)
-        requests = self._requests(frozenset())
+        static = self._is_static(feeds)
+        parts = self._parts(feeds, static)
+        requests = self._requests(frozenset(), static)
         try:
             if len(parts) == 1:
                 res = requests[0].infer(self._slice(feeds, 0, 0, True), share_inputs=True, share_outputs=False)
-                return {n: self._array(n, res[p]) for n, p in self._out_ports.items()}
+                return {n: self._array(n, res[n]) for n in self._out_ports}  # by name: the static model has its own ports
             for req, (a, b) in zip(requests, parts):
                 req.start_async(self._slice(feeds, a, b, False), share_inputs=True)
             for req in requests[: len(parts)]:
                 req.wait()
-            return {n: np.concatenate([self._array(n, req.get_tensor(p).data) for req in requests[: len(parts)]])
-                    for n, p in self._out_ports.items()}
+            return {n: np.concatenate([self._array(n, req.get_tensor(n).data) for req in requests[: len(parts)]])
+                    for n in self._out_ports}
         except RuntimeError as exc:
             raise EngineError(f"{self.name}: {str(exc).splitlines()[0]}") from None
 
@@ -424,13 +462,14 @@ class OpenVinoEngine(Engine):
     def _run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """The plugin writes straight into the caller's buffers (tensors sharing their memory); an output
         the plugin had to reallocate is copied."""
-        parts = self._parts(feeds)
-        requests = self._requests(frozenset(outputs))
+        static = self._is_static(feeds)
+        parts = self._parts(feeds, static)
+        requests = self._requests(frozenset(outputs), static)
         whole = len(parts) == 1
         try:
             for req, (a, b) in zip(requests, parts):
                 for name, arr in outputs.items():
-                    req.set_tensor(self._out_ports[name], self._tensor(name, arr if whole else arr[a:b]))
+                    req.set_tensor(name, self._tensor(name, arr if whole else arr[a:b]))
                 req.start_async(self._slice(feeds, a, b, whole), share_inputs=True)
             for req in requests[: len(parts)]:
                 req.wait()
@@ -438,7 +477,7 @@ class OpenVinoEngine(Engine):
             raise EngineError(f"{self.name}: {str(exc).splitlines()[0]}") from None
         for req, (a, b) in zip(requests, parts):
             for name, arr in outputs.items():
-                got = self._array(name, req.get_tensor(self._out_ports[name]).data)
+                got = self._array(name, req.get_tensor(name).data)
                 dst = arr if whole else arr[a:b]
                 if got.ctypes.data != dst.ctypes.data:
                     if got.shape != dst.shape:
@@ -447,7 +486,7 @@ class OpenVinoEngine(Engine):
 
     def close(self) -> None:
         self._pools.clear()
-        self.compiled = None
+        self.compiled = self._static = None
 
 
 def openvino_options(options: EngineOptions) -> OpenVinoOptions:
@@ -456,7 +495,7 @@ def openvino_options(options: EngineOptions) -> OpenVinoOptions:
 
     return OpenVinoOptions(precision=options.precision, threads=options.threads, hint=options.hint or "latency", cache_dir=cache_dir(),
                            device=openvino_device(options.device), public_io=options.public_io,
-                           image_height=options.image_height)
+                           image_height=options.image_height, static_batch=options.static_batch)
 
 
 @register_backend("openvino", "onnx", PRECISIONS, summary="OpenVINO (CPU plugin): fp32, bf16 (all, or bf16-mixed: high-resolution layers f32) on AVX512-BF16/AMX, int8 QDQ",

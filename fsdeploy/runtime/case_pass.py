@@ -143,7 +143,8 @@ def context_pass(
         chunked = second is not None
     rest = _chain(first, second, batches)
     if not chunked:
-        images = np.concatenate([_check_images(b) for b in rest])
+        parts = [_check_images(b) for b in rest]
+        images = parts[0] if len(parts) == 1 else np.concatenate(parts)
         out = open_graph("context").run({"images": images})
         if release is not None:
             release("context")
