@@ -39,6 +39,38 @@ for _name in _COMMAND_MODULES:
     _mod.register(app)
 
 
+def unwrap(text: str) -> str:
+    """Help text as paragraphs of one line each: the docstrings are wrapped at 120 columns in the source, and
+    Typer's rich help keeps single line breaks, so at 80 columns they broke lines mid-sentence. Indented lines
+    (command examples) keep their own line."""
+    paragraphs = []
+    for para in text.strip().split("\n\n"):
+        lines: list[str] = []
+        for line in para.splitlines():
+            if lines and not line.startswith(" "):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _unwrap_help(group: typer.Typer) -> None:
+    """Unwrap the help of every command and sub-group of `group` (see `unwrap`)."""
+    import inspect
+
+    for info in group.registered_commands:
+        doc = info.help or inspect.getdoc(info.callback)
+        if doc:
+            info.help = unwrap(doc)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _unwrap_help(sub.typer_instance)
+
+
+_unwrap_help(app)
+
+
 def _print_version(value: bool) -> None:
     if value:
         from fsdeploy import __version__

@@ -283,13 +283,17 @@ def _run_3(run: _Run) -> TargetResult:
     # issue #21's 6x compares like with like: a warm session against the eager recipe whose model is already built
     # and warmed (both sides adapted one task before the timed ones); issue #8's 4x is the one-shot ORT adapt
     same_tasks = all(r.get("equals_cold_task", True) for r in warm)
-    ok = (ratio >= TARGETS[3].threshold and best["ratio"] >= FASTEST_ADAPT and min(agreement.values()) >= AGREEMENT
-          and same_tasks)
+    agrees = min(agreement.values()) >= AGREEMENT
+    # two claims from two issues, each with its own status: #21's warm 6x and #8's one-shot ORT 4x
+    met_21 = best["ratio"] >= FASTEST_ADAPT and agrees and same_tasks
+    met_8 = ratio >= TARGETS[3].threshold and agreement.get("ort", 0.0) >= AGREEMENT
     same = ", ".join(f"{k} {100 * v:.1f}%" for k, v in agreement.items())
     each_warm = ", ".join(f"{r['side'].split('--backend ')[1].split(' ')[0]} {r['ratio']:.2f}x" for r in warm)
     return _result(3, f"ORT one-shot {ratio:.2f}x (one context run: {one:.2f}x); cold fastest {best_cold['ratio']:.2f}x "
                       f"({best_cold['side']}); warm session (2nd+ task, decides the 6x): {each_warm}; warm tasks equal cold: "
-                      f"{same_tasks}; same predictions {same}", best["ratio"], _status(ok))
+                      f"{same_tasks}; same predictions {same}", best["ratio"],
+                   f"#21 (warm >= {FASTEST_ADAPT:g}x): {_status(met_21)}; #8 (ORT one-shot >= {TARGETS[3].threshold:g}x): "
+                   f"{_status(met_8)}")
 
 
 def _run_4(run: _Run) -> TargetResult:
