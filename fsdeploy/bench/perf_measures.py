@@ -300,8 +300,9 @@ def adapt_ratio(
     sessions = {name: TaskAdapter(bundle, head="linear", backend=backend, options=options[name], batch=32, keep_warm=True,
                                   support_size=len(files))
                 for name, (backend, _) in engines.items()}
+    warm_label = {name: warm_side(name, len(files)) for name in engines}
     parts: dict[str, list[tuple[float, float, float, float]]] = {
-        **{side: [] for side, _, _ in runs}, **{warm_side(name, len(files)): [] for name in engines}, EAGER: []}
+        **{side: [] for side, _, _ in runs}, **{warm_label[name]: [] for name in engines}, EAGER: []}
     tasks: dict[str, Any] = {}
     try:
         for name, session in sessions.items():  # each session's first task: opens its engines, pages their memory in
@@ -319,7 +320,7 @@ def adapt_ratio(
             for name, session in sessions.items():
                 task, t = session.adapt_folder(support, workdir / f"task-{name}-warm.npz", seed=seed)
                 tasks[f"{name} warm"] = (task, engines[name][0], options[name])
-                parts[warm_side(name, len(files))].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
+                parts[warm_label[name]].append((t.load_ms, t.features_ms, t.fit_ms, t.write_ms))
             with threads_for(threads["torch"]):
                 ref = torch_adapt(graphs, list(files.paths), files.labels, transform, workdir / "task.pt", seed=seed, head_threads=1)
             parts[EAGER].append((ref.load_ms, ref.features_ms, ref.fit_ms, ref.write_ms))
@@ -339,12 +340,12 @@ def adapt_ratio(
     for side, values in parts.items():
         arr = np.asarray(values)
         med, total = np.median(arr, axis=0), arr.sum(axis=1)
-        warm = side == EAGER or side in {warm_side(n, len(files)) for n in engines}
+        warm = side == EAGER or side in warm_label.values()
         row = {"side": side, "session": "warm" if warm else "cold", "threads": threads["torch" if side == EAGER else "ort"],
                "load_ms": med[0], "context_ms": med[1], "fit_ms": med[2], "write_ms": med[3],
                "total_median_ms": float(np.median(total)), "total_std_ms": float(np.std(total))}
         for name in engines:
-            if side == warm_side(name, len(files)):
+            if side == warm_label[name]:
                 row["equals_cold_task"] = same_task[name]
         rows.append(row)
     for r in rows:

@@ -51,6 +51,12 @@ MIXED_F32_STRIDE = 8
 KEEP_F32 = '<attribute name="DisablePrecisionConversion" version="0" value="dynamic:dynamic"/>'  # the IR form of ov::disable_conversion
 
 
+def bf16_capable(device: str = "CPU") -> bool:
+    """Whether OpenVINO lists BF16 among `device`'s OPTIMIZATION_CAPABILITIES (AVX512-BF16 or AMX on CPUs)."""
+    ov = require("openvino")
+    return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+
+
 def hint_for_batch(batch: int) -> str:
     """LATENCY for single images, THROUGHPUT for batches."""
     return "latency" if batch <= 1 else "throughput"
@@ -87,7 +93,6 @@ class OpenVinoOptions:
     public_io: tuple[str, ...] | None = None
     image_height: int | None = None  # bf16-mixed's reference height (None: the graph's 4-D input's)
     static_batch: int | None = None  # also compile for exactly this batch and use it for batches of that size
-
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

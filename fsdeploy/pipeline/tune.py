@@ -117,13 +117,10 @@ def available_candidates(bundle: Bundle, batch: int) -> list[tuple[Candidate, st
     no_int8 = "" if has_int8 else "no int8 graph: run `fsdeploy quantize BUNDLE --calib DIR`"
     out: list[tuple[Candidate, str]] = [(Candidate("ort", "fp32"), ""), (Candidate("ort", "int8"), no_int8)]
     if available("openvino"):
-        from fsdeploy.engines.openvino import hint_for_batch
-
-        import openvino as ov
+        from fsdeploy.engines.openvino import bf16_capable, hint_for_batch
 
         hint = hint_for_batch(batch)
-        caps = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        no_bf16 = "" if "BF16" in caps else "this CPU has no bf16 (AVX512-BF16 or AMX)"
+        no_bf16 = "" if bf16_capable() else "this CPU has no bf16 (AVX512-BF16 or AMX)"
         out += [
             (Candidate("openvino", "fp32", hint), ""),
             (Candidate("openvino", "bf16", hint), no_bf16),

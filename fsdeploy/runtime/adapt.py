@@ -182,11 +182,11 @@ class TaskAdapter:
         workers = self.options.threads or os.cpu_count() or 1
         pre = self.bundle.manifest.preprocess
         n = len(files.paths)
-        batch = n if self.kind.finetuner else self.support_path().support_batch(n, self.batch)
-        if self.kind.finetuner or batch >= n:  # one batch: a warm session decodes into the buffer it keeps
-            images: np.ndarray | Iterable[np.ndarray] = load_checked(files.paths, pre, workers=workers,
-                                                                    out=None if self.kind.finetuner else self._buffer(n, pre))
-            images = images if self.kind.finetuner else [images]
+        images: np.ndarray | Iterable[np.ndarray]
+        if self.kind.finetuner:
+            images = load_checked(files.paths, pre, workers=workers)
+        elif (batch := self.support_path().support_batch(n, self.batch)) >= n:  # one batch (a warm session's buffer)
+            images = [load_checked(files.paths, pre, workers=workers, out=self._buffer(n, pre))]
         else:
             images = iter_batches(files.paths, pre, batch, workers=workers)
         t1 = time.perf_counter()
