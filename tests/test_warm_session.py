@@ -197,5 +197,10 @@ def test_support_batch_is_the_whole_set_where_the_context_graph_takes_it_in_one_
         assert path.support_batch(limit + 1, 32) == 32 if limit else True
         assert CasePath(ws.bundle, backend, EngineOptions(threads=1), chunked=True).support_batch(20, 4) == 4
         assert CasePath(ws.bundle, backend, EngineOptions(threads=1), chunked=False).support_batch(500, 4) == 500
+        # support_size asks for a fixed-shape context graph only where the context graph takes that size in one run
+        for kw, size, want in [({}, 20, 20), ({"chunked": True}, 20, None), ({"chunked": False}, 5000, 5000),
+                               ({}, limit + 1 if limit else 20, None if limit else 20)]:
+            sized = CasePath(ws.bundle, backend, EngineOptions(threads=1), support_size=size, **kw)
+            assert _options(sized, "context").static_batch == want, (kw, size)
     finally:
         path.close()

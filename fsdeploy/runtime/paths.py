@@ -104,10 +104,14 @@ class CasePath:
         # The one-batch context graph takes the mean over its whole batch: an engine must never split that batch
         # across parallel requests (OpenVINO's THROUGHPUT hint does, e.g. after `fsdeploy tune --batch 16`), or
         # each part gets its own γ. Stages and the query graph are per image and may be split.
-        overrides["context"] = replace(options, hint="latency", static_batch=support_size)
-        self.engines = GraphOpener(bundle, backend, options, overrides)
         self.chunked = chunked
         self.one_batch_up_to = one_batch_limit(backend, self.layout) if self.layout.chunked else 0
+        # a fixed-shape context graph only for a size the context graph will take in one run (a set past the
+        # one-batch limit streams through the stages: compiling for it would be wasted)
+        static = support_size if support_size and chunked is not True and (
+            chunked is False or not self.one_batch_up_to or support_size <= self.one_batch_up_to) else None
+        overrides["context"] = replace(options, hint="latency", static_batch=static)
+        self.engines = GraphOpener(bundle, backend, options, overrides)
         self.keep_warm = keep_warm
         self._store: Any = None  # the warm stage state buffers (keep_warm only)
 
