@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,6 +21,8 @@ from fsdeploy.backbones import Preprocess
 from fsdeploy.errors import FsdeployWarning, InvalidInput
 
 _EXIF_ORIENTATION = 0x0112
+T = TypeVar("T")
+R = TypeVar("R")
 # PIL's own warning names no file; load_image warns instead, naming it (one line in the CLI)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
@@ -175,10 +178,15 @@ def load_each(paths: Sequence[str | Path], cfg: Preprocess, *, workers: int = 1)
     `workers` > 1 decodes on that many threads (PIL releases the GIL while decoding and resizing): on 2
     cores, 100 JPEGs at 224 px load in about half the time.
     """
-    if workers > 1 and len(paths) > 1:
+    return _in_order(lambda p: _load_one(p, cfg), paths, workers)
+
+
+def _in_order(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    """`[fn(x) for x in items]`, on `workers` threads when there is more than one item (results in order)."""
+    if workers > 1 and len(items) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda p: _load_one(p, cfg), paths))
-    return [_load_one(p, cfg) for p in paths]
+            return list(pool.map(fn, items))
+    return [fn(x) for x in items]
 
 
 def load_checked(paths: Sequence[str | Path], cfg: Preprocess, *, workers: int = 1,
@@ -201,11 +209,7 @@ def load_checked(paths: Sequence[str | Path], cfg: Preprocess, *, workers: int =
         got = _load_one(paths[i], cfg, batch[i])
         return got if isinstance(got, InvalidInput) else None
 
-    if workers > 1 and len(paths) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            loaded = list(pool.map(one, range(len(paths))))
-    else:
-        loaded = [one(i) for i in range(len(paths))]
+    loaded = _in_order(one, range(len(paths)), workers)
     errors = [(str(p), e) for p, e in zip(paths, loaded) if e is not None]
     if errors:
         bad = [p for p, _ in errors]
