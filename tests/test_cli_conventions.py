@@ -316,6 +316,15 @@ def test_bench_perf_json_is_the_report(monkeypatch) -> None:
     assert code == 0 and "target 5" in stderr
     data = strict_json(stdout)
     assert data["results"][0]["ratio"] is None and data["tables"] == {"t": [{"a": 1.5}]} and data["config"]["targets"] == [5]
+    # nonsense counts stop at parsing with one line and exit 2 (a negative --support used to run 10 images)
+    import subprocess
+    import sys
+
+    for args in (["--support", "-5"], ["--sizes", "0,100"], ["--targets", "7"]):
+        run = subprocess.run([sys.executable, "-m", "fsdeploy.cli", "bench", "perf", "--workdir", "/nonexistent/perf", *args],
+                             capture_output=True, text=True)
+        lines = [line for line in run.stderr.splitlines() if not line.lstrip().startswith("[")]  # progress lines
+        assert run.returncode != 0 and "Traceback" not in run.stderr and len(lines) == 1, (args, run.stderr)
 
 
 def test_triton_export_device_cuda_is_tritons_gpu(monkeypatch, tiny_workspace, tmp_path, capsys) -> None:

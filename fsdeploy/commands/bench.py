@@ -326,7 +326,7 @@ def perf(
     img_size: Annotated[Optional[int], typer.Option(min=1, help="Input size of targets 1, 3, 4 (default 224).")] = None,
     models: Annotated[Optional[str], typer.Option(help="Plain models of target 1 (default resnet18,efficientnet_b0).")] = None,
     case_model: Annotated[Optional[str], typer.Option(help="CaSE model of targets 1, 3, 4, 5 (default efficientnet_b0).")] = None,
-    support: Annotated[Optional[int], typer.Option(help="Support images of target 3 (default 100).")] = None,
+    support: Annotated[Optional[int], typer.Option(min=1, help="Support images of target 3 (default 100).")] = None,
     sizes: Annotated[Optional[str], typer.Option(help="Support sizes of target 4 (default 50,100,200,500).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the whole report (every table) as JSON.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole report (what --out holds) as JSON on stdout instead of tables.")] = False,
